@@ -1,0 +1,164 @@
+"""File-based datasets: list files (ImageNet-LT / Places-LT / iNaturalist format) and image folders.
+
+List file: one ``relative/path label`` per line (blank lines ignored), the path relative to the data
+root. Image folder: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), classes sorted
+by folder name. Images are decoded with PIL and transformed with torchvision (ImageNet statistics).
+Both are validated when built: malformed lines, bad labels and missing images are ``UserError``s.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from datasets.base import LTDataset
+from utils.errors import UserError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "FileImageDataset",
+    "read_list_file",
+    "resolve_list_path",
+    "scan_image_folder",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def build_transform(image_size: int, train: bool):
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
+    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), *norm])
+
+
+class FileImageDataset(LTDataset):
+    """Images on disk given as ``(path, label)`` pairs."""
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        num_classes: int,
+        image_size: int = 224,
+        *,
+        augment: bool = True,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.paths = [str(p) for p, _ in samples]
+        self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.augment = bool(augment)
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
+        self.in_channels = 3
+        self._train_tf = build_transform(self.image_size, train=True)
+        self._test_tf = build_transform(self.image_size, train=False)
+
+    @property
+    def transform(self):
+        return self._train_tf if self.augment else self._test_tf
+
+    def __getitem__(self, i):
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except OSError as exc:
+            raise UserError(f"cannot decode image {path}: {exc}") from exc
+        return self.transform(img), int(self.targets[i]), i
+
+
+def resolve_list_path(path: str | Path, root: str | Path | None, what: str) -> Path:
+    """A list file given relative to the working directory or to ``root``."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if root is not None and not p.is_absolute() and (Path(root) / p).is_file():
+        return Path(root) / p
+    where = f" or in {root}" if root is not None else ""
+    raise UserError(f"{what} file {path} not found (looked relative to the working directory{where})")
+
+
+def read_list_file(list_path: str | Path, root: str | Path | None) -> list[tuple[str, int]]:
+    """Parse and validate a ``relative/path label`` list; returns ``(full path, label)`` pairs."""
+    list_path = Path(list_path)
+    base = Path(root) if root is not None else Path(".")
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read list file {list_path}: {exc}") from exc
+    samples: list[tuple[str, int]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise UserError(
+                f"{list_path}, line {lineno}: expected 'relative/path label', got {line!r}"
+            )
+        rel, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise UserError(
+                f"{list_path}, line {lineno}: label {label_text!r} is not an integer (line: {line!r})"
+            ) from None
+        if label < 0:
+            raise UserError(f"{list_path}, line {lineno}: label {label} is negative")
+        full = base / rel
+        if not os.path.isfile(full):
+            raise UserError(f"{list_path}, line {lineno}: image {full} does not exist (check dataset.root)")
+        samples.append((str(full), label))
+    if not samples:
+        raise UserError(f"list file {list_path} has no entries")
+    return samples
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(class_names, train_samples, test_samples)`` from ``root/train/<class>`` and ``root/test|val/<class>``."""
+    root = Path(root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise UserError(f"image-folder dataset: {train_dir} does not exist (expected {root}/train/<class>/<images>)")
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if test_dir is None:
+        raise UserError(f"image-folder dataset: neither {root / 'test'} nor {root / 'val'} exists")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"image-folder dataset: no class folders in {train_dir}")
+    index = {c: i for i, c in enumerate(classes)}
+    train: list[tuple[str, int]] = []
+    for c in classes:
+        files = _images_in(train_dir / c)
+        if not files:
+            raise UserError(f"image-folder dataset: class folder {train_dir / c} holds no images")
+        train += [(str(f), index[c]) for f in files]
+    test: list[tuple[str, int]] = []
+    for d in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        if d.name not in index:
+            raise UserError(
+                f"image-folder dataset: {d} is not a class of {train_dir} (classes: {', '.join(classes)})"
+            )
+        test += [(str(f), index[d.name]) for f in _images_in(d)]
+    if not test:
+        raise UserError(f"image-folder dataset: no images under {test_dir}")
+    return classes, train, test

@@ -1,0 +1,1 @@
+"""Shared training / evaluation loops and the per-phase runners built on them."""

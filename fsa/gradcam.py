@@ -1,0 +1,264 @@
+"""Grad-CAM (DESIGN.md section 2, item 3), batched: one forward and at most one backward per batch.
+
+Definition: for the feature map ``F`` of a chosen layer and target class ``c``,
+``M = ReLU(sum_k a_k F_k)`` with ``a_k`` = spatial mean of ``d logit_c / d F_k``, then min-max
+normalised to [0, 1] per sample; a constant map (including all zeros after the ReLU) becomes all
+zeros, never NaN.
+
+Two ways to get ``a_k``:
+
+* ``"closed_form"``: at the CAM layer of a GAP + linear head, ``d logit_c / d F_k(i, j) =
+  w_ck / (H*W)`` at every position, so ``a_k = w_ck / (H*W)`` and no backward pass is needed.
+* ``"autograd"``: a forward hook captures the named layer's output and ``torch.autograd.grad``
+  differentiates the target logits with respect to it. Works for any layer and any
+  differentiable head. ``autograd.grad`` (not ``.backward()``) keeps parameter ``.grad`` clean.
+
+CAMs are always computed in eval mode, because BatchNorm in train mode couples the samples of a
+batch (a sample's CAM would depend on its batch-mates); every module's previous mode is restored
+afterwards, also on exceptions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utils.errors import UserError
+
+__all__ = [
+    "grad_cam",
+    "features_and_cams",
+    "cam_from_weights",
+    "normalize_cams",
+    "available_cam_layers",
+    "eval_mode",
+]
+
+_METHODS = ("auto", "closed_form", "autograd")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode; restore every submodule's own previous ``training`` flag.
+
+    Per-module restoration (rather than ``model.train(prev)``) keeps deliberately frozen
+    submodules (e.g. a BatchNorm kept in eval while the rest trains) as they were.
+    """
+    previous = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in previous:
+            module.training = flag
+
+
+def available_cam_layers(model: nn.Module) -> list[str]:
+    """Names worth offering for ``layer=``: the top-level children and their children.
+
+    Any name of ``model.named_modules()`` is accepted; this is the short list shown in errors
+    (a full ResNet has hundreds of modules).
+    """
+    names: list[str] = []
+    for name, child in model.named_children():
+        names.append(name)
+        names.extend(f"{name}.{sub}" for sub, _ in child.named_children())
+    return names
+
+
+def normalize_cams(cam: Tensor) -> Tensor:
+    """Per-sample min-max normalisation of ``cam [B, H, W]`` to [0, 1], in float32.
+
+    A map whose range is zero, or below float32 resolution relative to its magnitude (pure
+    rounding noise), becomes all zeros instead of NaN / amplified noise.
+    """
+    cam = cam.float()
+    flat = cam.flatten(1)
+    lo = flat.amin(dim=1)
+    hi = flat.amax(dim=1)
+    rng = hi - lo
+    scale = torch.maximum(hi.abs(), lo.abs())
+    degenerate = rng <= torch.finfo(torch.float32).eps * 4 * scale
+    degenerate |= rng <= 0  # covers the all-zero map (scale == 0)
+    safe_rng = torch.where(degenerate, torch.ones_like(rng), rng)
+    out = (cam - lo[:, None, None]) / safe_rng[:, None, None]
+    out = torch.where(degenerate[:, None, None], torch.zeros_like(out), out)
+    return out.clamp_(0.0, 1.0)
+
+
+def cam_from_weights(fmap: Tensor, weights: Tensor) -> Tensor:
+    """``normalize(ReLU(sum_k a_k F_k))`` for ``fmap [B,C,H,W]`` and ``weights a [B,C]``."""
+    raw = torch.einsum("bc,bchw->bhw", weights.float(), fmap.float())
+    return normalize_cams(F.relu(raw))
+
+
+def _resolve_targets(targets: Tensor | None, logits: Tensor) -> Tensor:
+    """Per-sample target classes: the given labels, or the argmax prediction when None."""
+    batch, num_classes = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1)
+    targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
+    if targets.numel() != batch:
+        raise UserError(
+            f"Grad-CAM got {targets.numel()} target labels for a batch of {batch} images; "
+            "pass one label per image (or none to use the predicted class)."
+        )
+    if batch and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise UserError(
+            f"Grad-CAM target labels must lie in [0, {num_classes - 1}] (the model has "
+            f"{num_classes} classes); got labels from {int(targets.min())} to "
+            f"{int(targets.max())}. Check that the dataset and the checkpoint agree."
+        )
+    return targets
+
+
+def _check_linear_head(model: nn.Module) -> nn.Linear:
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear) or not hasattr(model, "features") or not hasattr(model, "head"):
+        raise UserError(
+            f"the closed-form CAM needs a model with features(), head() and an nn.Linear `fc` "
+            f"(GAP + linear head); {type(model).__name__} does not have them. "
+            "Use method='autograd' instead."
+        )
+    return fc
+
+
+def _prepare_input(x: Tensor) -> Tensor:
+    # Inference tensors (created under torch.inference_mode) cannot enter an autograd graph.
+    return x.clone() if x.is_inference() else x
+
+
+def features_and_cams(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor | None = None,
+    *,
+    use_eval_mode: bool = True,
+    with_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward pass: CAM-layer feature maps, their closed-form CAMs and the logits.
+
+    Returns ``(fmap [B,C,H,W], cam [B,H,W] float32 in [0,1], logits [B,K])``. ``targets``
+    (one label per image) default to the argmax prediction. Phase II and phase III use this so
+    that the feature maps they fuse are the very ones the CAMs were computed from.
+
+    ``use_eval_mode`` (default True, as DESIGN.md requires for CAMs) runs the forward in eval
+    mode and restores every module's mode afterwards; pass False only if the caller wants the
+    features in the model's current mode. ``with_grad`` keeps the autograd graph on ``fmap`` and
+    ``logits`` (e.g. when phase III fine-tunes the last stage); the CAM is always detached.
+    """
+    fc = _check_linear_head(model)
+    mode_ctx = eval_mode(model) if use_eval_mode else contextlib.nullcontext()
+    grad_ctx = torch.enable_grad() if with_grad else torch.no_grad()
+    with mode_ctx, grad_ctx:
+        fmap = model.features(x)
+        logits = model.head(fmap)
+        if fmap.dim() != 4:
+            raise UserError(
+                f"model.features() must return a [B,C,H,W] feature map, got shape {tuple(fmap.shape)}."
+            )
+        tgt = _resolve_targets(targets, logits)
+        height, width = fmap.shape[-2:]
+        # Closed form: a_k = w_ck / (H*W) (the 1/(H*W) is kept so raw maps equal Grad-CAM's).
+        weights = fc.weight.detach()[tgt] / float(height * width)
+        cam = cam_from_weights(fmap.detach(), weights)
+    return fmap, cam, logits
+
+
+def _autograd_cam(model: nn.Module, x: Tensor, targets: Tensor | None, layer: str) -> Tensor:
+    module = dict(model.named_modules())[layer]
+    captured: list[Tensor] = []
+
+    def hook(_mod: nn.Module, _inp: tuple, out: object) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise UserError(
+                f"Grad-CAM layer '{layer}' returns {type(out).__name__}, not a tensor; "
+                "choose a convolutional layer or stage."
+            )
+        # Frozen parameters + plain input -> the activation has no graph; make it a leaf we can
+        # differentiate against (only this local tensor is touched, no module state changes).
+        act = out if out.requires_grad else out.detach().requires_grad_(True)
+        captured.append(act)
+        # Hand a copy downstream so an in-place op after this layer (ReLU(inplace=True))
+        # cannot overwrite the captured activation or its graph.
+        return act.clone()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            logits = model(_prepare_input(x))
+    finally:
+        handle.remove()
+    if not captured:
+        raise UserError(
+            f"Grad-CAM layer '{layer}' was not used in the model's forward pass; "
+            f"choose one of: {', '.join(available_cam_layers(model))}."
+        )
+    act = captured[-1]
+    if act.dim() != 4:
+        raise UserError(
+            f"Grad-CAM needs a spatial layer with output [B,C,H,W]; '{layer}' outputs shape "
+            f"{tuple(act.shape)}. Choose one of: {', '.join(available_cam_layers(model))}."
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        tgt = _resolve_targets(targets, logits.detach())
+        if tgt.is_inference():  # gather saves its index for backward
+            tgt = tgt.clone()
+        # In eval mode samples are independent, so the gradient of the summed target logits
+        # gives every sample its own d logit_c / d F in a single backward.
+        score = logits.gather(1, tgt[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, act)
+    weights = grad.mean(dim=(2, 3))
+    return cam_from_weights(act.detach(), weights.detach())
+
+
+def grad_cam(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor | None = None,
+    layer: str | None = None,
+    method: str = "auto",
+) -> Tensor:
+    """Grad-CAM maps ``[B, h, w]`` (float32, per-sample min-max normalised to [0, 1]).
+
+    ``targets``: one class per image (normally its ground-truth label); None -> argmax
+    prediction. ``layer``: a name from ``model.named_modules()`` (None -> ``model.cam_layer``);
+    ``h, w`` are that layer's spatial size. ``method``: ``"closed_form"`` (CAM layer of a GAP +
+    linear head, no backward), ``"autograd"`` (any layer / head), ``"auto"`` (closed form when
+    ``layer`` is the CAM layer and the model has an ``fc``, else autograd). Runs in eval mode and
+    restores each module's training flag; parameter ``.grad`` is never written.
+    """
+    if method not in _METHODS:
+        raise UserError(f"unknown Grad-CAM method '{method}'; choose one of: {', '.join(_METHODS)}.")
+    cam_layer = getattr(model, "cam_layer", None)
+    if layer is None:
+        if cam_layer is None:
+            raise UserError(
+                f"{type(model).__name__} has no `cam_layer`; pass layer= one of: "
+                f"{', '.join(available_cam_layers(model))}."
+            )
+        layer = cam_layer
+    names = {name for name, _ in model.named_modules()}
+    if layer not in names:
+        raise UserError(
+            f"unknown Grad-CAM layer '{layer}'. Valid layers include: "
+            f"{', '.join(available_cam_layers(model))} (any name from model.named_modules() works)."
+        )
+    is_cam_layer = layer == cam_layer
+    has_linear_head = isinstance(getattr(model, "fc", None), nn.Linear)
+    if method == "auto":
+        method = "closed_form" if (is_cam_layer and has_linear_head) else "autograd"
+    if method == "closed_form":
+        if not is_cam_layer:
+            raise UserError(
+                f"the closed-form CAM only applies to the CAM layer ('{cam_layer}'), not '{layer}'; "
+                "use method='autograd' for other layers."
+            )
+        _, cam, _ = features_and_cams(model, x, targets)
+        return cam
+    with eval_mode(model):
+        return _autograd_cam(model, x, targets, layer)

@@ -1,0 +1,28 @@
+"""Run the top-level scripts as a user would: a subprocess in a scratch working directory."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def script_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def script_command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / script), *args]
+
+
+def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(script_command(script, *args), cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc

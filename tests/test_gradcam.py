@@ -1,0 +1,232 @@
+"""Grad-CAM: batching, closed form vs autograd, a hand-computed map, modes and side effects."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from fsa.gradcam import features_and_cams, grad_cam, normalize_cams
+from utils.errors import UserError
+
+
+class TinyNet(nn.Module):
+    """Conforms to the LTModel interface: features / head (GAP + fc) / cam_layer."""
+
+    def __init__(self, in_ch: int = 3, width: int = 8, num_classes: int = 5):
+        super().__init__()
+        self.body = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(in_ch, width, 3, padding=1, bias=False),
+            bn1=nn.BatchNorm2d(width),
+            relu1=nn.ReLU(inplace=True),  # in-place right after a hookable layer, on purpose
+            conv2=nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
+            bn2=nn.BatchNorm2d(width),
+            relu2=nn.ReLU(),
+        ))
+        self.fc = nn.Linear(width, num_classes)
+        self.cam_layer = "body"
+        self.num_classes = num_classes
+
+    def features(self, x):
+        return self.body(x)
+
+    def head(self, fmap):
+        return self.fc(fmap.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class IdentityNet(nn.Module):
+    """features(x) = x, so the feature map is given directly; fc weights set by hand."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        self.ident = nn.Identity()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.zero_() if bias is None else self.fc.bias.copy_(torch.as_tensor(bias))
+        self.cam_layer = "ident"
+
+    def features(self, x):
+        return self.ident(x)
+
+    def head(self, fmap):
+        return self.fc(fmap.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _trained_bn_model(seed=0):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    # Give BatchNorm non-trivial running statistics, then leave the model in train mode.
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 8, 8) * 2 + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("method", ["closed_form", "autograd"])
+def test_batched_equals_per_sample_and_mode_restored(method):
+    model = _trained_bn_model()
+    model.body.bn2.eval()  # a submodule deliberately in eval: must stay so
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    batched = grad_cam(model, x, y, method=method)
+    assert model.training and model.body.bn1.training and not model.body.bn2.training
+    single = torch.cat([grad_cam(model, x[i:i + 1], y[i:i + 1], method=method) for i in range(6)])
+    assert batched.shape == (6, 4, 4)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    assert batched.min() >= 0 and batched.max() <= 1
+    assert torch.allclose(batched.flatten(1).amax(1), torch.ones(6))  # every map varies here
+
+
+def test_closed_form_equals_autograd():
+    model = _trained_bn_model(1)
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 5, (8,))
+    a = grad_cam(model, x, y, method="closed_form")
+    b = grad_cam(model, x, y, method="autograd")
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad_cam(model, x, y), a, atol=0, rtol=0)  # auto -> closed form
+    # Explicit layer name of the CAM layer also picks the closed form under "auto".
+    torch.testing.assert_close(grad_cam(model, x, y, layer="body"), a, atol=0, rtol=0)
+
+
+def test_hand_computed_map():
+    # F_0 = [[1,2],[3,4]], F_1 = [[2,0],[0,6]]; w_class0 = [1, -1], w_class1 = [0, 1].
+    fmap = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[2.0, 0.0], [0.0, 6.0]]]])
+    model = IdentityNet([[1.0, -1.0], [0.0, 1.0]])
+    # class 0: 1*F0 - 1*F1 = [[-1,2],[3,-2]] -> ReLU [[0,2],[3,0]] -> /3
+    expected0 = torch.tensor([[[0.0, 2.0 / 3.0], [1.0, 0.0]]])
+    # class 1: F1 = [[2,0],[0,6]] -> /6
+    expected1 = torch.tensor([[[1.0 / 3.0, 0.0], [0.0, 1.0]]])
+    for method in ("closed_form", "autograd"):
+        torch.testing.assert_close(grad_cam(model, fmap, torch.tensor([0]), method=method), expected0)
+        torch.testing.assert_close(grad_cam(model, fmap, torch.tensor([1]), method=method), expected1)
+    # targets=None -> argmax: logits = [mean(F0)-mean(F1), mean(F1)] = [0.5, 2] -> class 1
+    torch.testing.assert_close(grad_cam(model, fmap), expected1)
+    _, cam, logits = features_and_cams(model, fmap, torch.tensor([0]))
+    torch.testing.assert_close(cam, expected0)
+    torch.testing.assert_close(logits, torch.tensor([[0.5, 2.0]]))
+
+
+def test_constant_map_gives_zeros_not_nan():
+    fmap = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[2.0, 0.0], [0.0, 6.0]]]])
+    zero_w = IdentityNet([[0.0, 0.0], [-1.0, -1.0]])  # class 0: all 0; class 1: all negative
+    for method in ("closed_form", "autograd"):
+        for cls in (0, 1):
+            cam = grad_cam(zero_w, fmap, torch.tensor([cls]), method=method)
+            assert torch.equal(cam, torch.zeros(1, 2, 2))
+    const = torch.full((2, 2, 3, 3), 0.7)
+    cam = grad_cam(IdentityNet([[1.0, 0.5]]), const, torch.tensor([0, 0]))
+    assert torch.equal(cam, torch.zeros(2, 3, 3))
+    assert not torch.isnan(normalize_cams(torch.zeros(3, 4, 4))).any()
+
+
+def test_unknown_layer_lists_names():
+    model = TinyNet()
+    with pytest.raises(UserError) as err:
+        grad_cam(model, torch.randn(2, 3, 8, 8), layer="layer9")
+    msg = str(err.value)
+    assert "layer9" in msg and "body" in msg and "body.conv1" in msg and "fc" in msg
+    with pytest.raises(UserError):
+        grad_cam(model, torch.randn(2, 3, 8, 8), method="fast")
+    with pytest.raises(UserError):  # closed form only at the CAM layer
+        grad_cam(model, torch.randn(2, 3, 8, 8), layer="body.conv1", method="closed_form")
+    with pytest.raises(UserError):  # not a spatial layer
+        grad_cam(model, torch.randn(2, 3, 8, 8), layer="fc", method="autograd")
+
+
+@pytest.mark.parametrize("layer", ["body.conv1", "body.bn1"])
+def test_autograd_on_earlier_layer(layer):
+    model = _trained_bn_model(2)
+    x = torch.randn(3, 3, 8, 8)
+    y = torch.tensor([1, 2, 3])
+    cam = grad_cam(model, x, y, layer=layer)
+    assert cam.shape == (3, 8, 8)
+    assert torch.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+    # bn1 feeds an in-place ReLU: the captured activation must still be the pre-ReLU output.
+    # Check against a hand-rolled Grad-CAM on the same layer.
+    model.eval()
+    acts = {}
+    mod = dict(model.named_modules())[layer]
+
+    def keep(_m, _i, o):
+        acts["a"] = o.clone()  # returns None: the in-place ReLU must not reach our copy
+
+    h = mod.register_forward_hook(keep)
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    a = acts["a"].requires_grad_(True)
+    # rerun the rest of the network by hand from this layer
+    rest = []
+    found = False
+    for name, m in model.body.named_children():
+        if found:
+            rest.append(m)
+        if "body." + name == layer:
+            found = True
+    out = a.clone()
+    for m in rest:
+        out = m(out)
+    logits = model.head(out)
+    (g,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), a)
+    raw = torch.relu((g.mean((2, 3))[:, :, None, None] * a.detach()).sum(1))
+    torch.testing.assert_close(cam, normalize_cams(raw), atol=1e-5, rtol=0)
+
+
+def test_no_side_effects_on_parameters_and_hooks():
+    model = _trained_bn_model(3)
+    x = torch.randn(4, 3, 8, 8)
+    grad_cam(model, x, torch.tensor([0, 1, 2, 3]), method="autograd")
+    grad_cam(model, x, layer="body.conv2", method="autograd")
+    features_and_cams(model, x)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    # Frozen parameters: autograd still works and nothing is left changed.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cam = grad_cam(model, x, torch.tensor([0, 1, 2, 3]), method="autograd")
+    torch.testing.assert_close(cam, grad_cam(model, x, torch.tensor([0, 1, 2, 3]), method="closed_form"),
+                               atol=1e-5, rtol=0)
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_mode_restored_on_exception_and_inside_no_grad():
+    model = _trained_bn_model(4)
+    x = torch.randn(2, 3, 8, 8)
+    for method in ("closed_form", "autograd"):
+        with pytest.raises(UserError):
+            grad_cam(model, x, torch.tensor([0, 99]), method=method)  # label out of range
+        assert model.training and model.body.bn1.training
+    with torch.no_grad():
+        a = grad_cam(model, x, torch.tensor([0, 1]), method="autograd")
+    with torch.inference_mode():
+        b = grad_cam(model, x.clone(), torch.tensor([0, 1]), method="autograd")
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, grad_cam(model, x, torch.tensor([0, 1])), atol=1e-5, rtol=0)
+
+
+def test_features_and_cams_one_pass():
+    model = _trained_bn_model(5)
+    x = torch.randn(5, 3, 8, 8)
+    y = torch.tensor([4, 3, 2, 1, 0])
+    fmap, cam, logits = features_and_cams(model, x, y)
+    assert model.training
+    assert fmap.shape == (5, 8, 4, 4) and cam.shape == (5, 4, 4) and logits.shape == (5, 5)
+    assert not fmap.requires_grad
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fmap, model.features(x))
+        torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(cam, grad_cam(model, x, y, method="autograd"), atol=1e-5, rtol=0)
+    fmap_g, _, logits_g = features_and_cams(model, x, y, with_grad=True)
+    assert fmap_g.requires_grad and logits_g.requires_grad

@@ -1,0 +1,138 @@
+"""Phase I end to end through the CLI: outputs, resume exactness, and bad input."""
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import run_script, script_command, script_env
+
+SCRIPT = "phase_i_train_or_test.py"
+QUICK = ["train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """One full smoke phase I run shared by the output tests."""
+    cwd = tmp_path_factory.mktemp("phase_i_smoke")
+    run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=cwd)
+    return cwd
+
+
+def test_smoke_writes_the_promised_files(smoke_run):
+    run_dir = smoke_run / "checkpoints/phase_i/smoke/default"
+    for name in ("last.pt", "best_model.pt", "config.yaml", "results.json", "log.txt", "train_subset.json"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["finished"] is True
+    for key in ("top1", "many", "medium", "few", "head", "tail", "per_class", "train_counts", "confusion"):
+        assert key in results, key
+    counts = results["train_counts"]
+    assert counts == sorted(counts, reverse=True) and counts[0] / counts[-1] == pytest.approx(10, rel=0.15)
+    assert all(n <= 100 for n in counts) and results["many"] is None  # no class above 100 images -> absent, not 0
+    assert results["top1"] > 100 / len(counts) * 2, "smoke model should clearly beat chance"
+    # per-class accuracies average to the mean class accuracy; confusion rows add up to the test set
+    per_class = results["per_class"]
+    assert sum(per_class) / len(per_class) == pytest.approx(results["mean_class_acc"])
+    assert sum(map(sum, results["confusion"])) == results["num_test_samples"]
+
+
+def test_checkpoints_load_weights_only_into_the_model(smoke_run):
+    from models import build_model
+
+    payload = torch.load(smoke_run / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)
+    model = build_model(payload["arch"], payload["num_classes"], payload["in_channels"])
+    model.load_state_dict(payload["model"], strict=True)
+    last = torch.load(smoke_run / "checkpoints/phase_i/smoke/default/last.pt", weights_only=True)
+    assert last["epoch"] == last["config"]["train"]["epochs"] and "optimizer" in last
+
+
+def test_tensorboard_events_are_readable(smoke_run):
+    events = EventAccumulator(str(smoke_run / "run_summary/phase_i/smoke/default"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/lr", "test/top1", "test/few", "test/tail"):
+        assert tag in tags, tags
+    epochs = json.loads((smoke_run / "checkpoints/phase_i/smoke/default/results.json").read_text())["epochs"]
+    assert [e.step for e in events.Scalars("test/top1")] == list(range(1, epochs + 1))
+
+
+def test_test_mode_evaluates_the_best_checkpoint(smoke_run):
+    run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--opts", "phase=test", cwd=smoke_run)
+    out = json.loads((smoke_run / "checkpoints/phase_i/smoke/default/test_results.json").read_text())
+    best = torch.load(smoke_run / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)
+    assert out["top1"] == pytest.approx(best["top1"])
+
+
+def test_finished_run_is_not_overwritten(smoke_run):
+    before = (smoke_run / "checkpoints/phase_i/smoke/default/last.pt").read_bytes()
+    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=smoke_run, check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (smoke_run / "checkpoints/phase_i/smoke/default/last.pt").read_bytes() == before
+
+
+def _final_weights(cwd: Path, note: str) -> dict:
+    return torch.load(cwd / f"checkpoints/phase_i/smoke/{note}/last.pt", weights_only=True)["model"]
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    opts = ["--opts", "train.epochs=5"]
+    run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "straight", *opts, cwd=tmp_path)
+
+    last = tmp_path / "checkpoints/phase_i/smoke/killed/last.pt"
+    proc = subprocess.Popen(script_command(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "killed", *opts),
+                            cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    interrupted_at = torch.load(last, weights_only=True)["epoch"]
+    assert interrupted_at < 5, "the run finished before it could be killed; the test proves nothing"
+
+    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "killed", *opts, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr  # an interrupted run is not silently restarted
+    run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "killed", "--resume", *opts, cwd=tmp_path)
+    straight, resumed = _final_weights(tmp_path, "straight"), _final_weights(tmp_path, "killed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config", "nope"], "Available phase_i configs"),
+    (["--config", "smoke", "--opts", "train.lrr=1"], "Unknown config key 'train.lrr'"),
+    (["--config", "smoke", "--opts", "train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["--config", "smoke", "--opts", "dataset.imbalance=0.5"], "dataset.imbalance must be >= 1"),
+    (["--config", "smoke", "--resume"], "nothing to resume"),
+    (["--config", "smoke", "--device", "gpu0"], "--device must be"),
+    (["--config", "smoke", "--opts", "model.arch=resnet33"], "resnet32"),
+])
+def test_bad_input_exits_2_with_a_message(tmp_path, args, fragment):
+    proc = run_script(SCRIPT, *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_architecture_or_class_count(smoke_run, tmp_path):
+    ckpt = str(smoke_run / "checkpoints/phase_i/smoke/default/best_model.pt")
+    for opts, fragment in ((["model.arch=resnet20"], "arch=resnet8"), (["dataset.synthetic.num_classes=5"], "6 classes")):
+        proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", ckpt, "--opts", "phase=test", *opts,
+                          cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+
+
+def test_truncated_checkpoint(smoke_run, tmp_path):
+    broken = tmp_path / "broken.pt"
+    data = (smoke_run / "checkpoints/phase_i/smoke/default/best_model.pt").read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", str(broken), "--opts", "phase=test",
+                      cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr

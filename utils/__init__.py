@@ -1,0 +1,1 @@
+"""Plumbing shared by every phase: config, run folders, checkpoints, logging, devices."""

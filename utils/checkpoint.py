@@ -1,0 +1,67 @@
+"""Checkpoints: written atomically, loadable with `torch.load(weights_only=True)`.
+
+A checkpoint holds only tensors and plain Python values (no pickled objects), so that loading
+one never executes code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+FORMAT = "fsa-lt/1"
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save({"format": FORMAT, **payload}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, *, produced_by: str) -> dict:
+    """Load with `weights_only=True`; a missing or damaged file is a UserError naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint {path} does not exist. It is produced by: {produced_by}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        raise UserError(
+            f"Checkpoint {path} is truncated or corrupt and cannot be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Re-create it with: {produced_by}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not an FSA-LT checkpoint (no '{FORMAT}' format tag).")
+    return payload
+
+
+def check_compatible(payload: dict, path: Path, *, arch: str, num_classes: int, in_channels: int) -> None:
+    """Fail with a clear message before a state-dict load would fail with a cryptic one."""
+    found = (payload.get("arch"), payload.get("num_classes"), payload.get("in_channels"))
+    wanted = (arch, num_classes, in_channels)
+    if found != wanted:
+        raise UserError(
+            f"Checkpoint {path} was made for arch={found[0]}, {found[1]} classes, {found[2]} input "
+            f"channels, but this run builds arch={arch}, {num_classes} classes, {in_channels} input "
+            f"channels. Use the checkpoint of the matching config, or change model/dataset settings."
+        )
+
+
+def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
+    """Strict load: every key must match (a silent partial load hides real mistakes)."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"Weights in {path} do not fit the model: {first}") from exc

@@ -1,0 +1,32 @@
+"""The arguments every phase script shares, and the user-error boundary."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from utils.errors import UserError
+
+
+def phase_parser(description: str, *, training: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="config name (configs/<phase>/NAME.yaml) or path to a YAML file")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")
+    parser.add_argument("--note", default="default", help="experiment name; outputs go to .../<config>/<note>/")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.01")
+    if training:
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
+        parser.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
+    return parser
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is in last.pt; continue with --resume", file=sys.stderr)
+        sys.exit(130)

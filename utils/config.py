@@ -1,0 +1,173 @@
+"""YAML configs: one file per (phase, experiment), inheritance, `--opts` overrides, strict schema.
+
+A config file may start with `inherit: <name>` (another config of the same phase, or a path) so
+that e.g. the imbalance-10/50/200 variants are a few lines each. The merged result is checked
+against the phase's schema (`utils.schema`): unknown keys and wrong types are errors naming the
+key, and the defaults fill in everything the file leaves out.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from utils.errors import UserError
+from utils.schema import SCHEMAS, Field, validate_values
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_ROOT = REPO_ROOT / "configs"
+
+
+def available_configs(phase: str) -> list[str]:
+    """Names of the shipped configs of a phase (file stems under configs/<phase>/)."""
+    return sorted(p.stem for p in (CONFIG_ROOT / phase).glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str, phase: str) -> Path:
+    """`NAME` -> configs/<phase>/NAME.yaml; anything that names an existing file is used as is."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate.resolve()
+    shipped = CONFIG_ROOT / phase / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(available_configs(phase)) or "(none)"
+    raise UserError(
+        f"Unknown config '{name_or_path}' for {phase}: there is no file configs/{phase}/"
+        f"{name_or_path}.yaml and no YAML file at that path. Available {phase} configs: {names}."
+    )
+
+
+def config_name(name_or_path: str) -> str:
+    """The name a run is filed under: the config's file stem."""
+    return Path(name_or_path).stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"Cannot read config file {path}: {exc}.") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(
+            f"YAML syntax error in {path} at {where}: {problem}. Fix the file (check indentation "
+            f"and the 'key: value' form) and run again."
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of keys to values, not {type(data).__name__}.")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` wins; nested mappings are merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_with_inheritance(path: Path, phase: str, chain: tuple[Path, ...] = ()) -> dict:
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise UserError(f"Config inheritance cycle: {cycle}. Remove one of the 'inherit:' lines.")
+    data = _read_yaml(path)
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"'inherit' in {path} must be a config name or path, got {parent!r}.")
+    parent_path = (path.parent / parent) if parent.endswith((".yaml", ".yml")) else resolve_config_path(parent, phase)
+    return deep_merge(_load_with_inheritance(parent_path, phase, (*chain, path)), data)
+
+
+def parse_opts(opts: list[str] | None) -> dict:
+    """`["train.lr=0.01", "model.arch=resnet20"]` -> nested dict (values parsed as YAML scalars)."""
+    result: dict = {}
+    for item in opts or []:
+        if "=" not in item:
+            raise UserError(f"--opts entry '{item}' is not of the form key.sub=value (e.g. train.lr=0.01).")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"--opts value for '{dotted}' is not valid YAML: {raw!r}.") from exc
+        node = result
+        keys = dotted.strip().split(".")
+        if any(not k for k in keys):
+            raise UserError(f"--opts key '{dotted}' is malformed (empty part between dots).")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--opts sets both '{key}' and a key below it.")
+        node[keys[-1]] = value
+    return result
+
+
+def apply_schema(values: dict, schema: dict, prefix: str = "") -> dict:
+    """Fill defaults, reject unknown keys, check types. Returns a new, complete dict."""
+    out: dict = {}
+    for key in values:
+        if key not in schema:
+            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+            known = ", ".join(sorted(schema))
+            raise UserError(f"Unknown config key '{prefix}{key}' in {where}. Valid keys there: {known}.")
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            given = values.get(key, {})
+            if given is None:
+                given = {}
+            if not isinstance(given, dict):
+                raise UserError(f"Config key '{path}' must be a section (a mapping), got {given!r}.")
+            out[key] = apply_schema(given, spec, prefix=f"{path}.")
+        else:
+            assert isinstance(spec, Field)
+            out[key] = spec.coerce(values[key], path) if key in values else copy.deepcopy(spec.default)
+    return out
+
+
+def load_config(name_or_path: str, phase: str, opts: list[str] | None = None) -> dict:
+    """Read, inherit, override, validate. Raises UserError for every user mistake."""
+    if phase not in SCHEMAS:
+        raise ValueError(f"unknown phase {phase}")
+    raw = _load_with_inheritance(resolve_config_path(name_or_path, phase), phase)
+    merged = deep_merge(raw, parse_opts(opts))
+    cfg = apply_schema(merged, SCHEMAS[phase])
+    validate_values(cfg, phase)
+    return cfg
+
+
+def dump_config(cfg: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    keys = sorted(set(a) | set(b))
+    diffs: list[str] = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            diffs.append(f"{prefix}{key}")
+    return diffs
+
+
+def get_dotted(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for key in dotted.split("."):
+        node = node[key]
+    return node

@@ -1,0 +1,196 @@
+"""The config schema of every phase: keys, types, defaults, allowed values.
+
+A config file only states what differs from these defaults. Phase II and III configs hold only
+their own settings: dataset and model come from the phase I run they build on (its saved
+`config.yaml`), so the phases cannot disagree about them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from utils.errors import UserError
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+_PLURAL_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config value: accepted type(s), default, optionally allowed choices."""
+
+    types: tuple
+    default: Any
+    choices: tuple | None = None
+    nullable: bool = False
+    item_type: type | None = None  # for lists
+
+    def coerce(self, value: Any, path: str) -> Any:
+        if value is None:
+            if self.nullable:
+                return None
+            raise UserError(f"Config key '{path}' must not be empty (null); default is {self.default!r}.")
+        ok = any(_is_instance(value, t) for t in self.types)
+        if not ok:
+            wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in self.types)
+            raise UserError(f"Config key '{path}' must be {wanted}, got {value!r} ({type(value).__name__}).")
+        if float in self.types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.item_type is not None:
+            for item in value:
+                if not _is_instance(item, self.item_type):
+                    raise UserError(
+                        f"Config key '{path}' must be a list of {_PLURAL_NAMES[self.item_type]}, got item {item!r}."
+                    )
+        if self.choices is not None and value not in self.choices:
+            raise UserError(f"Config key '{path}' must be one of {', '.join(map(str, self.choices))}; got {value!r}.")
+        return copy.deepcopy(value)
+
+
+def _is_instance(value: Any, wanted: type) -> bool:
+    if wanted is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if wanted is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, wanted)
+
+
+def F(default: Any, *types: type, choices: tuple | None = None, nullable: bool = False, item: type | None = None) -> Field:
+    if not types:
+        types = (type(default),)
+    return Field(types=types, default=default, choices=choices, nullable=nullable, item_type=item)
+
+
+DATASET_NAMES = ("synthetic-LT", "fashion-mnist-LT", "cifar10-LT", "cifar100-LT", "list", "image-folder")
+
+DATASET = {
+    "name": F("synthetic-LT", str, choices=DATASET_NAMES),
+    "root": F(None, str, nullable=True),
+    "download": F(True),
+    "imbalance": F(100.0, float),
+    "profile": F("exp", choices=("exp", "step")),
+    "step_fraction": F(0.5, float),
+    "subset_seed": F(0),
+    "augment": F(True),
+    "train_list": F(None, str, nullable=True),
+    "test_list": F(None, str, nullable=True),
+    "image_size": F(224),
+    "synthetic": {
+        "num_classes": F(6),
+        "image_size": F(32),
+        "train_per_class": F(200),
+        "test_per_class": F(40),
+        "seed": F(0),
+    },
+}
+
+OPTIM = {
+    "optimizer": F("sgd", choices=("sgd", "adamw")),
+    "lr": F(0.1, float),
+    "momentum": F(0.9, float),
+    "nesterov": F(False),
+    "weight_decay": F(2e-4, float),
+}
+
+PHASE_I = {
+    "seed": F(0),
+    "phase": F("train", choices=("train", "test")),
+    "dataset": DATASET,
+    "model": {"arch": F("resnet32")},
+    "train": {
+        **OPTIM,
+        "epochs": F(200),
+        "batch_size": F(128),
+        "schedule": F("multistep", choices=("constant", "step", "multistep", "cosine")),
+        "milestones": F([160, 180], list, item=int),
+        "step_size": F(150),
+        "gamma": F(0.1, float),
+        "warmup_epochs": F(0.0, float),
+        "loss": F("ce", choices=("ce", "focal", "class_balanced", "balanced_softmax")),
+        "focal_gamma": F(1.0, float),
+        "cb_beta": F(0.9999, float),
+        "num_workers": F(0),
+        "save_every": F(0),
+        "eval_every": F(1),
+    },
+    "eval": {"batch_size": F(256), "hr": F(0.9, float)},
+}
+
+PHASE_II = {
+    "seed": F(0),
+    "gradcam": {
+        "layer": F(None, str, nullable=True),
+        "method": F("auto", choices=("auto", "closed_form", "autograd")),
+        "batch_size": F(256),
+    },
+    "split": {"hr": F(0.9, float), "ts": F(0.8, float), "tg": F(0.2, float)},
+    "confusion": {"nf": F(3)},
+    "store": {"enabled": F(True), "views": F(0), "num_workers": F(0)},
+}
+
+PHASE_III = {
+    "seed": F(0),
+    "phase": F("train", choices=("train", "test")),
+    "finetune": {
+        **OPTIM,
+        "lr": F(1e-3, float),
+        "weight_decay": F(5e-4, float),
+        "generator": F("fsa", str),
+        "iterations": F(6400),
+        "nt": F(16),
+        "na": F(3),
+        "unfreeze": F(False),
+        "eval_every": F(400),
+        "num_workers": F(0),
+    },
+    "tailcalib": {
+        "tukey": F(1.0, float),
+        "alpha": F(0.0, float),
+        "k": F(3),
+        "epochs": F(10),
+        "batch_size": F(256),
+    },
+    "eval": {"batch_size": F(256)},
+}
+
+SCHEMAS = {"phase_i": PHASE_I, "phase_ii": PHASE_II, "phase_iii": PHASE_III}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate_values(cfg: dict, phase: str) -> None:
+    """Checks of values that types alone cannot express."""
+    if phase == "phase_i":
+        d, t = cfg["dataset"], cfg["train"]
+        _require(d["imbalance"] >= 1, f"dataset.imbalance must be >= 1 (n_max / n_min), got {d['imbalance']}.")
+        _require(0 < d["step_fraction"] < 1, f"dataset.step_fraction must be in (0, 1), got {d['step_fraction']}.")
+        _require(d["synthetic"]["num_classes"] >= 2, "dataset.synthetic.num_classes must be at least 2.")
+        _require(d["image_size"] > 0, "dataset.image_size must be positive.")
+        _require(t["lr"] > 0, f"train.lr must be > 0, got {t['lr']}.")
+        _require(t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']}.")
+        _require(t["batch_size"] >= 1, f"train.batch_size must be >= 1, got {t['batch_size']}.")
+        _require(cfg["eval"]["batch_size"] >= 1, f"eval.batch_size must be >= 1, got {cfg['eval']['batch_size']}.")
+        _require(t["weight_decay"] >= 0, "train.weight_decay must be >= 0.")
+        _require(t["warmup_epochs"] >= 0, "train.warmup_epochs must be >= 0.")
+        _require(t["num_workers"] >= 0, "train.num_workers must be >= 0.")
+        _require(0 < t["cb_beta"] < 1, f"train.cb_beta must be in (0, 1), got {t['cb_beta']}.")
+        _require(0 < cfg["eval"]["hr"] <= 1, f"eval.hr must be in (0, 1], got {cfg['eval']['hr']}.")
+    elif phase == "phase_ii":
+        s = cfg["split"]
+        _require(0 < s["hr"] <= 1, f"split.hr must be in (0, 1], got {s['hr']}.")
+        _require(0 <= s["tg"] < s["ts"] <= 1, f"split thresholds need 0 <= tg < ts <= 1, got ts={s['ts']}, tg={s['tg']}.")
+        _require(cfg["confusion"]["nf"] >= 1, "confusion.nf must be >= 1.")
+        _require(cfg["gradcam"]["batch_size"] >= 1, "gradcam.batch_size must be >= 1.")
+        _require(cfg["store"]["views"] >= 0, "store.views must be >= 0.")
+    elif phase == "phase_iii":
+        f = cfg["finetune"]
+        _require(f["lr"] > 0, f"finetune.lr must be > 0, got {f['lr']}.")
+        _require(f["iterations"] >= 1, "finetune.iterations must be >= 1.")
+        _require(f["nt"] >= 1 and f["na"] >= 0,
+                 f"finetune.nt must be >= 1 and finetune.na >= 0 (batch = 2*nt*(1+na)), got nt={f['nt']}, na={f['na']}.")
+        _require(f["eval_every"] >= 1, "finetune.eval_every must be >= 1.")
+        _require(cfg["tailcalib"]["k"] >= 1, "tailcalib.k must be >= 1.")
