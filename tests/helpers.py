@@ -26,3 +26,31 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: 
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main_in_process(script: str, *args: str, cwd: Path) -> tuple[int, str]:
+    """Call a script's `main` through `run_cli` in this process (no interpreter start-up).
+
+    Returns (exit code, stderr). For the many bad-input checks that fail before any real work.
+    """
+    import contextlib
+    import importlib
+    import io
+
+    from utils.cli import run_cli
+
+    module = importlib.import_module(Path(script).stem)
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    err = io.StringIO()
+    code = 0
+    try:
+        sys.argv = [script, *args]
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(err):
+            run_cli(module.main)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return code, err.getvalue()

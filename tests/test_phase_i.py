@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import run_script, script_command, script_env
+from tests.helpers import run_main_in_process, run_script, script_command, script_env
 
 SCRIPT = "phase_i_train_or_test.py"
 QUICK = ["train.epochs=2"]
@@ -33,7 +33,7 @@ def test_smoke_writes_the_promised_files(smoke_run):
     for key in ("top1", "many", "medium", "few", "head", "tail", "per_class", "train_counts", "confusion"):
         assert key in results, key
     counts = results["train_counts"]
-    assert counts == sorted(counts, reverse=True) and counts[0] / counts[-1] == pytest.approx(10, rel=0.15)
+    assert counts == sorted(counts, reverse=True) and counts[0] / counts[-1] == pytest.approx(20, rel=0.15)
     assert all(n <= 100 for n in counts) and results["many"] is None  # no class above 100 images -> absent, not 0
     assert results["top1"] > 100 / len(counts) * 2, "smoke model should clearly beat chance"
     # per-class accuracies average to the mean class accuracy; confusion rows add up to the test set
@@ -81,7 +81,7 @@ def _final_weights(cwd: Path, note: str) -> dict:
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
-    opts = ["--opts", "train.epochs=5"]
+    opts = ["--opts", "train.epochs=4"]
     run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "straight", *opts, cwd=tmp_path)
 
     last = tmp_path / "checkpoints/phase_i/smoke/killed/last.pt"
@@ -89,13 +89,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
                             cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 2:
+        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 1:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait()
     interrupted_at = torch.load(last, weights_only=True)["epoch"]
-    assert interrupted_at < 5, "the run finished before it could be killed; the test proves nothing"
+    assert interrupted_at < 4, "the run finished before it could be killed; the test proves nothing"
 
     proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "killed", *opts, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr  # an interrupted run is not silently restarted
@@ -116,23 +116,29 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     (["--config", "smoke", "--opts", "model.arch=resnet33"], "resnet32"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, args, fragment):
-    proc = run_script(SCRIPT, *args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+    code, stderr = run_main_in_process(SCRIPT, *args, cwd=tmp_path)
+    assert code == 2, stderr
+    assert fragment in stderr and stderr.startswith("error: ")
+    assert not (tmp_path / "checkpoints").exists()  # nothing half-made left behind
+
+
+def test_bad_input_through_a_real_process(tmp_path):
+    proc = run_script(SCRIPT, "--config", "nope", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Available phase_i configs" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoint_of_another_architecture_or_class_count(smoke_run, tmp_path):
     ckpt = str(smoke_run / "checkpoints/phase_i/smoke/default/best_model.pt")
-    for opts, fragment in ((["model.arch=resnet20"], "arch=resnet8"), (["dataset.synthetic.num_classes=5"], "6 classes")):
-        proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", ckpt, "--opts", "phase=test", *opts,
-                          cwd=tmp_path, check=False)
-        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+    for opts, fragment in ((["model.arch=resnet20"], "arch=resnet8"), (["dataset.synthetic.num_classes=5"], "8 classes")):
+        code, stderr = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", ckpt, "--opts", "phase=test",
+                                           *opts, cwd=tmp_path)
+        assert code == 2 and fragment in stderr, stderr
 
 
 def test_truncated_checkpoint(smoke_run, tmp_path):
     broken = tmp_path / "broken.pt"
     data = (smoke_run / "checkpoints/phase_i/smoke/default/best_model.pt").read_bytes()
     broken.write_bytes(data[: len(data) // 2])
-    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", str(broken), "--opts", "phase=test",
-                      cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr
+    code, stderr = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", str(broken), "--opts",
+                                       "phase=test", cwd=tmp_path)
+    assert code == 2 and "truncated or corrupt" in stderr

@@ -53,12 +53,15 @@ def test_noncontiguous_labels_preserved_and_int64():
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def test_generated_statistics_match_calibrated_parameters():
-    """Class A: many samples (its stats serve as the neighbour); class B: 2 real samples.
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_generated_statistics_match_calibrated_parameters(chunk, monkeypatch):
+    """Class A: many samples (n > D: Cholesky factor); class B: 2 real samples.
 
     With shuffle=False and an even split, the first 10k generated rows of B come from B's first
-    real sample, the next 10k from the second one.
+    real sample, the next 10k from the second one.  chunk=256 forces many small matmul chunks.
     """
+    if chunk:
+        monkeypatch.setattr(tc, "_CHUNK_ELEMS", chunk)
     rng = np.random.default_rng(0)
     d, g = 4, 10000
     nA = 2 * g + 2  # B (2 real samples) needs exactly 2 * g generated ones
@@ -116,9 +119,48 @@ def test_neighbours_all_can_pick_own_class():
     assert other[0, 0] != 3
 
 
-def test_single_sample_class_zero_covariance_and_single_jitter_warning():
+def _check_draws(part, exp_mean, exp_cov, n_sd=5):
+    g = len(part)
+    se = np.sqrt(np.diag(exp_cov) / g)
+    assert np.all(np.abs(part.mean(0) - exp_mean) < n_sd * se + 1e-12)
+    emp = np.cov(part, rowvar=False)
+    sd = np.sqrt(np.outer(np.diag(exp_cov), np.diag(exp_cov)) + exp_cov**2) / np.sqrt(g)
+    assert np.all(np.abs(emp - exp_cov) < n_sd * sd + 1e-12)
+
+
+def test_small_neighbour_classes_use_exact_low_rank_covariance():
+    """B's neighbours C1 (3 samples) and C2 (4 samples) have n <= D: singular covariances, sampled
+    exactly through their centred data (no jitter, no warning)."""
+    rng = np.random.default_rng(1)
+    d, g = 6, 20000
+    A = rng.random((g + 1, d)) * 0.2 + np.array([3.0, 0, 0, 0, 0, 0])
+    near = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    C1 = near + rng.random((3, d)) * 0.3
+    C2 = near + rng.random((4, d)) * 0.3
+    B = near[None] + 0.1
+    X = np.concatenate([A, C1, C2, B])
+    y = np.r_[np.zeros(g + 1, int), np.full(3, 1), np.full(4, 2), 3]
+    alpha = 0.002
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gen = TailCalibGenerator(k=2, alpha=alpha, seed=0).fit(X, y)
+        f, lab, per = gen.generate(shuffle=False)
+    _, _, nbr = gen.calibrate([len(y) - 1])
+    assert sorted(nbr[0].tolist()) == [1, 2]
+    Z = _transform(X, 1.0)
+    z1, z2, zB = Z[g + 1:g + 4], Z[g + 4:g + 8], Z[-1]
+    exp_mean = (z1.mean(0) + z2.mean(0) + zB) / 3
+    exp_cov = (np.cov(z1, rowvar=False) + np.cov(z2, rowvar=False)) / 2 + alpha
+    assert np.linalg.matrix_rank(exp_cov - alpha) == 5 < d  # genuinely singular before alpha
+    genB = f[len(y):][lab[len(y):] == 3]
+    assert len(genB) == g
+    _check_draws(genB, exp_mean, exp_cov)
+
+
+def test_single_sample_class_zero_covariance_fallback():
     """Tail classes B, C with one sample each, close together and far from A; k=1 makes each the
-    other's neighbour, whose covariance is the documented zero fallback -> not PD -> jitter."""
+    other's neighbour, whose covariance is the documented zero fallback: the draws are exactly the
+    calibrated mean, with no jitter and no warning."""
     rng = np.random.default_rng(0)
     A = rng.random((30, 4)) * 0.1 + np.array([1.0, 0, 0, 0])
     B = np.array([[0.0, 0.0, 1.0, 1.0]])
@@ -129,18 +171,39 @@ def test_single_sample_class_zero_covariance_and_single_jitter_warning():
     _, covs, nbr = gen.calibrate([30, 31])
     assert nbr[:, 0].tolist() == [2, 1]
     assert np.all(covs == 0)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         f, lab, per = gen.generate(shuffle=False)
-    msgs = [w for w in rec if issubclass(w.category, RuntimeWarning)]
-    assert len(msgs) == 1, [str(w.message) for w in rec]
-    assert "not positive definite" in str(msgs[0].message) and "jitter" in str(msgs[0].message)
-    assert np.isfinite(f).all()
     Z = _transform(X, 1.0)
     genB = f[32:][lab[32:] == 1]
     assert len(genB) == 29
-    # jitter is tiny: the draws sit on the calibrated mean (x_B + mean_C) / 2
-    np.testing.assert_allclose(genB, np.broadcast_to((Z[30] + Z[31]) / 2, genB.shape), atol=1e-4)
+    np.testing.assert_allclose(genB, np.broadcast_to((Z[30] + Z[31]) / 2, genB.shape), atol=1e-12)
+
+
+def test_non_pd_covariance_gets_jitter_and_a_single_warning():
+    """Two head classes (n > D) with a dead (always zero) feature: singular covariances, Cholesky
+    fails, jitter is added, and exactly one warning is emitted for the call."""
+    rng = np.random.default_rng(0)
+    d = 4
+    A1 = rng.random((40, d)) + np.array([2.0, 0, 0, 0])
+    A2 = rng.random((40, d)) + np.array([0, 2.0, 0, 0])
+    A1[:, 3] = A2[:, 3] = 0.0
+    B = rng.random((3, d))
+    B[:, 3] = 0.0
+    X = np.concatenate([A1, A2, B])
+    y = np.r_[np.zeros(40, int), np.ones(40, int), np.full(3, 2)]
+    gen = TailCalibGenerator(k=2, seed=0).fit(X, y)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        f, lab, per = gen.generate(shuffle=False)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "2 class(es)" in msgs[0] and "not positive definite" in msgs[0] and "jitter" in msgs[0]
+    assert per == {0: 0, 1: 0, 2: 37}
+    genB = f[len(y):]
+    assert np.isfinite(genB).all()
+    assert np.abs(genB[:, 3]).max() < 1e-3  # jitter is tiny: the dead feature stays ~0
+    assert genB[:, :3].std(0).min() > 1e-2  # the live features do vary
 
 
 # ------------------------------------------------------------------------------------------ frameworks
@@ -198,13 +261,15 @@ def test_shuffle_false_order_and_shuffle_is_a_permutation():
     assert np.array_equal(lab[key(f, lab)], ls[key(fs, ls)])
 
 
-def test_result_independent_of_chunking(monkeypatch):
+def test_small_chunks_same_structure_and_deterministic(monkeypatch):
     X, y = _data(d=8, counts=((0, 60), (1, 2), (2, 3), (3, 1), (4, 7)))
-    ref = _quiet(generate, X, y, k=2, seed=4, alpha=0.01)
-    monkeypatch.setattr(tc, "_CHUNK_ELEMS", 64)  # one neighbour set per chunk
-    small = _quiet(generate, X, y, k=2, seed=4, alpha=0.01)
-    np.testing.assert_allclose(ref[0], small[0], rtol=0, atol=1e-12)
-    assert np.array_equal(ref[1], small[1])
+    ref = _quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
+    monkeypatch.setattr(tc, "_CHUNK_ELEMS", 64)  # 8 rows per matmul chunk
+    a = _quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
+    b = _quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
+    assert np.array_equal(a[0], b[0])
+    assert np.array_equal(ref[1], a[1]) and ref[2] == a[2]
+    np.testing.assert_array_equal(ref[0][:len(y)], a[0][:len(y)])
 
 
 # ------------------------------------------------------------------------------------------ class API
@@ -240,11 +305,17 @@ def test_tukey_transform():
 
 
 # ------------------------------------------------------------------------------------------ bad input
+def _poke(X, value):
+    X = X.copy()
+    X[2, 1] = value
+    return X
+
+
 @pytest.mark.parametrize(
     "mutate, kwargs, match",
     [
-        (lambda X, y: (np.where(np.arange(X.size).reshape(X.shape) == 3, np.nan, X), y), {}, "NaN or infinite"),
-        (lambda X, y: (np.where(np.arange(X.size).reshape(X.shape) == 3, np.inf, X), y), {}, "NaN or infinite"),
+        (lambda X, y: (_poke(X, np.nan), y), {}, "NaN or infinite"),
+        (lambda X, y: (_poke(X, -np.inf), y), {}, "NaN or infinite"),
         (lambda X, y: (X, y[:-1]), {}, "different lengths"),
         (lambda X, y: (X[:, 0], y), {}, "2-D"),
         (lambda X, y: (X[:, :, None], y), {}, "2-D"),
@@ -253,6 +324,7 @@ def test_tukey_transform():
         (lambda X, y: (X, y), {"k": 0}, "k must be an integer >= 1"),
         (lambda X, y: (X, y), {"extra": -1}, "extra must be an integer >= 0"),
         (lambda X, y: (X, y), {"alpha": float("nan")}, "alpha must be a finite number"),
+        (lambda X, y: (X, y), {"alpha": -0.1}, "alpha must be >= 0"),
         (lambda X, y: (X, y), {"neighbours": "head"}, "neighbours must be"),
         (lambda X, y: (X, y + 0.5), {}, "integer class labels"),
         (lambda X, y: (X, y[:, None]), {}, "1-D"),

@@ -1,0 +1,101 @@
+"""Per-evaluation bookkeeping shared by the training phases: log line, TensorBoard scalars,
+`best_model.pt` / `last.pt` / periodic checkpoints, and `results.json` (unfinished until the end).
+
+A "step" is an epoch in phase I and an iteration in phase III.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import yaml
+
+from engine.metrics import SCALAR_KEYS, summary_line
+from utils.checkpoint import save_checkpoint
+from utils.config import config_differences, dump_config
+from utils.errors import UserError
+from utils.logging import log_scalars, open_summary_writer, setup_logger
+from utils.run_dir import RunPaths, prepare_run, write_json_atomic
+
+
+class RunRecorder:
+    def __init__(self, paths: RunPaths, logger: logging.Logger, payload: Callable[..., dict], *, step_name: str,
+                 total_steps: int, resumed_state: dict | None = None):
+        """`payload(**extra)` returns the checkpoint dict of the current model (plain values only)."""
+        self.paths, self.logger, self.payload = paths, logger, payload
+        self.step_name, self.total_steps = step_name, total_steps
+        state = resumed_state or {}
+        self.best_top1 = state.get("best_top1", -1.0)
+        self.best_step = state.get("best_step", -1)
+        self.history: list[dict] = state.get("history", [])
+        self.elapsed = state.get("elapsed_s", 0.0)
+        self.last_report: dict = {}
+        self.writer = open_summary_writer(paths.summary_dir)
+
+    def state(self) -> dict:
+        return {"best_top1": self.best_top1, "best_step": self.best_step, "history": self.history, "elapsed_s": self.elapsed}
+
+    def record(self, step: int, stats: dict, report: dict | None, optimizer: torch.optim.Optimizer, seconds: float,
+               periodic: bool = False) -> None:
+        """Book step `step` (1-based, completed): `stats` are training numbers, `report` an evaluation or None."""
+        self.elapsed += seconds
+        entry = {self.step_name: step, **stats}
+        if report is not None:
+            self.last_report = report
+            entry.update({k: report[k] for k in SCALAR_KEYS})
+        self.history.append(entry)
+        line = f"{self.step_name} {step}/{self.total_steps} " + " ".join(
+            f"{k} {v:.4g}" for k, v in stats.items() if isinstance(v, float))
+        self.logger.info(line + (f" | {summary_line(report)}" if report is not None else ""))
+        log_scalars(self.writer, "train", stats, step)
+        if report is not None:
+            log_scalars(self.writer, "test", {k: report[k] for k in SCALAR_KEYS}, step)
+            if report["top1"] > self.best_top1:
+                self.best_top1, self.best_step = report["top1"], step
+                save_checkpoint(self.paths.best, self.payload(**{self.step_name: step}, top1=self.best_top1))
+        save_checkpoint(self.paths.last, self.payload(**{self.step_name: step}, optimizer=optimizer.state_dict(), **self.state()))
+        if periodic:
+            save_checkpoint(self.paths.checkpoint_dir / f"model_{self.step_name}_{step:04d}.pt", self.payload(**{self.step_name: step}))
+        write_json_atomic(self.paths.results, {"finished": False, "phase": self.paths.phase, self.step_name: step,
+                                               "history": self.history})
+
+    def finish(self, **extra) -> dict:
+        """Write the final results.json (top-level metrics = the last evaluation) and close TensorBoard."""
+        self.writer.close()
+        results = {
+            "finished": True, "phase": self.paths.phase, "config": self.paths.config, "note": self.paths.note,
+            "evaluated": f"final {self.step_name} (best_top1 is the best of the periodic evaluations on the same test set)",
+            **self.last_report, "best_top1": self.best_top1, f"best_{self.step_name}": self.best_step,
+            "wall_time_s": self.elapsed, **extra, "history": self.history,
+        }
+        write_json_atomic(self.paths.results, results)
+        self.logger.info(f"finished: {summary_line(self.last_report)} | best top1 {self.best_top1:.2f} "
+                         f"({self.step_name} {self.best_step}) | {self.elapsed:.1f}s")
+        return results
+
+
+def open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, command: str) -> tuple[str, logging.Logger | None]:
+    """Apply the overwrite / resume rules, check a resumed run's config, save the resolved config.
+
+    Returns (mode, logger); mode 'finished' (a --resume of a completed run) comes with no logger.
+    """
+    mode = prepare_run(paths, resume=resume, overwrite=overwrite, command=command)
+    if mode == "finished":
+        print(f"{paths.checkpoint_dir} is already finished; nothing to resume.")
+        return mode, None
+    run_dir = paths.checkpoint_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "resume":
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        diffs = config_differences(saved, cfg)
+        if diffs:
+            raise UserError(
+                f"--resume with a config that differs from the interrupted run's ({', '.join(diffs)}). "
+                f"Resume with the same config and --opts, or start a new run with --note NAME."
+            )
+    else:
+        dump_config(cfg, run_dir / "config.yaml")
+    logger = setup_logger(run_dir)
+    logger.info(f"{paths.phase} {mode} run in {run_dir}")
+    return mode, logger

@@ -1,0 +1,93 @@
+"""Generators that work on CAM-layer feature maps: `fsa` (fusion) and `none` (the cRT control)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fsa.batch_composition import TailHeadComposer
+from fsa.fusion import DonorPool, fuse_from_cams, sample_donors
+from utils.errors import UserError
+
+
+@dataclass
+class GeneratorContext:
+    """What a generator may use: training labels, phase II's confusing classes and thresholds."""
+
+    labels: Tensor  # [N] training labels
+    confusing: Tensor  # [C, nf] confusing classes per class, -1 where none
+    composer: TailHeadComposer
+    na: int
+    ts: float
+    tg: float
+
+
+class MapGenerator:
+    name = ""
+
+    def __init__(self, ctx: GeneratorContext):
+        self.ctx = ctx
+
+    def extra_indices(self, tail_labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Training samples whose maps `generate` needs: `Na` per tail sample, row-aligned."""
+        raise NotImplementedError
+
+    def generate(self, tail_maps: Tensor, tail_cams: Tensor, tail_labels: Tensor, extra_maps: Tensor,
+                 extra_cams: Tensor, extra_labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`Nt*Na` generated maps and their labels."""
+        raise NotImplementedError
+
+
+class FusionGenerator(MapGenerator):
+    """FSA (DESIGN 2.6): each tail sample's class-specific vectors fused with the class-generic
+    vectors of a donor from one of its confusing classes; the fused map keeps the tail label."""
+
+    name = "fsa"
+
+    def __init__(self, ctx: GeneratorContext):
+        super().__init__(ctx)
+        self.pool = DonorPool.from_labels(ctx.labels, ctx.confusing.shape[0])
+        tail = ctx.composer.tail_classes
+        missing = [int(c) for c in tail if not bool((ctx.confusing[c] >= 0).any())]
+        if missing:
+            raise UserError(
+                f"tail classes {missing} have no confusing class in phase II's confusion.json, so FSA has no donor for "
+                f"them. Rerun phase II (python phase_ii_extract_feature.py ... --overwrite) so that every tail class gets "
+                f"confusion.nf confusing classes."
+            )
+
+    def extra_indices(self, tail_labels: Tensor, generator: torch.Generator) -> Tensor:
+        repeated = tail_labels.repeat_interleave(self.ctx.na)
+        donors, _ = sample_donors(repeated.cpu(), self.ctx.confusing, self.pool, generator)
+        return donors
+
+    def generate(self, tail_maps, tail_cams, tail_labels, extra_maps, extra_cams, extra_labels, generator):
+        na = self.ctx.na
+        fused, labels, _ = fuse_from_cams(tail_maps.repeat_interleave(na, 0), tail_cams.repeat_interleave(na, 0),
+                                          tail_labels.repeat_interleave(na), extra_maps, extra_cams,
+                                          self.ctx.ts, self.ctx.tg, generator)
+        return fused, labels
+
+
+class ResampleGenerator(MapGenerator):
+    """The cRT control: the same class-balanced batches, but the `Nt*Na` extra rows are more real
+    samples of the same tail classes instead of fused maps. The gap between this and `fsa` is what
+    the augmentation adds beyond re-balancing."""
+
+    name = "none"
+
+    def extra_indices(self, tail_labels: Tensor, generator: torch.Generator) -> Tensor:
+        return self.ctx.composer.sample_from_classes(tail_labels.repeat_interleave(self.ctx.na).cpu(), generator)
+
+    def generate(self, tail_maps, tail_cams, tail_labels, extra_maps, extra_cams, extra_labels, generator):
+        return extra_maps, extra_labels
+
+
+GENERATORS: dict[str, type[MapGenerator]] = {g.name: g for g in (FusionGenerator, ResampleGenerator)}
+
+
+def build_generator(name: str, ctx: GeneratorContext) -> MapGenerator:
+    if name not in GENERATORS:
+        raise UserError(f"Unknown finetune.generator '{name}'. Available: {', '.join(GENERATORS)}.")
+    return GENERATORS[name](ctx)
