@@ -50,7 +50,7 @@ from utils.config import config_name, dump_config, load_config
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import setup_logger
-from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.run_dir import RunPaths, is_finished, read_results, write_json_atomic
 from utils.seeding import derived_seed, seed_everything
 
 PHASE = "phase_ii"
@@ -272,6 +272,9 @@ def run(args: argparse.Namespace) -> dict:
     logger.info(f"phase II for config '{name}' note '{note}' on {device}: checkpoint {checkpoint}, "
                 f"dataset {bundle.name} ({n} train / {len(bundle.test)} test images, {num_classes} classes)")
     logger.info(f"Grad-CAM: layer {layer} ({method}), CAM-layer maps {list(fmap_shape)}, batch size {bs}")
+    if not getattr(args, "checkpoint", None) and not is_finished(p1.paths):
+        logger.info(f"warning: the phase I run in {p1.paths.checkpoint_dir} has not finished; using its best_model.pt "
+                    f"so far (finish it with: {phase_i_command(name, note)} --resume)")
 
     started = time.perf_counter()
     timer = ExtractionTimer(device)
@@ -372,6 +375,7 @@ def run(args: argparse.Namespace) -> dict:
         "fmap_shape": list(fmap_shape),
         "views": views if writer is not None else 0,
         "store_enabled": writer is not None,
+        "store_dir": STORE_DIR if writer is not None else None,
         "store_bytes": store_meta["bytes"] if writer is not None else 0,
         "timings": {
             "forward_cam_s": round(timer.compute_s, 4),

@@ -3,9 +3,10 @@
 
 Every draw of iteration `it` is a pure function of (seed, it), so a resumed run replays the same
 batches. Tail samples are tail-class balanced: the tail classes are consumed from an endless stream
-of random permutations, so every tail class is visited at least once every `ceil(T / Nt) + 1`
-iterations; the sample within a class is uniform. Head samples are drawn uniformly over all head
-images (instance-balanced), as in the paper.
+of random permutations, so every tail class is visited at least once in any `ceil((2T - 1) / Nt)`
+consecutive iterations (2T - 1 stream positions always hold one whole permutation); the sample
+within a class is uniform. Head samples are drawn uniformly over all head images
+(instance-balanced), as in the paper.
 """
 from __future__ import annotations
 

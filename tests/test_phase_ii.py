@@ -323,9 +323,10 @@ def test_finished_outputs_are_not_overwritten(run_dir):
 # bad input: exit 2, a clear message, no traceback, and finished outputs left alone
 # ------------------------------------------------------------------------------------------------
 def test_phase_ii_before_phase_i_names_the_phase_i_command(tmp_path):
-    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "python phase_i_train_or_test.py --config smoke" in proc.stderr
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "python phase_i_train_or_test.py --config smoke" in err
+    assert not (tmp_path / "features").exists()
     code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--note", "other", "--device", "cpu", cwd=tmp_path)
     assert code == 2 and "python phase_i_train_or_test.py --config smoke --note other" in err
 

@@ -150,6 +150,10 @@ PHASE_III = {
         "k": F(3),
         "epochs": F(10),
         "batch_size": F(256),
+        # TailCalib's own SGD lr; null = finetune.lr (momentum / weight decay always come from finetune)
+        "lr": F(None, float, nullable=True),
+        # the linear classifier on the transformed features: a fresh nn.Linear (the default) or phase I's fc
+        "init": F("fresh", str, choices=("fresh", "phase_i")),
     },
     "eval": {"batch_size": F(256)},
 }

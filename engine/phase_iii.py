@@ -1,0 +1,235 @@
+"""Phase III: fine-tune the classifier (optionally the last stage) with generated tail samples.
+
+online  -- every iteration recomputes feature maps and CAMs of the sampled images with the current
+           network (input augmentation on, CAMs in eval mode), then generates and steps.
+offline -- feature maps and CAMs come from phase II's store; training never touches an image.
+
+The backbone stays in eval mode throughout (BatchNorm statistics frozen, CAMs as in phase II);
+only `fc` -- and with `finetune.unfreeze` the last stage -- receives gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from datasets import DatasetBundle, build_datasets
+from datasets.loader import BatchLoader, sequential_batches
+from engine.loops import evaluate
+from engine.optim import build_optimizer
+from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command
+from engine.phase_iii_features import FEATURE_GENERATORS, check_generator_mode, run_feature_generator
+from engine.recorder import RunRecorder, open_run
+from fsa.batch_composition import TailHeadComposer
+from fsa.confusion import confusing_table
+from fsa.feature_store import FeatureStore
+from fsa.generators import GENERATORS, GeneratorContext, MapGenerator, build_generator
+from fsa.gradcam import features_and_cams
+from fsa.provenance import check_provenance, phase_ii_command, read_provenance
+from models import LTModel
+from utils.checkpoint import check_compatible, load_checkpoint, load_model_state
+from utils.config import config_name, load_config
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.seeding import seed_everything
+
+MODES = ("online", "offline")
+
+
+def available_generators() -> list[str]:
+    """Every value `finetune.generator` accepts (map-level generators and feature-level ones)."""
+    return list(GENERATORS) + list(FEATURE_GENERATORS)
+
+
+def phase_name(mode: str, generator: str) -> str:
+    """Run folder phase: `phase_iii_online`, `phase_iii_offline`, or with a non-default generator
+    `phase_iii_offline-none`, so that the ablation's runs of one config and note sit side by side."""
+    base = f"phase_iii_{mode}"
+    return base if generator == "fsa" else f"{base}-{generator}"
+
+
+def phase_iii_command(mode: str, config: str, note: str, generator: str) -> str:
+    cmd = f"python phase_iii_{mode}_train_or_test.py --config {config}"
+    cmd += "" if note == "default" else f" --note {note}"
+    return cmd + ("" if generator == "fsa" else f" --opts finetune.generator={generator}")
+
+
+@dataclass
+class PhaseIIOutputs:
+    """What phase III reads from `features/<config>/<note>/`."""
+
+    folder: Path
+    config: dict
+    head: list[int]
+    tail: list[int]
+    confusing: torch.Tensor  # [C, nf], -1 where a class has no confusing classes
+    checkpoint: Path
+
+
+def read_phase_ii(folder: Path, phase_i: RunPaths, num_classes: int) -> PhaseIIOutputs:
+    """Load phase II's split, confusing classes and config, after checking they match phase I."""
+    prov = read_provenance(folder)
+    checkpoint = Path(prov["phase_i_checkpoint"]["path"])
+    if not checkpoint.is_file():
+        checkpoint = phase_i.best
+    check_provenance(folder, checkpoint, phase_i.checkpoint_dir / "config.yaml")
+    cfg = load_config(str(folder / "config.yaml"), "phase_ii")
+    split = json.loads((folder / "split.json").read_text())
+    confusion = json.loads((folder / "confusion.json").read_text())
+    table = confusing_table({int(k): v for k, v in confusion["confusing"].items()}, num_classes, confusion["nf"])
+    return PhaseIIOutputs(folder, cfg, list(split["head"]), list(split["tail"]), table, checkpoint)
+
+
+def run(args: argparse.Namespace, mode: str) -> dict:
+    assert mode in MODES
+    cfg = load_config(args.config, "phase_iii", args.opts)
+    name = config_name(args.config)
+    f = cfg["finetune"]
+    check_generator_mode(f["generator"], mode, name, args.note)  # tailcalib: offline only, tailcalibx: online only
+    paths = RunPaths(phase_name(mode, f["generator"]), name, args.note)
+    phase_i = paths.sibling("phase_i")
+    if not (phase_i.checkpoint_dir / "config.yaml").is_file() or not phase_i.best.is_file():
+        raise UserError(f"No phase I run for config '{name}', note '{args.note}' ({phase_i.checkpoint_dir}). "
+                        f"Run phase I, then phase II, first: {phase_i_command(name, args.note)}")
+    if not (paths.features_dir / "results.json").is_file():
+        raise UserError(f"No phase II outputs in {paths.features_dir}. Run phase II first: {phase_ii_command(name, args.note)}")
+    device = resolve_device(args.device)
+    p1_cfg = load_config(str(phase_i.checkpoint_dir / "config.yaml"), "phase_i")
+    bundle = build_datasets(p1_cfg["dataset"], phase_i.checkpoint_dir)
+    p2 = read_phase_ii(paths.features_dir, phase_i, bundle.num_classes)
+    store = _open_store(paths.features_dir, name, args.note) if mode == "offline" else None
+    model, _ = load_phase_i_model(p2.checkpoint, p1_cfg, bundle, device, phase_i_command(name, args.note))
+    test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), cfg["eval"]["batch_size"]), device)
+    hr = p2.config["split"]["hr"]
+    command = phase_iii_command(mode, name, args.note, f["generator"])
+    if f["generator"] in FEATURE_GENERATORS:  # TailCalib / TailCalibX: pooled features, own classifier and loop
+        return run_feature_generator(args, mode, cfg, paths, bundle=bundle, model=model, p2=p2, store=store, device=device,
+                                     hr=hr, command=command)
+
+    if cfg["phase"] == "test":
+        ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
+        payload = load_checkpoint(ckpt, produced_by=command)
+        check_compatible(payload, ckpt, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
+        load_model_state(model, payload["model"], ckpt)
+        report = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(ckpt),
+                  **evaluate(model, test_loader, bundle.train_counts, hr)}
+        write_json_atomic(paths.checkpoint_dir / "test_results.json", report)
+        return report
+
+    composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
+    generator = build_generator(f["generator"], GeneratorContext(
+        labels=bundle.train.targets, confusing=p2.confusing, composer=composer, na=f["na"],
+        ts=p2.config["split"]["ts"], tg=p2.config["split"]["tg"]))
+    run_mode, logger = open_run(paths, cfg, resume=args.resume, overwrite=args.overwrite, command=command)
+    if run_mode == "finished":
+        return read_results(paths.results) or {}
+    (paths.checkpoint_dir / "sources.yaml").write_text(yaml.safe_dump({
+        "phase_i_checkpoint": str(p2.checkpoint), "phase_ii_features": str(paths.features_dir), "mode": mode}))
+
+    trainable = _set_trainable(model, f["unfreeze"])
+    optimizer = build_optimizer(trainable, f)
+    start, state = 0, None
+    if run_mode == "resume":
+        state = load_checkpoint(paths.last, produced_by=command)
+        load_model_state(model, state["model"], paths.last)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+        logger.info(f"resumed after iteration {start}")
+    recorder = RunRecorder(paths, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, phase=paths.phase, **extra),
+                           step_name="iteration", total_steps=f["iterations"], resumed_state=state)
+    logger.info(f"{mode} fine-tuning, generator {f['generator']}, tail classes {p2.tail}, head classes {p2.head}, "
+                f"batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
+                f"{sum(p.numel() for p in trainable)} parameters, device {device}")
+    if start == 0:
+        recorder.record(0, {}, evaluate(model, test_loader, bundle.train_counts, hr), optimizer, 0.0)
+
+    fetch = _OnlineMaps(model, bundle, device, f["unfreeze"]) if mode == "online" else _OfflineMaps(store, device)
+    train_set_size = len(bundle.train)
+    window_loss, window_started = [], time.perf_counter()
+    for iteration in range(start, f["iterations"]):
+        seed_everything(cfg["seed"] * 7_919 + iteration)
+        plan, rng = composer.plan(iteration)
+        loss = _train_step(model, optimizer, generator, plan, rng, fetch)
+        window_loss.append(loss)
+        done = iteration + 1
+        if done % f["eval_every"] == 0 or done == f["iterations"]:
+            report = evaluate(model, test_loader, bundle.train_counts, hr)
+            stats = {"loss": float(torch.stack(window_loss).mean()), "lr": f["lr"]}
+            recorder.record(done, stats, report, optimizer, time.perf_counter() - window_started)
+            window_loss, window_started = [], time.perf_counter()
+    return recorder.finish(mode=mode, generator=f["generator"], iterations=f["iterations"], train_samples=train_set_size,
+                           tail_classes=p2.tail, head_classes=p2.head)
+
+
+def _open_store(folder: Path, name: str, note: str) -> FeatureStore:
+    store_dir = folder / "store"
+    if not (store_dir / "meta.json").is_file():
+        raise UserError(f"Phase II stored no feature maps in {store_dir} (store.enabled was false or it did not finish), "
+                        f"so offline fine-tuning has nothing to read. Rerun phase II with the store on: "
+                        f"{phase_ii_command(name, note, overwrite=True)} --opts store.enabled=true")
+    return FeatureStore(store_dir)
+
+
+def _set_trainable(model: LTModel, unfreeze: bool) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = [model.fc, model.last_stage] if unfreeze else [model.fc]
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    model.eval()  # BatchNorm frozen; see the module docstring
+    return params
+
+
+class _OnlineMaps:
+    """Feature maps + CAMs of training images, recomputed with the current network (augmented)."""
+
+    def __init__(self, model: LTModel, bundle: DatasetBundle, device: torch.device, with_grad: bool):
+        self.model, self.device, self.with_grad = model, device, with_grad
+        self.train = bundle.train.with_augment(True)
+        self.labels = bundle.train.targets
+
+    def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y, _ = next(iter(BatchLoader(self.train, [indices.tolist()], self.device, generator=rng)))
+        fmaps, cams, _ = features_and_cams(self.model, x, y, with_grad=self.with_grad)
+        return fmaps, cams, y
+
+
+class _OfflineMaps:
+    """Feature maps + CAMs from phase II's store; each row reads a random stored view."""
+
+    def __init__(self, store: FeatureStore, device: torch.device):
+        self.store, self.device = store, device
+
+    def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        views = torch.randint(self.store.views, (len(indices),), generator=rng)
+        fmaps, cams, labels = self.store.get(indices, views)
+        return fmaps.to(self.device), cams.to(self.device), labels.to(self.device)
+
+
+def _train_step(model: LTModel, optimizer: torch.optim.Optimizer, generator: MapGenerator, plan, rng: torch.Generator,
+                fetch) -> torch.Tensor:
+    """One batch: real tail, generated, real head rows; cross-entropy on the classifier head."""
+    nt = len(plan.tail)
+    tail_labels = generator.ctx.labels[plan.tail]
+    extra = generator.extra_indices(tail_labels, rng)
+    # one fetch (one forward pass online) for every real sample of the batch
+    maps, cams, labels = fetch(torch.cat([plan.tail, extra, plan.head]), rng)
+    n_extra = len(extra)
+    tail_maps, extra_maps, head_maps = maps[:nt], maps[nt:nt + n_extra], maps[nt + n_extra:]
+    tail_cams, extra_cams = cams[:nt], cams[nt:nt + n_extra]
+    tail_y, extra_y, head_y = labels[:nt], labels[nt:nt + n_extra], labels[nt + n_extra:]
+    generated, generated_y = generator.generate(tail_maps, tail_cams, tail_y, extra_maps, extra_cams, extra_y, rng)
+    logits = model.head(torch.cat([tail_maps, generated.to(tail_maps.dtype), head_maps]))
+    loss = F.cross_entropy(logits, torch.cat([tail_y, generated_y.to(tail_y.device), head_y]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

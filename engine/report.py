@@ -1,0 +1,365 @@
+"""The ablation report of one config: every method's final-evaluation numbers side by side.
+
+    python report.py --config smoke                                  # note 'default'
+    python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2
+
+Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run and writes
+``reports/<config>/``:
+
+    ablation.md     the table (also printed), with a note on what the numbers are
+    ablation.csv    one line per row; mean and std in separate columns, empty cell = absent / undefined
+    ablation.png    grouped bar chart (mean, error bar = sample std over notes)
+    per_class.png   per-class accuracy against training-class size (log x), one line per row
+    report.json     everything above, machine-readable, plus the source files
+
+The numbers are the top-level ones of ``results.json``: the **final** evaluation of each run, not
+the best-on-test one (``best_top1``), because there is no validation split to select on.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.config import config_name
+from utils.errors import UserError
+from utils.run_dir import RunPaths, read_results, write_json_atomic
+
+__all__ = ["ROWS", "METRICS", "REPORT_DIR", "discover_rows", "collect", "build_report", "format_value", "run",
+           "report_dir", "is_up_to_date"]
+
+# (label, run folder under checkpoints/) in table order; other phase_iii_* folders follow by name
+ROWS: tuple[tuple[str, str], ...] = (
+    ("Phase I baseline (CE)", "phase_i"),
+    ("cRT control (offline, no fusion)", "phase_iii_offline-none"),
+    ("FSA offline", "phase_iii_offline"),
+    ("FSA online", "phase_iii_online"),
+    ("TailCalib (offline)", "phase_iii_offline-tailcalib"),
+    ("TailCalibX (online)", "phase_iii_online-tailcalibx"),
+)
+METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "head", "tail")
+REPORT_DIR = "reports"
+ABSENT = "—"
+# fixed figure sizes (inches at 100 dpi) so the PNGs have a known size in pixels
+BAR_FIGSIZE = (9.0, 5.0)
+PER_CLASS_FIGSIZE = (8.0, 5.0)
+DPI = 100
+
+
+def report_dir(config: str, root: Path = Path(".")) -> Path:
+    return Path(root) / REPORT_DIR / config_name(config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Collecting and aggregating
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Stat:
+    """A metric over notes: mean, sample std (None with fewer than 2 values), n, the values."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
+
+
+@dataclass
+class Row:
+    label: str
+    phase: str
+    runs: dict[str, dict] = field(default_factory=dict)  # note -> results.json of a finished run
+    sources: dict[str, str] = field(default_factory=dict)  # note -> path of that results.json
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def stat(self, metric: str) -> Stat:
+        values = [float(r[metric]) for r in self.runs.values() if _is_number(r.get(metric))]
+        return Stat(values)
+
+    def per_class(self) -> tuple[list[int], list[float | None]] | None:
+        """``(train_counts, per-class accuracy averaged over notes)``; None without per-class data."""
+        runs = [r for r in self.runs.values() if r.get("per_class") and r.get("train_counts")]
+        if not runs:
+            return None
+        counts = list(runs[0]["train_counts"])
+        runs = [r for r in runs if len(r["per_class"]) == len(counts)]
+        accuracy: list[float | None] = []
+        for c in range(len(counts)):
+            values = [float(r["per_class"][c]) for r in runs if _is_number(r["per_class"][c])]
+            accuracy.append(statistics.fmean(values) if values else None)
+        return counts, accuracy
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def discover_rows(config: str, root: Path = Path(".")) -> list[tuple[str, str]]:
+    """The fixed rows, then every other ``checkpoints/phase_iii_*/<config>`` folder (label = folder)."""
+    rows = list(ROWS)
+    known = {phase for _, phase in rows}
+    ckpt_root = Path(root) / "checkpoints"
+    if ckpt_root.is_dir():
+        for folder in sorted(ckpt_root.glob("phase_iii_*")):
+            if folder.name not in known and (folder / config).is_dir():
+                rows.append((folder.name, folder.name))
+    return rows
+
+
+def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:
+    """Rows with at least one finished run among ``notes``; the others are omitted."""
+    config = config_name(config)
+    rows = []
+    for label, phase in discover_rows(config, root):
+        row = Row(label, phase)
+        for note in notes:
+            path = RunPaths(phase, config, note, Path(root)).results
+            results = read_results(path)
+            if results and results.get("finished") and results.get("mode") != "test":
+                row.runs[note] = results
+                row.sources[note] = str(path)
+        if row.runs:
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+def format_value(stat: Stat, several_notes: bool, row_n: int) -> str:
+    """``'71.25'``, ``'71.25 ± 1.30'``; the absent group ``'—'``; a metric with fewer values than
+    the row has runs says so (``(n=2)``)."""
+    if stat.n == 0:
+        return ABSENT
+    text = f"{stat.mean:.2f}"
+    if several_notes and stat.std is not None:
+        text += f" ± {stat.std:.2f}"
+    if several_notes and stat.n != row_n:
+        text += f" (n={stat.n})"
+    return text
+
+
+def _markdown_table(rows: list[Row], several: bool) -> str:
+    header = ["method", *METRICS] + (["n"] if several else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in rows:
+        cells = [row.label, *(format_value(row.stat(m), several, row.n) for m in METRICS)]
+        if several:
+            cells.append(str(row.n))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _hr_values(rows: list[Row]) -> list[float]:
+    values = {r.get("groups", {}).get("hr") for row in rows for r in row.runs.values()}
+    return sorted(v for v in values if _is_number(v))
+
+
+def _markdown(config: str, notes: list[str], rows: list[Row]) -> str:
+    several = len(notes) > 1
+    if several:
+        shown = (f"mean ± sample standard deviation over the notes {', '.join(f'`{n}`' for n in notes)} "
+                 f"(n = number of notes with a finished run of that row; no ± when n = 1)")
+    else:
+        shown = f"one run per row, note `{notes[0]}`"
+    hr = _hr_values(rows)
+    hr_text = f" (hr = {', '.join(f'{v:g}' for v in hr)})" if hr else ""
+    parts = [
+        f"# Ablation: `{config}`",
+        "",
+        _markdown_table(rows, several),
+        "",
+        f"Test accuracy (%) at the **final evaluation** of each run (the top-level numbers of its "
+        f"`results.json`), not the best-on-test checkpoint (`best_top1`). Shown: {shown}.",
+        "",
+        f"Groups from the training counts: many > 100, medium 20..100, few < 20 images per class; head = "
+        f"the fewest largest classes holding a share hr of the training samples{hr_text}, tail = the rest. "
+        f"{ABSENT} = the group has no class in this training set (absent, not 0).",
+    ]
+    missing = [f"{row.label}: {', '.join(n for n in notes if n not in row.runs)}"
+               for row in rows if row.n < len(notes)]
+    if missing:
+        parts += ["", "No finished run for: " + "; ".join(missing) + "."]
+    parts += ["", "Run folders: " + ", ".join(f"{row.label} = `checkpoints/{row.phase}/{config}/<note>`" for row in rows) + "."]
+    return "\n".join(parts) + "\n"
+
+
+def _csv(rows: list[Row], notes: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "phase", "n", "notes", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))])
+    for row in rows:
+        cells = [row.label, row.phase, row.n, " ".join(n for n in notes if n in row.runs)]
+        for m in METRICS:
+            stat = row.stat(m)
+            cells += ["" if stat.mean is None else f"{stat.mean:.4f}", "" if stat.std is None else f"{stat.std:.4f}"]
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar_chart(path: Path, config: str, notes: list[str], rows: list[Row]) -> None:
+    plt = _pyplot()
+    metrics = [m for m in METRICS if any(row.stat(m).n for row in rows)]
+    fig, ax = plt.subplots(figsize=BAR_FIGSIZE, dpi=DPI)
+    width = 0.8 / max(len(rows), 1)
+    colors = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        stats = [row.stat(m) for m in metrics]
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(metrics))]
+        means = [s.mean if s.mean is not None else 0.0 for s in stats]
+        errs = [s.std if s.std is not None else 0.0 for s in stats]
+        keep = [k for k, s in enumerate(stats) if s.n]  # an absent group draws no bar
+        with_err = any(stats[k].std is not None for k in keep)
+        ax.bar([xs[k] for k in keep], [means[k] for k in keep], width * 0.95,
+               yerr=[errs[k] for k in keep] if with_err else None, capsize=3, label=row.label, color=colors(i % 10))
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels(metrics)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    shown = f"mean ± sample std over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
+    ax.set_title(f"{config}: test accuracy at the final evaluation ({shown})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(rows), 3), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _per_class_chart(path: Path, config: str, notes: list[str], rows: list[Row]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=PER_CLASS_FIGSIZE, dpi=DPI)
+    colors = plt.get_cmap("tab10")
+    drawn = 0
+    for i, row in enumerate(rows):
+        data = row.per_class()
+        if data is None:
+            continue
+        counts, accuracy = data
+        points = sorted((max(n, 1), a) for n, a in zip(counts, accuracy) if a is not None)
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o" if len(xs) <= 100 else None, markersize=3, linewidth=1.2, label=row.label,
+                color=colors(i % 10))
+        drawn += 1
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("per-class test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    shown = f"mean over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
+    ax.set_title(f"{config}: per-class accuracy, final evaluation ({shown})")
+    ax.grid(alpha=0.3, which="both")
+    if drawn:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+def _report_json(config: str, notes: list[str], rows: list[Row], files: dict) -> dict:
+    out_rows = []
+    for row in rows:
+        per_class = row.per_class()
+        out_rows.append({
+            "label": row.label,
+            "phase": row.phase,
+            "n": row.n,
+            "notes": [n for n in notes if n in row.runs],
+            "missing_notes": [n for n in notes if n not in row.runs],
+            "metrics": {m: row.stat(m).as_dict() for m in METRICS},
+            "per_class": None if per_class is None else {"train_counts": per_class[0], "accuracy": per_class[1]},
+            "sources": row.sources,
+        })
+    return {
+        "config": config,
+        "notes": notes,
+        "evaluation": "final",
+        "numbers": "test accuracy (%) of each run's final evaluation (results.json top level), not best-on-test; "
+                   "mean and sample std (ddof 1) over notes; null = absent group or undefined std",
+        "metrics": list(METRICS),
+        "rows": out_rows,
+        "files": files,
+    }
+
+
+def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo: bool = True) -> dict:
+    """Write the report of ``config`` over ``notes`` to ``reports/<config>/`` under ``root``."""
+    config = config_name(config)
+    notes = list(dict.fromkeys(notes))
+    if not notes:
+        raise UserError("--notes needs at least one note name (e.g. --notes default).")
+    rows = collect(config, notes, root)
+    if not rows:
+        looked = ", ".join(f"checkpoints/{phase}/{config}/<note>" for _, phase in ROWS[:4])
+        raise UserError(
+            f"No finished run of config '{config}' for note(s) {', '.join(notes)} (looked for results.json with "
+            f"finished: true in {looked}, ...). Run the phases first, e.g. python pipeline.py --config {config}"
+            + ("" if notes == ["default"] else f" (or pass the notes the runs were made with: --notes NOTE ...)") + "."
+        )
+    out = report_dir(config, root)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: str(out / name) for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json")}
+    markdown = _markdown(config, notes, rows)
+    (out / "ablation.md").write_text(markdown)
+    (out / "ablation.csv").write_text(_csv(rows, notes))
+    _bar_chart(out / "ablation.png", config, notes, rows)
+    _per_class_chart(out / "per_class.png", config, notes, rows)
+    data = _report_json(config, notes, rows, files)
+    write_json_atomic(out / "report.json", data)  # written last: it marks a complete report
+    if echo:
+        print(markdown, flush=True)
+        print(f"report written to {out}/ (ablation.md, ablation.csv, ablation.png, per_class.png, report.json)", flush=True)
+    return data
+
+
+def is_up_to_date(config: str, notes: list[str], root: Path = Path(".")) -> bool:
+    """Whether ``reports/<config>/report.json`` was made for these notes from exactly the finished
+    runs that exist now, after each of them finished (so regenerating it would change nothing)."""
+    out = report_dir(config, root)
+    path = out / "report.json"
+    saved = read_results(path)
+    if not saved or saved.get("notes") != list(dict.fromkeys(notes)):
+        return False
+    if not all((out / name).is_file() for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png")):
+        return False
+    current = {(row.phase, note): src for row in collect(config, notes, root) for note, src in row.sources.items()}
+    recorded = {(row["phase"], note): src for row in saved.get("rows", []) for note, src in row.get("sources", {}).items()}
+    if current != recorded:
+        return False
+    made = path.stat().st_mtime
+    return all(Path(src).stat().st_mtime <= made for src in current.values())
+
+
+def run(args: argparse.Namespace) -> dict:
+    return build_report(args.config, list(args.notes), Path("."))

@@ -1,0 +1,27 @@
+"""Ablation report of one config: Phase I baseline, cRT control, FSA offline / online, TailCalib(X)
+and any other phase III run side by side, from each run's final evaluation.
+
+    python report.py --config smoke
+    python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2   # mean ± std over seeds
+
+Reads checkpoints/<phase>/<config>/<note>/results.json; writes reports/<config>/ (ablation.md,
+ablation.csv, ablation.png, per_class.png, report.json) and prints the table.
+"""
+import argparse
+
+from utils.cli import run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="config name the runs were made with")
+    parser.add_argument("--notes", nargs="+", default=["default"], metavar="NOTE",
+                        help="notes to aggregate (default: default); several give mean ± sample std")
+    args = parser.parse_args()
+    from engine import report  # imported after argument parsing so --help stays fast
+
+    report.run(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,246 @@
+"""Phase III: batch composition, generators, online/offline fine-tuning, resume, bad input."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import phase_iii
+from fsa.batch_composition import TailHeadComposer, batch_size
+from fsa.confusion import confusing_table
+from fsa.generators import GeneratorContext, build_generator
+from tests.helpers import run_main_in_process, run_script
+
+LABELS = torch.tensor([0] * 50 + [1] * 30 + [2] * 6 + [3] * 4 + [4] * 2)
+HEAD, TAIL = [0, 1], [2, 3, 4]
+CONFUSING = confusing_table({2: [0, 1], 3: [1, 0], 4: [0, 3]}, 5, 2)
+
+
+def make_context(generator: str, nt: int = 4, na: int = 3) -> GeneratorContext:
+    composer = TailHeadComposer(LABELS, TAIL, HEAD, nt, na, seed=0)
+    return GeneratorContext(labels=LABELS, confusing=CONFUSING, composer=composer, na=na, ts=0.8, tg=0.2)
+
+
+def test_composer_draws_tail_and_head_sets_of_the_right_size():
+    composer = TailHeadComposer(LABELS, TAIL, HEAD, nt=4, na=3, seed=0)
+    plan, _ = composer.plan(0)
+    assert len(plan.tail) == 4 and len(plan.head) == 4 * (1 + 3)
+    assert set(LABELS[plan.tail].tolist()) <= set(TAIL) and set(LABELS[plan.head].tolist()) <= set(HEAD)
+    assert batch_size(16, 3) == 128  # the paper's batch
+
+
+def test_every_tail_class_is_visited_and_draws_are_reproducible():
+    composer = TailHeadComposer(LABELS, TAIL, HEAD, nt=1, na=3, seed=5)
+    window = math.ceil((2 * len(TAIL) - 1) / 1)  # any 2T-1 stream positions hold a whole permutation
+    for start in range(0, 20):
+        seen = {int(LABELS[composer.plan(it)[0].tail[0]]) for it in range(start, start + window)}
+        assert seen == set(TAIL)
+    again = TailHeadComposer(LABELS, TAIL, HEAD, nt=1, na=3, seed=5)
+    assert all(torch.equal(composer.plan(it)[0].head, again.plan(it)[0].head) for it in range(5))
+
+
+def test_tail_sampling_is_class_balanced_not_instance_balanced():
+    composer = TailHeadComposer(LABELS, TAIL, HEAD, nt=3, na=1, seed=1)
+    labels = torch.cat([LABELS[composer.plan(it)[0].tail] for it in range(300)])
+    counts = torch.bincount(labels, minlength=5)[TAIL]
+    assert counts.tolist() == [300, 300, 300]  # class 4 has 2 images but is drawn as often as class 2 with 6
+
+
+def test_fusion_generator_takes_donors_from_each_rows_confusing_classes():
+    gen = build_generator("fsa", make_context("fsa"))
+    tail_labels = torch.tensor([2, 3, 4, 4])
+    donors = gen.extra_indices(tail_labels, torch.Generator().manual_seed(0))
+    assert len(donors) == 4 * 3
+    for label, donor in zip(tail_labels.repeat_interleave(3), donors):
+        assert int(LABELS[donor]) in CONFUSING[label].tolist()
+
+
+def test_fused_maps_keep_their_own_tail_labels_in_mixed_batches():
+    ctx = make_context("fsa", nt=3, na=2)
+    gen = build_generator("fsa", ctx)
+    tail_labels = torch.tensor([2, 3, 4])
+    tail_maps = torch.rand(3, 4, 2, 2) + 1
+    tail_cams = torch.rand(3, 2, 2)
+    extra = torch.rand(6, 4, 2, 2) + 1
+    maps, labels = gen.generate(tail_maps, tail_cams, tail_labels, extra, torch.rand(6, 2, 2), torch.zeros(6, dtype=torch.long),
+                                torch.Generator().manual_seed(0))
+    assert maps.shape == (6, 4, 2, 2)
+    assert labels.tolist() == [2, 2, 3, 3, 4, 4]  # not all labelled with the first tail sample's class
+
+
+def test_resample_generator_is_real_tail_samples_of_the_same_class():
+    gen = build_generator("none", make_context("none", nt=3, na=2))
+    tail_labels = torch.tensor([2, 3, 4])
+    extra = gen.extra_indices(tail_labels, torch.Generator().manual_seed(0))
+    assert LABELS[extra].tolist() == [2, 2, 3, 3, 4, 4]
+
+
+def test_unknown_generator_lists_the_available_ones():
+    with pytest.raises(Exception, match="Available: fsa, none"):
+        build_generator("mixup", make_context("fsa"))
+
+
+def test_train_step_feeds_2nt_1_plus_na_rows_to_the_classifier():
+    from models import build_model
+
+    nt, na = 3, 2
+    ctx = make_context("fsa", nt=nt, na=na)
+    gen = build_generator("fsa", ctx)
+    model = build_model("resnet8", 5)
+    seen = {}
+    original_head = model.head
+
+    def spy(fmap):
+        seen["rows"] = fmap.shape[0]
+        return original_head(fmap)
+
+    model.head = spy
+    optimizer = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+
+    def fetch(indices, rng):
+        return torch.rand(len(indices), 64, 2, 2), torch.rand(len(indices), 2, 2), LABELS[indices]
+
+    plan, rng = ctx.composer.plan(0)
+    phase_iii._train_step(model, optimizer, gen, plan, rng, fetch)
+    assert seen["rows"] == batch_size(nt, na) == 2 * nt * (1 + na)
+
+
+# ---------------------------------------------------------------- end to end on the smoke run
+
+@pytest.fixture(scope="module")
+def smoke_ii(tmp_path_factory) -> Path:
+    """Smoke phase I (tail accuracy 0: the under-trained starting point) + phase II."""
+    cwd = tmp_path_factory.mktemp("phase_iii")
+    run_script("phase_i_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=cwd)
+    run_script("phase_ii_extract_feature.py", "--config", "smoke", "--device", "cpu", cwd=cwd)
+    return cwd
+
+
+def results(cwd: Path, phase: str, note: str = "default") -> dict:
+    return json.loads((cwd / f"checkpoints/{phase}/smoke/{note}/results.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_fine_tuning_improves_tail_accuracy(smoke_ii, mode):
+    code, err = run_main_in_process(f"phase_iii_{mode}_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=smoke_ii)
+    assert code == 0, err
+    before = results(smoke_ii, "phase_i")
+    after = results(smoke_ii, f"phase_iii_{mode}")
+    assert after["finished"] and after["mode"] == mode and after["generator"] == "fsa"
+    assert after["history"][0]["tail"] == pytest.approx(before["tail"])  # iteration 0 = the phase I model
+    assert after["tail"] > before["tail"] + 20, (before["tail"], after["tail"])
+    payload = torch.load(smoke_ii / f"checkpoints/phase_iii_{mode}/smoke/default/best_model.pt", weights_only=True)
+    phase_i_weights = torch.load(smoke_ii / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)["model"]
+    changed = {k for k in payload["model"] if not torch.equal(payload["model"][k], phase_i_weights[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # classifier-only fine-tuning by default
+
+
+def test_offline_never_touches_images(smoke_ii, monkeypatch):
+    from datasets.base import InMemoryDataset
+
+    calls = []
+    original = InMemoryDataset.get_batch
+
+    def counting(self, indices, *args, **kwargs):
+        calls.append(self.augment)
+        return original(self, indices, *args, **kwargs)
+
+    monkeypatch.setattr(InMemoryDataset, "get_batch", counting)
+    shutil.rmtree(smoke_ii / "checkpoints/phase_iii_offline-none", ignore_errors=True)
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--opts",
+                                    "finetune.generator=none", "finetune.iterations=5", "finetune.eval_every=5", cwd=smoke_ii)
+    assert code == 0, err
+    assert calls and not any(calls), "offline training read augmented training images; only un-augmented test batches allowed"
+
+
+def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch):
+    opts = ["--opts", "finetune.iterations=40", "finetune.eval_every=10"]
+
+    def weights(note):
+        return torch.load(smoke_ii / f"checkpoints/phase_iii_offline/smoke/{note}/last.pt", weights_only=True)["model"]
+
+    for note in ("straight", "crashed"):
+        for sub in ("phase_i", "features"):
+            src = smoke_ii / ("checkpoints/phase_i/smoke/default" if sub == "phase_i" else "features/smoke/default")
+            dst = smoke_ii / ("checkpoints/phase_i/smoke" if sub == "phase_i" else "features/smoke") / note
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+    # provenance names the phase I checkpoint by path: point each copy at its own phase I copy
+    for note in ("straight", "crashed"):
+        prov_path = smoke_ii / f"features/smoke/{note}/provenance.json"
+        prov = json.loads(prov_path.read_text())
+        prov["phase_i_checkpoint"]["path"] = str(smoke_ii / f"checkpoints/phase_i/smoke/{note}/best_model.pt")
+        prov_path.write_text(json.dumps(prov))
+
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "straight",
+                                    *opts, cwd=smoke_ii)
+    assert code == 0, err
+
+    real_step, calls = phase_iii._train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt  # killed between the checkpoints at 20 and 30
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(phase_iii, "_train_step", crashing_step)
+    code, _ = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "crashed",
+                                  *opts, cwd=smoke_ii)
+    assert code == 130
+    assert torch.load(smoke_ii / "checkpoints/phase_iii_offline/smoke/crashed/last.pt", weights_only=True)["iteration"] == 20
+    monkeypatch.setattr(phase_iii, "_train_step", real_step)
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "crashed",
+                                    "--resume", *opts, cwd=smoke_ii)
+    assert code == 0, err
+    straight, resumed = weights("straight"), weights("crashed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_phase_iii_before_phase_ii_names_the_command(tmp_path, smoke_ii):
+    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
+    code, err = run_main_in_process("phase_iii_online_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and "python phase_ii_extract_feature.py --config smoke" in err
+
+
+def test_stale_phase_ii_outputs_are_refused(tmp_path, smoke_ii):
+    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
+    shutil.copytree(smoke_ii / "features", tmp_path / "features")
+    best = tmp_path / "checkpoints/phase_i/smoke/default/best_model.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["model"]["fc.bias"] += 1  # "retrained" phase I
+    torch.save(payload, best)
+    prov_path = tmp_path / "features/smoke/default/provenance.json"
+    prov = json.loads(prov_path.read_text())
+    prov["phase_i_checkpoint"]["path"] = str(best)
+    prov_path.write_text(json.dumps(prov))
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and "different phase I checkpoint" in err and "--overwrite" in err
+
+
+def test_offline_without_a_store(tmp_path, smoke_ii):
+    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
+    shutil.copytree(smoke_ii / "features", tmp_path / "features")
+    shutil.rmtree(tmp_path / "features/smoke/default/store")
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and "store.enabled=true" in err
+
+
+def test_tail_class_without_confusing_class(tmp_path, smoke_ii):
+    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
+    shutil.copytree(smoke_ii / "features", tmp_path / "features")
+    path = tmp_path / "features/smoke/default/confusion.json"
+    confusion = json.loads(path.read_text())
+    tail = sorted(confusion["confusing"], key=int)[0]
+    del confusion["confusing"][tail]
+    path.write_text(json.dumps(confusion))
+    code, err = run_main_in_process("phase_iii_online_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and f"tail classes [{tail}] have no confusing class" in err
+
+
+def test_zero_batch_is_rejected(smoke_ii):
+    code, err = run_main_in_process("phase_iii_online_train_or_test.py", "--config", "smoke", "--device", "cpu", "--opts",
+                                    "finetune.nt=0", cwd=smoke_ii)
+    assert code == 2 and "batch = 2*nt*(1+na)" in err

@@ -1,0 +1,65 @@
+"""visualize.py after the smoke phase I + II: PNG grids of 4 panels and TensorBoard images."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import run_main_in_process, run_script
+from tests.test_phase_ii import smoke_phase_ii
+
+OUT = "visualizations/smoke/default"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return smoke_phase_ii(tmp_path_factory)
+
+
+def _images(run_dir, phase="phase_i"):
+    return sorted((run_dir / OUT / phase).glob("*.png"))
+
+
+def test_default_classes_write_four_panel_pngs_and_tensorboard_images(run_dir):
+    run_script("visualize.py", "--config", "smoke", "--device", "cpu", "--samples", "3", cwd=run_dir)
+    conf = json.loads((run_dir / "features/smoke/default/confusion.json").read_text())
+    expected = {int(t) for t in conf["confusing"]} | {c for v in conf["confusing"].values() for c in v}
+    pngs = _images(run_dir)
+    assert len(pngs) == len(expected) > 0
+    assert {int(p.name.split("_class")[1][:3]) for p in pngs} == expected
+    for png in pngs:
+        img = cv2.imread(str(png))
+        assert img is not None and img.dtype == "uint8" and img.shape[2] == 3
+        panel = 128
+        assert img.shape[1] == 4 * panel and img.shape[0] % panel == 0 and 1 <= img.shape[0] // panel <= 3
+        assert img[:, :panel].std() > 5 and img[:, panel:2 * panel].std() > 5  # real content, not blank
+    events = EventAccumulator(str(run_dir / "run_summary/visualize/smoke/default"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert len(tags) == len(pngs) and all(t.startswith("phase_i/") for t in tags)
+    event = events.Images(tags[0])[0]
+    assert event.width == 4 * 128
+
+
+def test_chosen_classes_other_layer_and_panel_size(run_dir):
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--classes", "0", "3",
+                                    "--samples", "2", "--layer", "layer2", "--panel", "64", cwd=run_dir)
+    assert code == 0, err
+    pngs = [p for p in _images(run_dir) if p.name.endswith("_layer2.png")]
+    assert sorted(int(p.name.split("_class")[1][:3]) for p in pngs) == [0, 3]
+    for png in pngs:
+        assert cv2.imread(str(png)).shape == (2 * 64, 4 * 64, 3)
+
+
+def test_bad_visualize_input_fails_cleanly(run_dir, tmp_path):
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--classes", "99", cwd=run_dir)
+    assert code == 2 and "--classes" in err and "Traceback" not in err
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--layer", "nope", cwd=run_dir)
+    assert code == 2 and "nope" in err and "layer1" in err
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--phase", "phase_iii_online",
+                                    cwd=run_dir)
+    assert code == 2 and "phase_iii_online" in err and "Traceback" not in err
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and "python phase_i_train_or_test.py --config smoke" in err
