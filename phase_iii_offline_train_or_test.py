@@ -3,13 +3,11 @@
     python phase_iii_offline_train_or_test.py --config cifar10-LT_resnet18 --device 0
     python phase_iii_offline_train_or_test.py --config cifar10-LT_resnet18 --opts finetune.generator=none   # cRT control
 """
-from utils.cli import phase_parser, run_cli
+from utils.cli import run_cli, training_parser
 
 
 def main() -> None:
-    parser = phase_parser(__doc__)
-    parser.add_argument("--checkpoint", help="phase: test only: checkpoint to evaluate (default: this run's best_model.pt)")
-    args = parser.parse_args()
+    args = training_parser(__doc__).parse_args()
     from engine import phase_iii  # imported after argument parsing so --help stays fast
 
     phase_iii.run(args, "offline")

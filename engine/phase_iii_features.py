@@ -297,12 +297,15 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
         stats = _train_epoch(fc, optimizer, *data, tc["batch_size"], _seed(seed, _STREAM_SHUFFLE, epoch))
         progress["total_steps"] += stats.pop("steps")
         report = _evaluate(fc, test_z, test_y, train_counts, hr)
-        stats.update({"lr": lr, "generate_s": t_gen, "train_features": float(data[0].shape[0])})
+        stats.update({"lr": lr, "generate_s": t_gen, "iteration": progress["total_steps"],
+                      "train_features": int(data[0].shape[0])})
         recorder.record(epoch + 1, stats, report, optimizer, time.perf_counter() - t0 + setup_s)
         setup_s = 0.0
 
+    steps_per_epoch = -(-balanced_to * num_classes // tc["batch_size"])
     return recorder.finish(
         mode=mode, generator=name, epochs=tc["epochs"], iterations=progress["total_steps"],
+        best_iteration=recorder.best_step * steps_per_epoch,
         train_samples=len(bundle.train), generated_per_class=expected, generated_total=sum(expected),
         balanced_to=balanced_to, classifier_init=tc["init"], lr=lr, feature_transform=transform,
         phase_i_reference=phase_i_ref, tail_classes=p2.tail, head_classes=p2.head)

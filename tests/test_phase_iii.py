@@ -199,15 +199,20 @@ def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch):
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def copy_outputs(src: Path, dst: Path, features: bool = True) -> None:
+    shutil.copytree(src / "checkpoints/phase_i", dst / "checkpoints/phase_i")
+    if features:
+        shutil.copytree(src / "features", dst / "features")
+
+
 def test_phase_iii_before_phase_ii_names_the_command(tmp_path, smoke_ii):
-    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
+    copy_outputs(smoke_ii, tmp_path, features=False)
     code, err = run_main_in_process("phase_iii_online_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
     assert code == 2 and "python phase_ii_extract_feature.py --config smoke" in err
 
 
 def test_stale_phase_ii_outputs_are_refused(tmp_path, smoke_ii):
-    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
-    shutil.copytree(smoke_ii / "features", tmp_path / "features")
+    copy_outputs(smoke_ii, tmp_path)
     best = tmp_path / "checkpoints/phase_i/smoke/default/best_model.pt"
     payload = torch.load(best, weights_only=True)
     payload["model"]["fc.bias"] += 1  # "retrained" phase I
@@ -221,16 +226,14 @@ def test_stale_phase_ii_outputs_are_refused(tmp_path, smoke_ii):
 
 
 def test_offline_without_a_store(tmp_path, smoke_ii):
-    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
-    shutil.copytree(smoke_ii / "features", tmp_path / "features")
+    copy_outputs(smoke_ii, tmp_path)
     shutil.rmtree(tmp_path / "features/smoke/default/store")
     code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
     assert code == 2 and "store.enabled=true" in err
 
 
 def test_tail_class_without_confusing_class(tmp_path, smoke_ii):
-    shutil.copytree(smoke_ii / "checkpoints/phase_i", tmp_path / "checkpoints/phase_i")
-    shutil.copytree(smoke_ii / "features", tmp_path / "features")
+    copy_outputs(smoke_ii, tmp_path)
     path = tmp_path / "features/smoke/default/confusion.json"
     confusion = json.loads(path.read_text())
     tail = sorted(confusion["confusing"], key=int)[0]

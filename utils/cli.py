@@ -20,6 +20,13 @@ def phase_parser(description: str, *, training: bool = True) -> argparse.Argumen
     return parser
 
 
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the train-or-test scripts (phase I and III)."""
+    parser = phase_parser(description)
+    parser.add_argument("--checkpoint", help="phase: test only: checkpoint to evaluate (default: this run's best_model.pt)")
+    return parser
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2."""
     try:
@@ -28,5 +35,6 @@ def run_cli(main: Callable[[], object]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in last.pt; continue with --resume", file=sys.stderr)
+        print("interrupted. A training run keeps its last checkpoint (last.pt): continue it with --resume. "
+              "Phase II and visualize.py have no resume: run them again with --overwrite.", file=sys.stderr)
         sys.exit(130)

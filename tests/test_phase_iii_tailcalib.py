@@ -1,0 +1,217 @@
+"""Phase III with TailCalib (offline) and TailCalibX (online), end to end through the CLI.
+
+One module fixture: a deliberately under-trained smoke phase I (3 epochs: it never predicts the tail
+classes) + phase II in a tmp cwd, then one tailcalib and one tailcalibx run that the tests inspect.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import run_main_in_process, run_script, script_command, script_env
+
+OFFLINE, ONLINE = "phase_iii_offline_train_or_test.py", "phase_iii_online_train_or_test.py"
+BASE = ["--config", "smoke", "--device", "cpu"]
+# The smoke set balances to only 8 x 100 features: the release's lr 0.01 / batch 128 would take far more epochs
+# than a test can afford to fit a fresh classifier on unit-norm features. Plain SGD (no momentum) keeps the
+# classifier on the weak features of a 3-epoch backbone from oscillating between epochs.
+COMMON = ["tailcalib.batch_size=16", "tailcalib.lr=0.1", "finetune.momentum=0.0"]
+BATCH = 16
+OFF_OPTS = ["--opts", "finetune.generator=tailcalib", "tailcalib.epochs=30", *COMMON]
+ON_OPTS = ["--opts", "finetune.generator=tailcalibx", "tailcalib.epochs=4", *COMMON]
+OFF_DIR = Path("checkpoints/phase_iii_offline-tailcalib/smoke/default")
+ON_DIR = Path("checkpoints/phase_iii_online-tailcalibx/smoke/default")
+# the top-level keys every phase III results.json carries (engine.phase_iii + RunRecorder.finish)
+STANDARD_KEYS = {"finished", "phase", "config", "note", "evaluated", "top1", "mean_class_acc", "many", "medium", "few",
+                 "head", "tail", "per_class", "confusion", "train_counts", "groups", "num_test_samples", "best_top1",
+                 "best_iteration", "wall_time_s", "mode", "generator", "iterations", "train_samples", "tail_classes",
+                 "head_classes", "history"}
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _prepared(cwd: Path) -> Path:
+    cwd.mkdir(parents=True)
+    run_script("phase_i_train_or_test.py", *BASE, "--opts", "train.epochs=3", cwd=cwd)
+    run_script("phase_ii_extract_feature.py", *BASE, cwd=cwd)
+    return cwd
+
+
+def _copy_phases_i_ii(src: Path, dst: Path) -> Path:
+    """A fresh cwd holding only the phase I run and phase II outputs of `src`."""
+    for sub in ("checkpoints/phase_i", "features"):
+        shutil.copytree(src / sub, dst / sub)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cwd(tmp_path_factory) -> Path:
+    cwd = _prepared(tmp_path_factory.mktemp("tailcalib") / "run")
+    run_script(OFFLINE, *BASE, *OFF_OPTS, cwd=cwd)
+    run_script(ONLINE, *BASE, *ON_OPTS, cwd=cwd)
+    return cwd
+
+
+def _test_features_offline(cwd: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from fsa.feature_store import FeatureStore
+
+    store = FeatureStore(cwd / "features/smoke/default/store")
+    return store.test_pooled(), store.test_labels()
+
+
+def _predict(ckpt: dict, pooled: torch.Tensor) -> torch.Tensor:
+    """Independent of the runner: the library's transform, then the stored linear layer."""
+    from fsa.generators.tailcalib import tukey_transform
+
+    t = ckpt["feature_transform"]
+    z = tukey_transform(pooled, t["tukey"], eps=t["eps"], normalize=t["normalize"])
+    return F.linear(z, ckpt["fc"]["weight"], ckpt["fc"]["bias"]).argmax(1)
+
+
+def _per_class_percent(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    return [float((preds[labels == c] == c).double().mean()) * 100 for c in range(num_classes)]
+
+
+def test_generators_are_listed():
+    from engine.phase_iii import available_generators, phase_name
+
+    assert {"tailcalib", "tailcalibx"} <= set(available_generators())
+    assert phase_name("offline", "tailcalib") == "phase_iii_offline-tailcalib"
+    assert phase_name("online", "tailcalibx") == "phase_iii_online-tailcalibx"
+
+
+@pytest.mark.parametrize("run_dir, mode, epochs", [(OFF_DIR, "offline", 30), (ON_DIR, "online", 4)])
+def test_runs_write_standard_results_and_balance_the_training_set(cwd, run_dir, mode, epochs):
+    results = _json(cwd / run_dir / "results.json")
+    assert results["finished"] is True and results["mode"] == mode
+    assert STANDARD_KEYS <= set(results), STANDARD_KEYS - set(results)
+    assert results["epochs"] == epochs and [h["epoch"] for h in results["history"]] == list(range(1, epochs + 1))
+    counts = results["train_counts"]
+    assert counts == _json(cwd / "checkpoints/phase_i/smoke/default/results.json")["train_counts"]
+    # every class topped up to the head count: real + generated == max count, the head class gets none
+    generated = results["generated_per_class"]
+    assert [n + g for n, g in zip(counts, generated)] == [max(counts)] * len(counts)
+    assert generated[counts.index(max(counts))] == 0 and results["balanced_to"] == max(counts)
+    assert all(h["train_features"] == max(counts) * len(counts) for h in results["history"])
+    assert results["iterations"] == epochs * -(-max(counts) * len(counts) // BATCH)
+    # bookkeeping of every run: config, log, TensorBoard, checkpoints
+    folder = cwd / run_dir
+    assert (folder / "config.yaml").is_file() and "generated per class" in (folder / "log.txt").read_text()
+    assert list((cwd / "run_summary" / run_dir.relative_to("checkpoints")).glob("events.out.tfevents.*"))
+    for name in ("last.pt", "best_model.pt"):
+        ckpt = torch.load(folder / name, weights_only=True)
+        assert "model" not in ckpt, "a feature classifier must not pass for a backbone + fc model"
+        assert ckpt["kind"] == "feature-classifier" and ckpt["feature_transform"]["normalize"] is True
+        assert ckpt["feature_transform"]["tukey"] == 1.0 and ckpt["arch"] == "resnet8"
+        assert ckpt["fc"]["weight"].shape == (len(counts), ckpt["feature_dim"])
+    assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == epochs
+
+
+def test_offline_evaluation_applies_the_transform(cwd):
+    """top1 / per-class accuracy recomputed from the checkpoints + phase II's test_pooled, exactly."""
+    pooled, labels = _test_features_offline(cwd)
+    results = _json(cwd / OFF_DIR / "results.json")
+    last = torch.load(cwd / OFF_DIR / "last.pt", weights_only=True)
+    preds = _predict(last, pooled)
+    assert float((preds == labels).double().mean()) * 100 == pytest.approx(results["top1"], abs=1e-9)
+    assert _per_class_percent(preds, labels, len(results["train_counts"])) == pytest.approx(results["per_class"], abs=1e-9)
+    best = torch.load(cwd / OFF_DIR / "best_model.pt", weights_only=True)
+    assert float((_predict(best, pooled) == labels).double().mean()) * 100 == pytest.approx(results["best_top1"], abs=1e-9)
+    # the same linear layer on the untransformed features gives other predictions (the transform matters)
+    raw = F.linear(pooled, last["fc"]["weight"], last["fc"]["bias"]).argmax(1)
+    assert not torch.equal(raw, preds)
+
+    from engine.phase_iii_features import feature_logits
+
+    assert torch.equal(feature_logits(last, pooled).argmax(1), preds)
+
+
+def test_online_evaluation_uses_backbone_features_of_the_test_images(cwd):
+    from engine.phase_i import load_phase_i_model
+    from engine.phase_ii import open_phase_i_run
+    from engine.phase_iii_features import pooled_features
+
+    p1 = open_phase_i_run("smoke", "default", cwd)
+    model, _ = load_phase_i_model(cwd / "checkpoints/phase_i/smoke/default/best_model.pt", p1.cfg, p1.bundle,
+                                  torch.device("cpu"), "phase I")
+    model.eval()
+    pooled, labels = pooled_features(model, p1.bundle.test.with_augment(False), 256, torch.device("cpu"))
+    stored, stored_labels = _test_features_offline(cwd)
+    assert torch.equal(labels, stored_labels) and torch.allclose(pooled, stored, atol=1e-4)
+    results = _json(cwd / ON_DIR / "results.json")
+    preds = _predict(torch.load(cwd / ON_DIR / "last.pt", weights_only=True), pooled)
+    assert float((preds == labels).double().mean()) * 100 == pytest.approx(results["top1"], abs=1e-9)
+
+
+def test_tailcalib_lifts_the_tail_of_an_under_trained_model(cwd):
+    phase_i = _json(cwd / "checkpoints/phase_i/smoke/default/results.json")
+    best = next(h for h in phase_i["history"] if h["epoch"] == phase_i["best_epoch"])  # phase II used best_model.pt
+    for run_dir in (OFF_DIR, ON_DIR):
+        results = _json(cwd / run_dir / "results.json")
+        ref = results["phase_i_reference"]  # the phase I classifier on the same test features
+        assert ref["top1"] == pytest.approx(best["top1"], abs=100 / results["num_test_samples"] + 1e-9)
+        assert results["tail"] > ref["tail"] and results["tail"] > best["tail"], (run_dir, results["tail"], ref["tail"])
+    offline = _json(cwd / OFF_DIR / "results.json")
+    assert offline["top1"] > offline["phase_i_reference"]["top1"]
+
+
+@pytest.mark.parametrize("script, generator, right", [(ONLINE, "tailcalib", OFFLINE), (OFFLINE, "tailcalibx", ONLINE)])
+def test_wrong_mode_is_a_user_error_naming_the_right_script(tmp_path, script, generator, right):
+    code, stderr = run_main_in_process(script, *BASE, "--opts", f"finetune.generator={generator}", cwd=tmp_path)
+    assert code == 2 and stderr.startswith("error: ") and f"python {right} --config smoke" in stderr, stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_of_a_finished_run_is_a_no_op(cwd):
+    before = (cwd / OFF_DIR / "results.json").read_bytes()
+    stamp = (cwd / OFF_DIR / "last.pt").stat().st_mtime_ns
+    proc = run_script(OFFLINE, *BASE, "--resume", *OFF_OPTS, cwd=cwd)
+    assert "already finished" in proc.stdout
+    assert (cwd / OFF_DIR / "results.json").read_bytes() == before and (cwd / OFF_DIR / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_killed_run_resumes_to_the_straight_run(cwd, tmp_path):
+    killed = _copy_phases_i_ii(cwd, tmp_path)
+    last = killed / OFF_DIR / "last.pt"
+    proc = subprocess.Popen(script_command(OFFLINE, *BASE, *OFF_OPTS), cwd=killed, env=script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= 1:
+                proc.send_signal(signal.SIGKILL)
+                break
+        except (RuntimeError, EOFError):  # pragma: no cover - replaced while reading
+            pass
+        time.sleep(0.02)
+    proc.wait()
+    interrupted_at = torch.load(last, weights_only=True)["epoch"]
+    if interrupted_at >= 30 or _json(killed / OFF_DIR / "results.json").get("finished"):
+        pytest.skip("the run finished before it could be killed; nothing to resume")
+
+    code, stderr = run_main_in_process(OFFLINE, *BASE, *OFF_OPTS, cwd=killed)
+    assert code == 2 and "--resume" in stderr  # an interrupted run is not silently restarted
+    code, stderr = run_main_in_process(OFFLINE, *BASE, "--resume", *OFF_OPTS, "tailcalib.lr=0.05", cwd=killed)
+    assert code == 2 and "tailcalib.lr" in stderr  # nor resumed with other settings
+    run_script(OFFLINE, *BASE, "--resume", *OFF_OPTS, cwd=killed)
+
+    straight_ckpt = torch.load(cwd / OFF_DIR / "last.pt", weights_only=True)
+    resumed_ckpt = torch.load(last, weights_only=True)
+    for key in ("weight", "bias"):
+        assert torch.equal(straight_ckpt["fc"][key], resumed_ckpt["fc"][key]), key
+    straight, resumed = _json(cwd / OFF_DIR / "results.json"), _json(killed / OFF_DIR / "results.json")
+    strip = ("wall_time_s", "generate_s")
+    assert resumed["finished"] and resumed["iterations"] == straight["iterations"]
+    assert [{k: v for k, v in h.items() if k not in strip} for h in resumed["history"]] == \
+           [{k: v for k, v in h.items() if k not in strip} for h in straight["history"]]
+    assert resumed["per_class"] == straight["per_class"] and resumed["best_top1"] == straight["best_top1"]

@@ -1,0 +1,178 @@
+"""pipeline.py: the smoke chain end to end, a rerun that skips everything, and the step logic."""
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import pipeline
+from engine.phase_iii import available_generators
+from tests.helpers import run_main_in_process, run_script
+from utils.errors import UserError
+
+SCRIPT = "pipeline.py"
+
+
+@pytest.fixture(scope="module")
+def smoke_pipeline(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("pipeline_smoke")
+    started = time.perf_counter()
+    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=cwd, timeout=900)
+    return cwd, proc, time.perf_counter() - started
+
+
+def progress(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("[pipeline] smoke/default")]
+
+
+def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
+    cwd, proc, _ = smoke_pipeline
+    out = proc.stdout
+    steps = progress(out)
+    finished = [line for line in steps if line.endswith(" s") and " finished in " in line]
+    labels = ["phase I:", "phase II:", "phase III online (fsa):", "phase III offline (fsa):",
+              "phase III offline (none: cRT control):", "visualize:"]
+    for label in labels:
+        assert any(label in line for line in finished), (label, steps)
+    # order of the chain
+    positions = [next(i for i, line in enumerate(finished) if label in line) for label in labels]
+    assert positions == sorted(positions)
+    for name in ("tailcalib", "tailcalibx"):
+        if name in available_generators():
+            assert any(f"({name}):" in line for line in finished), steps
+        else:
+            assert f"generator '{name}' is not available" in out
+    # the table
+    for row in ("Phase I baseline (CE)", "cRT control (offline, no fusion)", "FSA offline", "FSA online"):
+        assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d\d \| — \|", out, re.M), row  # smoke: many-shot absent
+    assert "final evaluation" in out
+    # the outputs of every step
+    for phase in ("phase_i", "phase_iii_online", "phase_iii_offline", "phase_iii_offline-none"):
+        results = json.loads((cwd / "checkpoints" / phase / "smoke/default/results.json").read_text())
+        assert results["finished"] is True, phase
+    assert json.loads((cwd / "features/smoke/default/results.json").read_text())["finished"] is True
+    assert list((cwd / "visualizations/smoke/default/phase_i").glob("*.png"))
+    for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json"):
+        assert (cwd / "reports/smoke" / name).is_file(), name
+    # the pipeline's steps used the smoke configs unchanged (no hidden overrides)
+    offline = json.loads((cwd / "checkpoints/phase_iii_offline/smoke/default/results.json").read_text())
+    assert offline["iterations"] == 60 and offline["generator"] == "fsa"
+
+
+def test_rerun_skips_every_step(smoke_pipeline):
+    cwd, first, first_s = smoke_pipeline
+    results = cwd / "checkpoints/phase_i/smoke/default/results.json"
+    before = results.stat().st_mtime_ns
+    started = time.perf_counter()
+    proc = run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=cwd, timeout=300)
+    elapsed = time.perf_counter() - started
+    steps = progress(proc.stdout)
+    assert steps and all(" skipped (finished: " in line for line in steps), steps
+    assert re.search(r"^\[pipeline\] smoke report \(default\): skipped \(up to date", proc.stdout, re.M)
+    assert "| FSA online |" in proc.stdout  # the table is still shown
+    assert results.stat().st_mtime_ns == before
+    assert elapsed < max(first_s / 2, 20), (elapsed, first_s)
+
+
+def test_missing_phase_config_is_a_user_error(tmp_path):
+    tree = tmp_path / "cfg"
+    (tree / "phase_i").mkdir(parents=True)
+    (tree / "phase_iii").mkdir()
+    (tree / "phase_i/mine.yaml").write_text("seed: 0\n")
+    (tree / "phase_iii/mine.yaml").write_text("finetune: {iterations: 2}\n")
+    code, err = run_main_in_process(SCRIPT, "--config", str(tree / "phase_i/mine.yaml"), cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert str(tree / "phase_ii/mine.yaml") in err and "missing" in err
+    code, err = run_main_in_process(SCRIPT, "--config", "no-such-config", cwd=tmp_path)
+    assert code == 2 and "configs/phase_i/no-such-config.yaml" in err and "configs/phase_ii/no-such-config.yaml" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bad_notes_are_user_errors(tmp_path):
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--seeds", "0", "0", cwd=tmp_path)
+    assert code == 2 and "each seed once" in err
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--note", "a/b", cwd=tmp_path)
+    assert code == 2 and "not a valid folder name" in err
+
+
+def test_steps_get_the_scripts_arguments_and_a_failure_stops_the_chain(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    called = []
+
+    def fake_call(step, ns):
+        called.append((step, ns))
+        if step.kind == "phase_iii" and step.generator == "none":
+            raise UserError("the cRT step says no")
+
+    monkeypatch.setattr(pipeline, "_call", fake_call)
+    with pytest.raises(UserError, match="the cRT step says no"):
+        pipeline.run(argparse.Namespace(config="smoke", note=None, seeds=[3, 4], device="cpu"))
+    assert [step.label for step, _ in called] == ["phase I", "phase II", "phase III online (fsa)",
+                                                  "phase III offline (fsa)", "phase III offline (none: cRT control)"]
+    p1, p2, online, offline, crt = (ns for _, ns in called)
+    assert vars(p1) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3"], "resume": False,
+                        "overwrite": False, "checkpoint": None}
+    assert vars(p2) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3"], "overwrite": False,
+                        "checkpoint": None}
+    assert online.opts == ["seed=3", "finetune.generator=fsa"] and online.resume is False
+    assert crt.opts == ["seed=3", "finetune.generator=none"]
+    out = capsys.readouterr().out
+    assert "smoke/seed3 5/" in out and "phase III offline (none: cRT control): failed after" in out
+    assert "smoke/seed4" not in out and not (tmp_path / "reports").exists()
+
+
+def test_seed_notes_and_opts():
+    assert pipeline.notes_and_opts(None, None) == [("default", [])]
+    assert pipeline.notes_and_opts("mine", None) == [("mine", [])]
+    assert pipeline.notes_and_opts(None, [0, 1, 2]) == [("seed0", ["seed=0"]), ("seed1", ["seed=1"]), ("seed2", ["seed=2"])]
+
+
+def test_plan_leaves_out_unavailable_generators():
+    steps, left_out = pipeline.plan_steps(["fsa", "none"])
+    assert [s.label for s in steps] == ["phase I", "phase II", "phase III online (fsa)", "phase III offline (fsa)",
+                                        "phase III offline (none: cRT control)", "visualize"]
+    assert [s.folder() for s in steps[2:5]] == ["phase_iii_online", "phase_iii_offline", "phase_iii_offline-none"]
+    assert len(left_out) == 2 and "tailcalib" in left_out[0] and "tailcalibx" in left_out[1]
+    steps, left_out = pipeline.plan_steps(["fsa", "none", "tailcalib", "tailcalibx"])
+    assert not left_out
+    assert [s.folder() for s in steps[5:7]] == ["phase_iii_offline-tailcalib", "phase_iii_online-tailcalibx"]
+    with pytest.raises(UserError):
+        pipeline.plan_steps(["fsa"])
+
+
+def test_step_state_decides_skip_resume_or_fresh(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    step = pipeline.Step("phase_iii", "x", "offline", "none")
+    run_dir = Path("checkpoints/phase_iii_offline-none/c/n")
+    assert pipeline.step_state(step, "c", "n")[0] == "new"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"finished": False}))
+    assert pipeline.step_state(step, "c", "n")[0] == "stale"
+    (run_dir / "last.pt").write_bytes(b"")
+    assert pipeline.step_state(step, "c", "n") == ("interrupted", str(run_dir / "last.pt"))
+    (run_dir / "results.json").write_text(json.dumps({"finished": True}))
+    assert pipeline.step_state(step, "c", "n")[0] == "finished"
+    p2 = pipeline.Step("phase_ii", "phase II")
+    features = Path("features/c/n")
+    assert pipeline.step_state(p2, "c", "n")[0] == "new"
+    features.mkdir(parents=True)
+    assert pipeline.step_state(p2, "c", "n")[0] == "stale"
+    (features / "results.json").write_text(json.dumps({"finished": True}))
+    assert pipeline.step_state(p2, "c", "n")[0] == "finished"
+
+
+def test_data_step_only_for_missing_fashion_mnist(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda *a, **k: calls.append(a))
+    pipeline.ensure_fashion_mnist({"name": "synthetic-LT", "root": None})
+    import datasets.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "find_fashion_mnist", lambda root: {"found": True})
+    pipeline.ensure_fashion_mnist({"name": "fashion-mnist-LT", "root": None})
+    assert calls == []
+    monkeypatch.setattr(fm, "find_fashion_mnist", lambda root: None)
+    monkeypatch.setattr(pipeline.shutil, "which", lambda name: None)
+    pipeline.ensure_fashion_mnist({"name": "fashion-mnist-LT", "root": None})
+    assert calls == [] and "apt-get is not available" in capsys.readouterr().out

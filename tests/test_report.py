@@ -1,0 +1,155 @@
+"""The ablation report from hand-written results.json files: numbers, absent groups, rows, files."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import cv2
+import pytest
+
+from engine.report import build_report, is_up_to_date
+from tests.helpers import run_main_in_process
+from utils.errors import UserError
+
+CONFIG = "fake"
+COUNTS = [120, 50, 10, 5]  # one many-shot, one medium, two few-shot classes
+NOTES = ["seed0", "seed1", "seed2"]
+
+
+def write_results(root: Path, phase: str, note: str, *, top1, many=None, medium=None, few=None, head=None, tail=None,
+                  per_class=(50.0, 50.0, 50.0, 50.0), finished=True) -> Path:
+    folder = root / "checkpoints" / phase / CONFIG / note
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"finished": finished, "phase": phase, "config": CONFIG, "note": note, "top1": top1, "many": many,
+            "medium": medium, "few": few, "head": head, "tail": tail, "best_top1": 99.0,
+            "per_class": list(per_class), "train_counts": COUNTS, "groups": {"hr": 0.9}}
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder / "results.json"
+
+
+@pytest.fixture()
+def fake_runs(tmp_path) -> Path:
+    # Phase I: 3 notes. top1 60/62/64 -> 62.00 ± 2.00; tail 10/20/30 -> 20.00 ± 10.00; many absent everywhere
+    for note, top1, tail, few in zip(NOTES, (60.0, 62.0, 64.0), (10.0, 20.0, 30.0), (5.0, 5.0, 5.0)):
+        write_results(tmp_path, "phase_i", note, top1=top1, medium=40.0, few=few, head=90.0, tail=tail,
+                      per_class=(90.0, 40.0, 10.0, 0.0))
+    # cRT control: top1 70/71/75 -> mean 72, deviations -2,-1,3 -> var 14/2 = 7 -> std 2.6458 -> 2.65
+    for note, top1 in zip(NOTES, (70.0, 71.0, 75.0)):
+        write_results(tmp_path, "phase_iii_offline-none", note, top1=top1, medium=50.0, few=30.0, head=80.0, tail=40.0,
+                      per_class=(80.0, 50.0, 40.0, 20.0))
+    # FSA offline: finished for seed0 and seed1 only (seed2 interrupted) -> n = 2; 66/68 -> 67.00 ± 1.41
+    write_results(tmp_path, "phase_iii_offline", "seed0", top1=66.0, medium=55.0, few=35.0, head=81.0, tail=45.0)
+    write_results(tmp_path, "phase_iii_offline", "seed1", top1=68.0, medium=57.0, few=37.0, head=83.0, tail=47.0)
+    write_results(tmp_path, "phase_iii_offline", "seed2", top1=1.0, finished=False)
+    # FSA online: only an unfinished run -> the row is omitted
+    write_results(tmp_path, "phase_iii_online", "seed0", top1=1.0, finished=False)
+    # a run of another note only -> ignored
+    write_results(tmp_path, "phase_iii_offline-tailcalib", "other", top1=1.0)
+    # an extra phase III folder: its own row, labelled by the folder name; one note, so no ±
+    write_results(tmp_path, "phase_iii_online-mine", "seed1", top1=50.0, medium=45.0, few=25.0, head=70.0, tail=30.0)
+    return tmp_path
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_markdown_numbers_are_mean_and_sample_std_over_notes(fake_runs, capsys):
+    build_report(CONFIG, NOTES, fake_runs)
+    printed = capsys.readouterr().out
+    markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    assert markdown.strip() in printed  # the table is also printed
+    rows = table_rows(markdown)
+    # columns: top1 many medium few head tail n
+    assert rows["Phase I baseline (CE)"] == ["62.00 ± 2.00", "—", "40.00 ± 0.00", "5.00 ± 0.00", "90.00 ± 0.00",
+                                             "20.00 ± 10.00", "3"]
+    assert rows["cRT control (offline, no fusion)"][0] == "72.00 ± 2.65"
+    assert rows["cRT control (offline, no fusion)"][-1] == "3"
+    assert rows["FSA offline"] == ["67.00 ± 1.41", "—", "56.00 ± 1.41", "36.00 ± 1.41", "82.00 ± 1.41",
+                                   "46.00 ± 1.41", "2"]
+    assert rows["phase_iii_online-mine"] == ["50.00", "—", "45.00", "25.00", "70.00", "30.00", "1"]
+    # missing rows are omitted, not shown as zeros; order: fixed rows first, extra folders after
+    assert list(rows) == ["Phase I baseline (CE)", "cRT control (offline, no fusion)", "FSA offline",
+                          "phase_iii_online-mine"]
+    assert "FSA online" not in markdown and "TailCalib (offline)" not in markdown
+    assert "0.00 ± 0.00" not in rows["Phase I baseline (CE)"][1]
+    # what the numbers are, and the notes
+    assert "final evaluation" in markdown and "best-on-test" in markdown
+    assert "`seed0`, `seed1`, `seed2`" in markdown
+    assert "FSA offline: seed2" in markdown  # which note is missing where
+
+
+def test_csv_holds_mean_and_std_columns_and_empty_cells_for_absent(fake_runs):
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    with open(fake_runs / "reports" / CONFIG / "ablation.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["Phase I baseline (CE)", "cRT control (offline, no fusion)", "FSA offline",
+                          "phase_iii_online-mine"]
+    crt = rows["cRT control (offline, no fusion)"]
+    assert float(crt["top1_mean"]) == pytest.approx(72.0)
+    assert float(crt["top1_std"]) == pytest.approx(7 ** 0.5, abs=1e-4)
+    assert crt["n"] == "3" and crt["phase"] == "phase_iii_offline-none"
+    p1 = rows["Phase I baseline (CE)"]
+    assert float(p1["tail_std"]) == pytest.approx(10.0) and float(p1["tail_mean"]) == pytest.approx(20.0)
+    assert p1["many_mean"] == "" and p1["many_std"] == ""  # absent: empty, never 0
+    mine = rows["phase_iii_online-mine"]
+    assert float(mine["top1_mean"]) == 50.0 and mine["top1_std"] == "" and mine["notes"] == "seed1"
+    assert rows["FSA offline"]["notes"] == "seed0 seed1"
+
+
+def test_json_and_pngs(fake_runs):
+    data = build_report(CONFIG, NOTES, fake_runs, echo=False)
+    out = fake_runs / "reports" / CONFIG
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["notes"] == NOTES and saved["evaluation"] == "final"
+    p1 = saved["rows"][0]
+    assert p1["label"] == "Phase I baseline (CE)" and p1["n"] == 3
+    assert p1["metrics"]["top1"]["mean"] == pytest.approx(62.0) and p1["metrics"]["top1"]["std"] == pytest.approx(2.0)
+    assert p1["metrics"]["many"] == {"mean": None, "std": None, "n": 0, "values": []}
+    assert p1["per_class"] == {"train_counts": COUNTS, "accuracy": [90.0, 40.0, 10.0, 0.0]}
+    assert saved["rows"][2]["missing_notes"] == ["seed2"]
+    assert data["rows"] == saved["rows"]
+    for name, shape in (("ablation.png", (500, 900, 3)), ("per_class.png", (500, 800, 3))):
+        image = cv2.imread(str(out / name))
+        assert image is not None and image.shape == shape, name
+        assert image.std() > 0, f"{name} is blank"
+
+
+def test_single_note_has_no_std_and_no_n(fake_runs):
+    write_results(fake_runs, "phase_i", "default", top1=55.5, medium=41.0, few=None, head=88.0, tail=12.25)
+    build_report(CONFIG, ["default"], fake_runs, echo=False)
+    markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    assert "| method | top1 | many | medium | few | head | tail |" in markdown
+    assert table_rows(markdown) == {"Phase I baseline (CE)": ["55.50", "—", "41.00", "—", "88.00", "12.25"]}
+    assert "±" not in markdown.split("\n\n")[1]
+
+
+def test_up_to_date_until_a_run_changes(fake_runs):
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    assert is_up_to_date(CONFIG, NOTES, fake_runs)
+    assert not is_up_to_date(CONFIG, ["seed0"], fake_runs)  # other notes
+    path = write_results(fake_runs, "phase_iii_online", "seed0", top1=61.0)  # a new finished run
+    assert not is_up_to_date(CONFIG, NOTES, fake_runs)
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    assert is_up_to_date(CONFIG, NOTES, fake_runs)
+    later = (fake_runs / "reports" / CONFIG / "report.json").stat().st_mtime + 10
+    os.utime(path, (later, later))  # a rerun of an existing row
+    assert not is_up_to_date(CONFIG, NOTES, fake_runs)
+
+
+def test_no_finished_run_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="No finished run of config 'nothing'"):
+        build_report("nothing", ["default"], tmp_path)
+
+
+def test_cli(fake_runs, capsys):
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, cwd=fake_runs)
+    assert code == 0, err
+    assert "| FSA offline | 67.00 ± 1.41 |" in capsys.readouterr().out
+    code, err = run_main_in_process("report.py", "--config", "nothing", cwd=fake_runs)
+    assert code == 2 and err.startswith("error: No finished run") and "Traceback" not in err
