@@ -92,6 +92,8 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     cfg = load_config(args.config, "phase_iii", args.opts)
     name = config_name(args.config)
     f = cfg["finetune"]
+    if f["generator"] not in available_generators():
+        raise UserError(f"Unknown finetune.generator '{f['generator']}'. Available: {', '.join(available_generators())}.")
     check_generator_mode(f["generator"], mode, name, args.note)  # tailcalib: offline only, tailcalibx: online only
     paths = RunPaths(phase_name(mode, f["generator"]), name, args.note)
     phase_i = paths.sibling("phase_i")
@@ -116,6 +118,10 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     if cfg["phase"] == "test":
         ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
         payload = load_checkpoint(ckpt, produced_by=command)
+        if "model" not in payload:
+            raise UserError(f"{ckpt} holds a classifier on transformed pooled features ({payload.get('kind', 'no backbone')}), "
+                            f"not a backbone + classifier model: evaluate it with the generator that made it "
+                            f"(--opts finetune.generator=...).")
         check_compatible(payload, ckpt, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
         load_model_state(model, payload["model"], ckpt)
         report = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(ckpt),

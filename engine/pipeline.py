@@ -283,11 +283,12 @@ def run(args: argparse.Namespace) -> dict:
     device = getattr(args, "device", "auto") or "auto"
     # check every config (and the --opts the pipeline adds) before the first hour of training
     phase_i_cfg = load_config(sources["phase_i"], "phase_i", runs[0][1])
-    for phase in ("phase_ii", "phase_iii"):
-        load_config(sources[phase], phase, runs[0][1])
-    if phase_i_cfg["phase"] != "train":
-        raise UserError(f"{sources['phase_i']} sets phase: {phase_i_cfg['phase']}; the pipeline trains. Use "
-                        f"phase_i_train_or_test.py to test a checkpoint.")
+    phase_iii_cfg = load_config(sources["phase_iii"], "phase_iii", runs[0][1])
+    load_config(sources["phase_ii"], "phase_ii", runs[0][1])
+    for phase, cfg in (("phase_i", phase_i_cfg), ("phase_iii", phase_iii_cfg)):
+        if cfg["phase"] != "train":
+            raise UserError(f"the {phase} config of '{name}' sets phase: {cfg['phase']}, but the pipeline trains. "
+                            f"Test a checkpoint with the phase's own script instead.")
     steps, left_out = plan_steps(available_generators())
     notes = [note for note, _ in runs]
     say(f"config '{name}', note(s) {', '.join(notes)}, device {device}: "

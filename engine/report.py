@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -325,7 +324,7 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
         raise UserError(
             f"No finished run of config '{config}' for note(s) {', '.join(notes)} (looked for results.json with "
             f"finished: true in {looked}, ...). Run the phases first, e.g. python pipeline.py --config {config}"
-            + ("" if notes == ["default"] else f" (or pass the notes the runs were made with: --notes NOTE ...)") + "."
+            + ("" if notes == ["default"] else " (or pass the notes the runs were made with: --notes NOTE ...)") + "."
         )
     out = report_dir(config, root)
     out.mkdir(parents=True, exist_ok=True)

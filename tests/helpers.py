@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,13 @@ def script_env() -> dict:
 
 def script_command(script: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / script), *args]
+
+
+def copy_phase_i(src: Path, dst: Path) -> Path:
+    """Copy the phase I runs of working directory `src` into `dst` (for tests that modify them)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "checkpoints/phase_i", dst / "checkpoints/phase_i")
+    return dst
 
 
 def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

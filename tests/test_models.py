@@ -8,7 +8,7 @@ from torch import nn
 from models import LTModel, available_models, build_model
 from utils.errors import UserError
 
-CIFAR_SMALL = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
+CIFAR_SMALL = ["resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]  # resnet8: the smoke model
 CIFAR_WIDE = ["resnet18_cifar", "resnet34_cifar"]
 IMAGENET = ["resnet10", "resnet18", "resnet34", "resnet50"]
 ALL = CIFAR_SMALL + CIFAR_WIDE + IMAGENET

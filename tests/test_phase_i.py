@@ -1,6 +1,5 @@
 """Phase I end to end through the CLI: outputs, resume exactness, and bad input."""
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -17,11 +16,9 @@ QUICK = ["train.epochs=2"]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    """One full smoke phase I run shared by the output tests."""
-    cwd = tmp_path_factory.mktemp("phase_i_smoke")
-    run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=cwd)
-    return cwd
+def smoke_run(smoke_phase_i) -> Path:
+    """The session's smoke phase I run (tests here only read it or add test_results.json)."""
+    return smoke_phase_i
 
 
 def test_smoke_writes_the_promised_files(smoke_run):

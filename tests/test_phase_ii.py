@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import run_main_in_process, run_script
+from tests.helpers import copy_phase_i, run_main_in_process, run_script
 
 SCRIPT = "phase_ii_extract_feature.py"
 FEATURES = Path("features/smoke/default")
 PHASE_I = Path("checkpoints/phase_i/smoke/default")
 
 
-def smoke_phase_ii(tmp_path_factory) -> Path:
+def smoke_phase_ii(tmp_path_factory, phase_i_dir: Path) -> Path:
     """A tmp cwd holding the smoke phase I run and its phase II outputs, made once per session
     (shared with tests/test_visualize.py through the session's base temp folder)."""
     cwd = tmp_path_factory.getbasetemp() / "phase_ii_smoke"
@@ -26,16 +26,15 @@ def smoke_phase_ii(tmp_path_factory) -> Path:
     if not done.is_file():
         if cwd.exists():
             shutil.rmtree(cwd)
-        cwd.mkdir(parents=True)
-        run_script("phase_i_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=cwd)
+        copy_phase_i(phase_i_dir, cwd)
         run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=cwd)
         done.write_text("ok")
     return cwd
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return smoke_phase_ii(tmp_path_factory)
+def run_dir(tmp_path_factory, smoke_phase_i) -> Path:
+    return smoke_phase_ii(tmp_path_factory, smoke_phase_i)
 
 
 @pytest.fixture(scope="module")

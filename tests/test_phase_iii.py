@@ -11,7 +11,7 @@ from engine import phase_iii
 from fsa.batch_composition import TailHeadComposer, batch_size
 from fsa.confusion import confusing_table
 from fsa.generators import GeneratorContext, build_generator
-from tests.helpers import run_main_in_process, run_script
+from tests.helpers import copy_phase_i, run_main_in_process, run_script
 
 LABELS = torch.tensor([0] * 50 + [1] * 30 + [2] * 6 + [3] * 4 + [4] * 2)
 HEAD, TAIL = [0, 1], [2, 3, 4]
@@ -110,10 +110,9 @@ def test_train_step_feeds_2nt_1_plus_na_rows_to_the_classifier():
 # ---------------------------------------------------------------- end to end on the smoke run
 
 @pytest.fixture(scope="module")
-def smoke_ii(tmp_path_factory) -> Path:
+def smoke_ii(tmp_path_factory, smoke_phase_i) -> Path:
     """Smoke phase I (tail accuracy 0: the under-trained starting point) + phase II."""
-    cwd = tmp_path_factory.mktemp("phase_iii")
-    run_script("phase_i_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=cwd)
+    cwd = copy_phase_i(smoke_phase_i, tmp_path_factory.mktemp("phase_iii"))
     run_script("phase_ii_extract_feature.py", "--config", "smoke", "--device", "cpu", cwd=cwd)
     return cwd
 

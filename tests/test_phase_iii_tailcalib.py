@@ -25,8 +25,8 @@ BASE = ["--config", "smoke", "--device", "cpu"]
 # classifier on the weak features of a 3-epoch backbone from oscillating between epochs.
 COMMON = ["tailcalib.batch_size=16", "tailcalib.lr=0.1", "finetune.momentum=0.0"]
 BATCH = 16
-OFF_OPTS = ["--opts", "finetune.generator=tailcalib", "tailcalib.epochs=30", *COMMON]
-ON_OPTS = ["--opts", "finetune.generator=tailcalibx", "tailcalib.epochs=4", *COMMON]
+OFF_OPTS = ["--opts", "finetune.generator=tailcalib", "tailcalib.epochs=15", *COMMON]
+ON_OPTS = ["--opts", "finetune.generator=tailcalibx", "tailcalib.epochs=3", *COMMON]
 OFF_DIR = Path("checkpoints/phase_iii_offline-tailcalib/smoke/default")
 ON_DIR = Path("checkpoints/phase_iii_online-tailcalibx/smoke/default")
 # the top-level keys every phase III results.json carries (engine.phase_iii + RunRecorder.finish)
@@ -90,7 +90,7 @@ def test_generators_are_listed():
     assert phase_name("online", "tailcalibx") == "phase_iii_online-tailcalibx"
 
 
-@pytest.mark.parametrize("run_dir, mode, epochs", [(OFF_DIR, "offline", 30), (ON_DIR, "online", 4)])
+@pytest.mark.parametrize("run_dir, mode, epochs", [(OFF_DIR, "offline", 15), (ON_DIR, "online", 3)])
 def test_runs_write_standard_results_and_balance_the_training_set(cwd, run_dir, mode, epochs):
     results = _json(cwd / run_dir / "results.json")
     assert results["finished"] is True and results["mode"] == mode
@@ -172,11 +172,12 @@ def test_wrong_mode_is_a_user_error_naming_the_right_script(tmp_path, script, ge
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_resume_of_a_finished_run_is_a_no_op(cwd):
+def test_resume_of_a_finished_run_is_a_no_op(cwd, capsys):
     before = (cwd / OFF_DIR / "results.json").read_bytes()
     stamp = (cwd / OFF_DIR / "last.pt").stat().st_mtime_ns
-    proc = run_script(OFFLINE, *BASE, "--resume", *OFF_OPTS, cwd=cwd)
-    assert "already finished" in proc.stdout
+    code, stderr = run_main_in_process(OFFLINE, *BASE, "--resume", *OFF_OPTS, cwd=cwd)
+    assert code == 0, stderr
+    assert "already finished" in capsys.readouterr().out
     assert (cwd / OFF_DIR / "results.json").read_bytes() == before and (cwd / OFF_DIR / "last.pt").stat().st_mtime_ns == stamp
 
 
@@ -196,7 +197,7 @@ def test_killed_run_resumes_to_the_straight_run(cwd, tmp_path):
         time.sleep(0.02)
     proc.wait()
     interrupted_at = torch.load(last, weights_only=True)["epoch"]
-    if interrupted_at >= 30 or _json(killed / OFF_DIR / "results.json").get("finished"):
+    if interrupted_at >= 15 or _json(killed / OFF_DIR / "results.json").get("finished"):
         pytest.skip("the run finished before it could be killed; nothing to resume")
 
     code, stderr = run_main_in_process(OFFLINE, *BASE, *OFF_OPTS, cwd=killed)

@@ -14,8 +14,8 @@ OUT = "visualizations/smoke/default"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return smoke_phase_ii(tmp_path_factory)
+def run_dir(tmp_path_factory, smoke_phase_i):
+    return smoke_phase_ii(tmp_path_factory, smoke_phase_i)
 
 
 def _images(run_dir, phase="phase_i"):

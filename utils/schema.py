@@ -154,6 +154,8 @@ PHASE_III = {
         "lr": F(None, float, nullable=True),
         # the linear classifier on the transformed features: a fresh nn.Linear (the default) or phase I's fc
         "init": F("fresh", str, choices=("fresh", "phase_i")),
+        # k nearest class means among all classes (the release: a sample's own class usually is one) or others only
+        "neighbours": F("all", str, choices=("all", "others")),
     },
     "eval": {"batch_size": F(256)},
 }

@@ -1,0 +1,17 @@
+"""Fixtures shared across test modules."""
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_script
+
+
+@pytest.fixture(scope="session")
+def smoke_phase_i(tmp_path_factory) -> Path:
+    """A working directory holding one finished smoke phase I run (checkpoints/, run_summary/).
+
+    Read it, or copy it with `tests.helpers.copy_phase_i` before changing anything: other modules share it.
+    """
+    cwd = tmp_path_factory.mktemp("smoke_phase_i")
+    run_script("phase_i_train_or_test.py", "--config", "smoke", "--device", "cpu", cwd=cwd)
+    return cwd
