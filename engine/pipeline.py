@@ -20,8 +20,6 @@ extraction. Rerunning the same command after an interruption therefore continues
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -230,18 +228,9 @@ def _call(step: Step, ns: argparse.Namespace):
         from engine import phase_iii
 
         return phase_iii.run(ns, step.mode)
-    return _visualize_module().run(ns)
+    from engine import visualize
 
-
-def _visualize_module():
-    """The top-level visualize.py (a script, not a package module)."""
-    try:
-        return importlib.import_module("visualize")
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location("visualize", CONFIG_ROOT.parent / "visualize.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    return visualize.run(ns)
 
 
 def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str, opts: list[str]) -> None:

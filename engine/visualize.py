@@ -1,0 +1,135 @@
+"""visualize.py's work: Grad-CAM overlays and class-specific / class-generic masks as PNG grids.
+
+One batched Grad-CAM call for every chosen sample; rendering is in fsa/visualization.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import cv2
+import torch
+
+from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
+from engine.phase_i import load_phase_i_model, phase_i_command
+from engine.phase_ii import open_phase_i_run
+from fsa.class_split import head_tail_split
+from fsa.gradcam import eval_mode, grad_cam
+from fsa.visualization import render_grid, to_display_images
+from utils.config import CONFIG_ROOT, apply_schema, config_name, load_config, parse_opts
+from utils.device import resolve_device
+from utils.errors import UserError
+from utils.logging import open_summary_writer, setup_logger
+from utils.run_dir import RunPaths
+from utils.schema import SCHEMAS, validate_values
+
+
+def _phase_ii_config(args: argparse.Namespace, name: str) -> dict:
+    if Path(args.config).is_file() or (CONFIG_ROOT / "phase_ii" / f"{name}.yaml").is_file():
+        return load_config(args.config, "phase_ii", args.opts)
+    cfg = apply_schema(parse_opts(args.opts), SCHEMAS["phase_ii"])  # no phase II config: defaults + --opts
+    validate_values(cfg, "phase_ii")
+    return cfg
+
+
+def _default_classes(features_dir, bundle, hr: float) -> tuple[list[int], str]:
+    path = features_dir / "confusion.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        chosen: list[int] = []
+        for tail, donors in data.get("confusing", {}).items():
+            for c in [int(tail), *map(int, donors)]:
+                if c not in chosen:
+                    chosen.append(c)
+        if chosen:
+            return chosen, f"tail classes and their confusing classes from {path}"
+    _, tail = head_tail_split(bundle.train_counts, hr)
+    return tail, f"tail classes of the training counts (split.hr={hr})"
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    """Write the PNG grids (and TensorBoard images) that `visualize.py` promises; returns the PNG paths."""
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}.")
+    if args.panel < 32:
+        raise UserError(f"--panel must be at least 32 pixels, got {args.panel}.")
+    name, note = config_name(args.config), args.note
+    cfg = _phase_ii_config(args, name)
+    ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
+    logger = setup_logger(None, "fsa_lt.visualize")
+    device = resolve_device(args.device)
+    p1 = open_phase_i_run(name, note, needed_by="visualize.py")
+    bundle = p1.bundle
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        ckpt = RunPaths(args.phase, name, note).best
+    produced_by = (phase_i_command(name, note) if args.phase == "phase_i" else
+                   f"python {args.phase}_train_or_test.py --config {name}" + ("" if note == "default" else f" --note {note}"))
+    model, _ = load_phase_i_model(ckpt, p1.cfg, bundle, device, produced_by)
+    model.eval()
+
+    num_classes = bundle.num_classes
+    if args.classes:
+        bad = [c for c in args.classes if not 0 <= c < num_classes]
+        if bad:
+            raise UserError(f"--classes {bad}: class indices must lie in [0, {num_classes - 1}] "
+                            f"({', '.join(f'{i}={n}' for i, n in enumerate(bundle.class_names))}).")
+        classes, why = list(dict.fromkeys(args.classes)), "--classes"
+    else:
+        classes, why = _default_classes(RunPaths("phase_ii", name, note).features_dir, bundle, cfg["split"]["hr"])
+    if not classes:
+        raise UserError("no class to show (no tail class with this split.hr); pass --classes C [C ...].")
+    logger.info(f"classes {classes} ({why}); {args.samples} samples each from the {args.split} set")
+
+    dataset = (bundle.train if args.split == "train" else bundle.test).with_augment(False)
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    picks: list[torch.Tensor] = []
+    for c in classes:
+        pool = torch.nonzero(dataset.targets == c).flatten()
+        if len(pool) == 0:
+            raise UserError(f"class {c} ({bundle.class_names[c]}) has no {args.split} sample.")
+        picks.append(pool[torch.randperm(len(pool), generator=generator)[: args.samples]].sort().values)
+    idx = torch.cat(picks)
+    if hasattr(dataset, "get_batch"):
+        x = dataset.get_batch(idx, device)
+    else:
+        x = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
+    y = dataset.targets[idx].to(device)
+
+    layer = args.layer or cfg["gradcam"]["layer"]
+    method = "auto" if args.layer else cfg["gradcam"]["method"]
+    cams = grad_cam(model, x, y, layer=layer, method=method).cpu()  # one batched call for every sample
+    with torch.no_grad(), eval_mode(model):
+        pred = model(x).argmax(1).cpu()
+    # in-memory datasets carry their normalisation; file datasets use the ImageNet one
+    images = to_display_images(x, getattr(dataset, "mean", IMAGENET_MEAN), getattr(dataset, "std", IMAGENET_STD))
+
+    layer_name = layer or model.cam_layer
+    out_dir = Path("visualizations") / name / note / args.phase
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = open_summary_writer(RunPaths("visualize", name, note).summary_dir)
+    suffix = "" if layer_name == model.cam_layer else f"_{re.sub(r'[^A-Za-z0-9.-]+', '-', layer_name)}"
+    written = []
+    start = 0
+    try:
+        for c, chosen in zip(classes, picks):
+            sl = slice(start, start + len(chosen))
+            start += len(chosen)
+            cname = bundle.class_names[c]
+            titles = [f"{c}:{cname} #{int(i)}" for i in chosen]
+            subtitles = [f"pred {bundle.class_names[int(p)]}" for p in pred[sl]]
+            grid = render_grid(images[sl], cams[sl], ts, tg, panel=args.panel, titles=titles, subtitles=subtitles)
+            stem = f"{args.split}_class{c:03d}_{re.sub(r'[^A-Za-z0-9.-]+', '-', cname)}{suffix}"
+            path = out_dir / f"{stem}.png"
+            if not cv2.imwrite(str(path), grid):
+                raise UserError(f"could not write {path}.")
+            writer.add_image(f"{args.phase}/{stem}", grid[..., ::-1].copy(), 0, dataformats="HWC")
+            written.append(path)
+    finally:
+        writer.close()
+    logger.info(f"Grad-CAM layer {layer_name}, ts={ts} tg={tg}, checkpoint {ckpt}: wrote {len(written)} PNG(s) "
+                f"to {out_dir} and TensorBoard images to {RunPaths('visualize', name, note).summary_dir}")
+    return written
