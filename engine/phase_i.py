@@ -13,21 +13,22 @@ from engine.loops import evaluate, train_one_epoch
 from engine.losses import build_loss
 from engine.metrics import summary_line
 from engine.optim import build_optimizer, lr_at
-from engine.recorder import RunRecorder, open_run
+from engine.recorder import open_run, start_recording, write_test_results
 from models import LTModel, build_model, check_arch
-from utils.checkpoint import check_compatible, load_checkpoint, load_model_state
+from utils.checkpoint import apply_weights, load_checkpoint
+from utils.cli import script_command
 from utils.config import config_name, load_config
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import setup_logger
-from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.run_dir import RunPaths, read_results
 from utils.seeding import derived_seed, seed_everything
 
 PHASE = "phase_i"
 
 
 def phase_i_command(config: str, note: str) -> str:
-    return f"python phase_i_train_or_test.py --config {config}" + ("" if note == "default" else f" --note {note}")
+    return script_command("phase_i_train_or_test.py", config, note)
 
 
 def model_for(cfg: dict, bundle: DatasetBundle, device: torch.device) -> LTModel:
@@ -58,8 +59,7 @@ def load_phase_i_model(path: Path, cfg: dict, bundle: DatasetBundle, device: tor
             f"'{bundle.name}'. Use the checkpoint of the matching config."
         )
     model = model_for(cfg, bundle, device)
-    check_compatible(payload, path, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
-    load_model_state(model, payload["model"], path)
+    apply_weights(model, payload, path)
     return model, payload
 
 
@@ -83,9 +83,7 @@ def _test(cfg: dict, paths: RunPaths, device: torch.device, checkpoint: str | No
     test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), cfg["eval"]["batch_size"]), device)
     report = evaluate(model, test_loader, train_counts, cfg["eval"]["hr"])
     logger.info(f"test {ckpt_path}: {summary_line(report)}")
-    out = {"finished": True, "phase": PHASE, "mode": "test", "checkpoint": str(ckpt_path), **report}
-    write_json_atomic(paths.checkpoint_dir / "test_results.json", out)
-    return out
+    return write_test_results(paths, ckpt_path, report)
 
 
 def _train(cfg: dict, paths: RunPaths, device: torch.device, *, resume: bool, overwrite: bool) -> dict:
@@ -102,16 +100,9 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, *, resume: bool, ov
     logger.info(f"dataset {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} test images, "
                 f"{bundle.num_classes} classes, train counts {bundle.train_counts}; device {device}")
 
-    start_epoch, state = 0, None
-    if mode == "resume":
-        state = load_checkpoint(paths.last, produced_by=command)
-        check_compatible(state, paths.last, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
-        load_model_state(model, state["model"], paths.last)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = state["epoch"]
-        logger.info(f"resumed after epoch {start_epoch}")
-    recorder = RunRecorder(paths, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, **extra),
-                           step_name="epoch", total_steps=t["epochs"], resumed_state=state)
+    start_epoch, recorder = start_recording(paths, mode, model, optimizer, logger,
+                                            lambda **extra: checkpoint_payload(model, cfg, bundle, **extra),
+                                            step_name="epoch", total_steps=t["epochs"], command=command)
 
     train_set = bundle.train.with_augment(cfg["dataset"]["augment"])
     test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), cfg["eval"]["batch_size"]), device)

@@ -25,7 +25,7 @@ from engine.loops import evaluate
 from engine.optim import build_optimizer
 from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command
 from engine.phase_iii_features import FEATURE_GENERATORS, check_generator_mode, run_feature_generator
-from engine.recorder import RunRecorder, open_run
+from engine.recorder import open_run, start_recording, write_test_results
 from fsa.batch_composition import TailHeadComposer
 from fsa.confusion import confusing_table
 from fsa.feature_store import FeatureStore
@@ -33,11 +33,12 @@ from fsa.generators import GENERATORS, GeneratorContext, MapGenerator, build_gen
 from fsa.gradcam import features_and_cams
 from fsa.provenance import check_provenance, phase_ii_command, read_provenance
 from models import LTModel
-from utils.checkpoint import check_compatible, load_checkpoint, load_model_state
+from utils.checkpoint import apply_weights, load_checkpoint
+from utils.cli import script_command
 from utils.config import config_name, load_config
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.run_dir import RunPaths, read_results
 from utils.seeding import seed_everything
 
 MODES = ("online", "offline")
@@ -56,9 +57,8 @@ def phase_name(mode: str, generator: str) -> str:
 
 
 def phase_iii_command(mode: str, config: str, note: str, generator: str) -> str:
-    cmd = f"python phase_iii_{mode}_train_or_test.py --config {config}"
-    cmd += "" if note == "default" else f" --note {note}"
-    return cmd + ("" if generator == "fsa" else f" --opts finetune.generator={generator}")
+    extra = [] if generator == "fsa" else ["--opts", f"finetune.generator={generator}"]
+    return script_command(f"phase_iii_{mode}_train_or_test.py", config, note, *extra)
 
 
 @dataclass
@@ -117,17 +117,8 @@ def run(args: argparse.Namespace, mode: str) -> dict:
 
     if cfg["phase"] == "test":
         ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
-        payload = load_checkpoint(ckpt, produced_by=command)
-        if "model" not in payload:
-            raise UserError(f"{ckpt} holds a classifier on transformed pooled features ({payload.get('kind', 'no backbone')}), "
-                            f"not a backbone + classifier model: evaluate it with the generator that made it "
-                            f"(--opts finetune.generator=...).")
-        check_compatible(payload, ckpt, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
-        load_model_state(model, payload["model"], ckpt)
-        report = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(ckpt),
-                  **evaluate(model, test_loader, bundle.train_counts, hr)}
-        write_json_atomic(paths.checkpoint_dir / "test_results.json", report)
-        return report
+        apply_weights(model, load_checkpoint(ckpt, produced_by=command), ckpt)
+        return write_test_results(paths, ckpt, evaluate(model, test_loader, bundle.train_counts, hr))
 
     composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
     generator = build_generator(f["generator"], GeneratorContext(
@@ -141,15 +132,9 @@ def run(args: argparse.Namespace, mode: str) -> dict:
 
     trainable = _set_trainable(model, f["unfreeze"])
     optimizer = build_optimizer(trainable, f)
-    start, state = 0, None
-    if run_mode == "resume":
-        state = load_checkpoint(paths.last, produced_by=command)
-        load_model_state(model, state["model"], paths.last)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["iteration"]
-        logger.info(f"resumed after iteration {start}")
-    recorder = RunRecorder(paths, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, phase=paths.phase, **extra),
-                           step_name="iteration", total_steps=f["iterations"], resumed_state=state)
+    start, recorder = start_recording(paths, run_mode, model, optimizer, logger,
+                                      lambda **extra: checkpoint_payload(model, cfg, bundle, phase=paths.phase, **extra),
+                                      step_name="iteration", total_steps=f["iterations"], command=command)
     logger.info(f"{mode} fine-tuning, generator {f['generator']}, tail classes {p2.tail}, head classes {p2.head}, "
                 f"batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
                 f"{sum(p.numel() for p in trainable)} parameters, device {device}")

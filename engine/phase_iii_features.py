@@ -68,13 +68,13 @@ from datasets import DatasetBundle
 from datasets.loader import BatchLoader, sequential_batches
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.optim import build_optimizer
-from engine.recorder import RunRecorder, open_run
+from engine.recorder import RunRecorder, open_run, write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
 from models import LTModel
 from utils.checkpoint import check_compatible, load_checkpoint
 from utils.errors import UserError
-from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.run_dir import RunPaths, read_results
 from utils.seeding import derived_seed, seed_everything
 
 # generator name -> the only phase III mode it runs in
@@ -335,7 +335,4 @@ def _test(args, paths: RunPaths, model: LTModel, bundle: DatasetBundle, store, d
     source = _FeatureSource(mode, model, bundle, store, device, batch_size, num_workers)
     test_raw, test_y = source.test
     preds = feature_logits(payload, test_raw).argmax(1)
-    report = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(ckpt),
-              **classification_report(preds, test_y, bundle.train_counts, hr)}
-    write_json_atomic(paths.checkpoint_dir / "test_results.json", report)
-    return report
+    return write_test_results(paths, ckpt, classification_report(preds, test_y, bundle.train_counts, hr))

@@ -6,13 +6,14 @@ A "step" is an epoch in phase I and an iteration in phase III.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
 
 from engine.metrics import SCALAR_KEYS, summary_line
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import apply_weights, load_checkpoint, save_checkpoint
 from utils.config import config_differences, dump_config
 from utils.errors import UserError
 from utils.logging import log_scalars, open_summary_writer, setup_logger
@@ -99,3 +100,24 @@ def open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comma
     logger = setup_logger(run_dir)
     logger.info(f"{paths.phase} {mode} run in {run_dir}")
     return mode, logger
+
+
+def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
+    """`phase: test` output of any phase: the evaluation of `checkpoint`, in `test_results.json`."""
+    out = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(checkpoint), **report}
+    write_json_atomic(paths.checkpoint_dir / "test_results.json", out)
+    return out
+
+
+def start_recording(paths: RunPaths, run_mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    logger: logging.Logger, payload: Callable[..., dict], *, step_name: str, total_steps: int,
+                    command: str) -> tuple[int, RunRecorder]:
+    """(first step to run, recorder); on 'resume', model and optimizer are restored from `last.pt` first."""
+    start, state = 0, None
+    if run_mode == "resume":
+        state = load_checkpoint(paths.last, produced_by=command)
+        apply_weights(model, state, paths.last)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state[step_name]
+        logger.info(f"resumed after {step_name} {start}")
+    return start, RunRecorder(paths, logger, payload, step_name=step_name, total_steps=total_steps, resumed_state=state)

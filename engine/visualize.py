@@ -13,11 +13,12 @@ import cv2
 import torch
 
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
-from engine.phase_i import load_phase_i_model, phase_i_command
+from engine.phase_i import load_phase_i_model
 from engine.phase_ii import open_phase_i_run
 from fsa.class_split import head_tail_split
 from fsa.gradcam import eval_mode, grad_cam
 from fsa.visualization import render_grid, to_display_images
+from utils.cli import script_command
 from utils.config import CONFIG_ROOT, apply_schema, config_name, load_config, parse_opts
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -66,8 +67,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         ckpt = Path(args.checkpoint)
     else:
         ckpt = RunPaths(args.phase, name, note).best
-    produced_by = (phase_i_command(name, note) if args.phase == "phase_i" else
-                   f"python {args.phase}_train_or_test.py --config {name}" + ("" if note == "default" else f" --note {note}"))
+    produced_by = script_command(f"{args.phase}_train_or_test.py", name, note)
     model, _ = load_phase_i_model(ckpt, p1.cfg, bundle, device, produced_by)
     model.eval()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from utils.cli import script_command
 from utils.errors import UserError
 
 __all__ = ["PROVENANCE_FILE", "sha256_file", "phase_ii_command", "make_provenance", "write_provenance",
@@ -44,10 +45,7 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 def phase_ii_command(config: str, note: str, *, overwrite: bool = False) -> str:
-    cmd = f"python phase_ii_extract_feature.py --config {config}"
-    if note != "default":
-        cmd += f" --note {note}"
-    return cmd + (" --overwrite" if overwrite else "")
+    return script_command("phase_ii_extract_feature.py", config, note, *(["--overwrite"] if overwrite else []))
 
 
 def make_provenance(*, config: str, note: str, checkpoint_path: Path, phase_i_config_path: Path,

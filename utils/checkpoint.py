@@ -65,3 +65,18 @@ def load_model_state(model: nn.Module, state: dict, path: Path) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"Weights in {path} do not fit the model: {first}") from exc
+
+
+def apply_weights(model: nn.Module, payload: dict, path: Path) -> None:
+    """Put a checkpoint's backbone + classifier weights into `model`, after checking they fit it.
+
+    `model` needs the `arch`, `num_classes` and `in_channels` attributes every LTModel has.
+    """
+    if "model" not in payload:
+        raise UserError(
+            f"{path} holds no backbone + classifier weights (kind: {payload.get('kind', 'unknown')}); a TailCalib "
+            f"checkpoint is a classifier on transformed pooled features: evaluate it with the generator that made it "
+            f"(--opts finetune.generator=...)."
+        )
+    check_compatible(payload, path, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
+    load_model_state(model, payload["model"], path)

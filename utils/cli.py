@@ -27,6 +27,12 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def script_command(script: str, config: str, note: str, *extra: str) -> str:
+    """The command line a user types to run `script` for a config and note (for error messages)."""
+    parts = ["python", script, "--config", config, *([] if note == "default" else ["--note", note]), *extra]
+    return " ".join(parts)
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2."""
     try:
