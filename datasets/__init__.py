@@ -13,7 +13,7 @@ from typing import Any
 from datasets.base import InMemoryDataset, LTDataset
 from datasets.file_list import FileImageDataset, read_list_file, resolve_list_path, scan_image_folder
 from datasets.imbalance import long_tail_counts, make_long_tail_subset, select_long_tail_indices
-from datasets.loader import BatchLoader, RandomBatches, sequential_batches, shuffled_batches
+from datasets.loader import BatchLoader, EpochBatches, sequential_batches, shuffled_batches
 from utils.errors import UserError
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
     "InMemoryDataset",
     "FileImageDataset",
     "BatchLoader",
-    "RandomBatches",
+    "EpochBatches",
     "build_datasets",
     "long_tail_counts",
     "select_long_tail_indices",

@@ -11,7 +11,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "RandomBatches"]
+from utils.errors import UserError
+from utils.seeding import derived_seed
+
+__all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "EpochBatches"]
 
 
 def _chunks(order: Sequence[int], batch_size: int, drop_last: bool) -> list[list[int]]:
@@ -35,24 +38,52 @@ def shuffled_batches(
     return _chunks(order, batch_size, drop_last)
 
 
-class RandomBatches:
-    """Re-iterable sampler: every iteration is a fresh :func:`shuffled_batches` from ``generator``."""
+class EpochBatches:
+    """The training batches of one epoch, shuffled and split across processes (a batch sampler).
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
-        self.n, self.batch_size, self.generator, self.drop_last = int(n), int(batch_size), generator, bool(drop_last)
+    ``set_epoch(e)`` selects epoch ``e``, whose order is ``randperm(n)`` seeded by ``(seed, e)``: the
+    same on every rank, and replayed exactly by a resumed run. Each global batch of ``batch_size``
+    rows is cut into ``world_size`` equal parts and rank ``r`` takes part ``r``, so one step of N
+    processes sees the same rows as one step of a single process. The last, short global batch is
+    cut into equal parts too (its remainder, fewer than ``world_size`` rows, is left out that epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or batch_size % world_size:
+            raise UserError(
+                f"The batch size ({batch_size}) is the global batch and must be a positive multiple of the number of "
+                f"processes ({world_size}); every process takes batch_size / {world_size} rows per step. "
+                f"Set train.batch_size to a multiple of {world_size}."
+            )
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _global_sizes(self) -> list[int]:
+        full, rest = divmod(self.n, self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest >= self.world_size else [])
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(shuffled_batches(self.n, self.batch_size, self.generator, self.drop_last))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch)))
+        for b, size in enumerate(self._global_sizes()):
+            part = size // self.world_size
+            start = b * self.batch_size + self.rank * part
+            yield order[start:start + part].tolist()
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return len(self._global_sizes())
 
 
 class BatchLoader:
     """Iterate ``(x, y, idx)`` batches on ``device``.
 
     ``batch_sampler`` is any re-iterable of index lists (a list of lists, a ``BatchSampler``, ...).
-    ``generator`` (optional) drives the in-memory augmentation randomness.
+    ``generator`` (optional) drives the in-memory augmentation randomness; ``batch_seeds`` (optional,
+    one per batch) gives every batch its own seeded generator instead, so a batch's augmentation does
+    not depend on which batches came before it (nor on how they were shared between processes).
     """
 
     def __init__(
@@ -62,12 +93,14 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         num_workers: int = 0,
         generator: torch.Generator | None = None,
+        batch_seeds: Sequence[int] | None = None,
     ) -> None:
         self.dataset = dataset
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self.generator = generator
+        self.batch_seeds = list(batch_seeds) if batch_seeds is not None else None
         self.in_memory = hasattr(dataset, "get_batch")
         self._loader = None
         if not self.in_memory:
@@ -85,9 +118,12 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.in_memory:
             targets = self.dataset.targets
-            for batch in self.batch_sampler:
+            for number, batch in enumerate(self.batch_sampler):
                 idx = torch.as_tensor(batch, dtype=torch.long).reshape(-1)
-                x = self.dataset.get_batch(idx, self.device, self.generator)
+                generator = self.generator
+                if self.batch_seeds is not None:
+                    generator = torch.Generator().manual_seed(self.batch_seeds[number])
+                x = self.dataset.get_batch(idx, self.device, generator)
                 y = targets.index_select(0, idx).to(self.device, non_blocking=True)
                 yield x, y, idx.to(self.device, non_blocking=True)
         else:

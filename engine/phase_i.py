@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from datasets import DatasetBundle, build_datasets
-from datasets.loader import BatchLoader, sequential_batches, shuffled_batches
-from engine.loops import evaluate, train_one_epoch
+from datasets.loader import BatchLoader, EpochBatches
+from engine.accel import Accel
+from engine.loops import eval_loader, evaluate, train_one_epoch
 from engine.losses import build_loss
 from engine.metrics import summary_line
 from engine.optim import build_optimizer, lr_at
@@ -18,9 +20,9 @@ from models import LTModel, build_model, check_arch
 from utils.checkpoint import apply_weights, load_checkpoint
 from utils.cli import script_command
 from utils.config import config_name, load_config
-from utils.device import resolve_device
+from utils import distributed
 from utils.errors import UserError
-from utils.logging import setup_logger
+from utils.logging import setup_logger, silent_logger
 from utils.run_dir import RunPaths, read_results
 from utils.seeding import derived_seed, seed_everything
 
@@ -67,61 +69,78 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, PHASE, args.opts)
     check_arch(cfg["model"]["arch"])
     paths = RunPaths(PHASE, config_name(args.config), args.note)
-    device = resolve_device(args.device)
+    device = distributed.setup_device(args.device)
+    accel = Accel.from_config(cfg["accel"], device)
     if cfg["phase"] == "test":
-        return _test(cfg, paths, device, getattr(args, "checkpoint", None))
-    return _train(cfg, paths, device, resume=args.resume, overwrite=args.overwrite)
+        return _test(cfg, paths, device, accel, getattr(args, "checkpoint", None))
+    return _train(cfg, paths, device, accel, resume=args.resume, overwrite=args.overwrite)
 
 
-def _test(cfg: dict, paths: RunPaths, device: torch.device, checkpoint: str | None) -> dict:
+def _test(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, checkpoint: str | None) -> dict:
     ckpt_path = Path(checkpoint) if checkpoint else paths.best
-    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    logger = setup_logger(paths.checkpoint_dir)
+    main = distributed.context().is_main
+    if main:
+        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    logger = setup_logger(paths.checkpoint_dir) if main else silent_logger()
     bundle = build_datasets(cfg["dataset"], None)
     model, payload = load_phase_i_model(ckpt_path, cfg, bundle, device, phase_i_command(paths.config, paths.note))
+    accel.prepare_model(model)
     train_counts = payload.get("train_counts", bundle.train_counts)
-    test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), cfg["eval"]["batch_size"]), device)
-    report = evaluate(model, test_loader, train_counts, cfg["eval"]["hr"])
+    test_loader = eval_loader(bundle.test, cfg["eval"]["batch_size"], device)
+    report = evaluate(model, test_loader, train_counts, cfg["eval"]["hr"], accel=accel)
     logger.info(f"test {ckpt_path}: {summary_line(report)}")
     return write_test_results(paths, ckpt_path, report)
 
 
-def _train(cfg: dict, paths: RunPaths, device: torch.device, *, resume: bool, overwrite: bool) -> dict:
+def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, resume: bool, overwrite: bool) -> dict:
     command = phase_i_command(paths.config, paths.note)
     mode, logger = open_run(paths, cfg, resume=resume, overwrite=overwrite, command=command)
     if mode == "finished":
         return read_results(paths.results) or {}
+    ctx = distributed.context()
     seed_everything(cfg["seed"])
-    bundle = build_datasets(cfg["dataset"], paths.checkpoint_dir)
+    with distributed.main_first():  # rank 0 writes train_subset.json (or downloads); the others read it
+        bundle = build_datasets(cfg["dataset"], paths.checkpoint_dir)
     t = cfg["train"]
-    model = model_for(cfg, bundle, device)
+    model = accel.prepare_model(model_for(cfg, bundle, device))
     criterion = build_loss(t["loss"], bundle.train_counts, focal_gamma=t["focal_gamma"], cb_beta=t["cb_beta"]).to(device)
     optimizer = build_optimizer(model.parameters(), t)
     logger.info(f"dataset {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} test images, "
-                f"{bundle.num_classes} classes, train counts {bundle.train_counts}; device {device}")
+                f"{bundle.num_classes} classes, train counts {bundle.train_counts}; device {device}, "
+                f"{ctx.world_size} process(es), global batch {t['batch_size']}; {accel.describe()}")
 
     start_epoch, recorder = start_recording(paths, mode, model, optimizer, logger,
                                             lambda **extra: checkpoint_payload(model, cfg, bundle, **extra),
                                             step_name="epoch", total_steps=t["epochs"], command=command)
+    # `model` stays the plain module (checkpoints, evaluation); `train_model` is what the loop calls
+    train_model: torch.nn.Module = model
+    if ctx.enabled:
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    train_model = accel.compiled(train_model)
+    scaler = accel.grad_scaler()
 
     train_set = bundle.train.with_augment(cfg["dataset"]["augment"])
-    test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), cfg["eval"]["batch_size"]), device)
+    sampler = EpochBatches(len(train_set), t["batch_size"], cfg["seed"], ctx.rank, ctx.world_size)
+    augment_rng = torch.Generator()
+    # one loader for the whole run, so DataLoader workers persist; set_epoch picks each epoch's batches
+    loader = BatchLoader(train_set, sampler, device, num_workers=t["num_workers"], generator=augment_rng)
+    test_loader = eval_loader(bundle.test, cfg["eval"]["batch_size"], device)
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
-        # every random draw of this epoch derives from (seed, epoch): a resumed run replays it exactly
-        epoch_seed = derived_seed(cfg["seed"], epoch)
-        seed_everything(epoch_seed)
-        generator = torch.Generator().manual_seed(epoch_seed)
-        loader = BatchLoader(train_set, shuffled_batches(len(train_set), t["batch_size"], generator), device,
-                             num_workers=t["num_workers"], generator=generator)
+        # every random draw of this epoch derives from (seed, epoch, rank): a resumed run replays it exactly
+        rank_seed = derived_seed(derived_seed(cfg["seed"], epoch), 1 + ctx.rank)
+        seed_everything(rank_seed)
+        augment_rng.manual_seed(rank_seed)
+        sampler.set_epoch(epoch)
         steps = max(len(loader), 1)
-        stats = train_one_epoch(model, loader, criterion, optimizer, lambda i: lr_at(epoch + i / steps, t),
+        stats = train_one_epoch(train_model, loader, criterion, optimizer, lambda i: lr_at(epoch + i / steps, t),
+                                accel=accel, scaler=scaler if scaler.is_enabled() else None,
                                 desc=f"epoch {epoch + 1}/{t['epochs']}")
         stats["lr"] = lr_at(epoch, t)
         done = epoch + 1
         report = None
         if done % t["eval_every"] == 0 or done == t["epochs"]:
-            report = evaluate(model, test_loader, bundle.train_counts, cfg["eval"]["hr"])
+            report = evaluate(model, test_loader, bundle.train_counts, cfg["eval"]["hr"], accel=accel)
         recorder.record(done, stats, report, optimizer, time.perf_counter() - started,
                         periodic=bool(t["save_every"]) and done % t["save_every"] == 0)
-    return recorder.finish(epochs=t["epochs"])
+    return recorder.finish(epochs=t["epochs"], processes=ctx.world_size)

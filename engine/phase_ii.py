@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from datasets import DatasetBundle, build_datasets
-from datasets.loader import BatchLoader, sequential_batches
+from datasets.loader import BatchLoader
+from engine.accel import Accel
+from engine.loops import progress
 from engine.phase_i import load_phase_i_model, phase_i_command
 from fsa.class_split import head_tail_split
 from fsa.confusion import ScoreAccumulator, confusing_classes
@@ -47,9 +48,9 @@ from fsa.gradcam import eval_mode, features_and_cams, grad_cam, normalize_cams
 from fsa.provenance import make_provenance, phase_ii_command, write_provenance
 from models import LTModel
 from utils.config import config_name, dump_config, load_config
-from utils.device import resolve_device
+from utils import distributed
 from utils.errors import UserError
-from utils.logging import setup_logger
+from utils.logging import setup_logger, silent_logger
 from utils.run_dir import RunPaths, is_finished, read_results, write_json_atomic
 from utils.seeding import derived_seed, seed_everything
 
@@ -164,40 +165,88 @@ class ExtractionTimer:
                 self.write_s += elapsed
 
 
+def _write_rows(writer: FeatureStoreWriter, view: int, fmap16: Tensor, cam16: Tensor, pooled: Tensor, y: Tensor,
+                idx: Tensor) -> None:
+    """Store rows of one batch; they must be consecutive training-set positions."""
+    if not len(idx):
+        return
+    start = int(idx[0])
+    if not torch.equal(idx, torch.arange(start, start + len(idx))):
+        raise RuntimeError("phase II batches must cover the training set in order")
+    writer.write(view, start, fmap16, cam16, pooled)
+    if view == 0:
+        writer.write_labels(start, y, idx)
+
+
 def extract_view(model: LTModel, loader, *, layer: str, method: str, view: int = 0,
                  writer: FeatureStoreWriter | None = None, scores: ScoreAccumulator | None = None,
                  stats: SplitStatistics | None = None, timer: ExtractionTimer | None = None,
-                 desc: str = "phase II") -> None:
-    """One pass over ``loader`` (batches ``(x, y, idx)`` in training-set order): CAMs of the true
-    class, score / split statistics (when given) and store rows of ``view`` (when a writer is given)."""
+                 accel: Accel | None = None, rounds: int | None = None, empty: tuple[Tensor, Tensor, Tensor] | None = None,
+                 store: bool | None = None, desc: str = "phase II") -> None:
+    """One pass over ``loader`` (batches ``(x, y, idx)``): CAMs of the true class, score / split
+    statistics (when given) and store rows of ``view`` (when a writer is given).
+
+    Single process: the loader covers the training set in order. Under torchrun each rank's loader
+    holds the interleaved batches r, r+W, ... (:func:`utils.distributed.interleaved_batches`); every
+    round, rank 0 gathers the W batches of the round and books them in batch order, so statistics and
+    store are those of a single process. ``rounds`` (every rank the same), ``empty`` (zero-row
+    ``(fmap, cam, logits)``, for a rank whose batches ran out) and ``store`` (whether rank 0 writes
+    store rows, hence whether maps are gathered; default: ``writer is not None``) are then required."""
     timer = timer or ExtractionTimer(torch.device("cpu"))
-    for x, y, idx in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    store = writer is not None if store is None else store
+    batches = iter(loader)
+    for _ in progress(range(len(loader) if rounds is None else rounds), desc):
+        item = next(batches, None)
         with timer.measure("compute"):
-            fmap, cam, logits = batch_features_cams(model, x, y, layer, method)
-            if scores is not None:
-                scores.update(logits, y)
-            if stats is not None:
-                stats.update(cam, y)
-            pooled = fmap.float().mean(dim=(2, 3))
-            if writer is not None:
-                fmap16, cam16 = fmap.to(torch.float16), cam.to(torch.float16)
-        if writer is not None:
-            with timer.measure("write"):
-                idx_cpu = idx.cpu()
-                start = int(idx_cpu[0]) if len(idx_cpu) else 0
-                if len(idx_cpu) and not torch.equal(idx_cpu, torch.arange(start, start + len(idx_cpu))):
-                    raise RuntimeError("phase II batches must cover the training set in order")
-                writer.write(view, start, fmap16.cpu(), cam16.cpu(), pooled.cpu())
-                if view == 0:
-                    writer.write_labels(start, y.cpu(), idx_cpu)
+            if item is not None:
+                x, y, idx = item
+                with accel.autocast() if accel is not None else contextlib.nullcontext():
+                    fmap, cam, logits = batch_features_cams(model, accel.inputs(x) if accel else x, y, layer, method)
+                fmap, cam, logits = fmap.float(), cam.float(), logits.float()
+            else:
+                assert empty is not None, "a rank without batches needs the zero-row template"
+                fmap, cam, logits = empty
+                y = idx = torch.zeros(0, dtype=torch.long, device=fmap.device)
+            rows = {"cam": cam, "logits": logits, "y": y, "idx": idx}
+            if store:
+                rows.update(fmap16=fmap.to(torch.float16), pooled=fmap.mean(dim=(2, 3)))
+        with timer.measure("write"):  # (under torchrun: gathering to rank 0, then writing)
+            gathered = {name: distributed.gather_parts(t) for name, t in rows.items()}
+            if gathered["cam"] is None:  # not rank 0: its rows were sent
+                continue
+            for r in range(len(gathered["cam"])):
+                part = {name: parts[r] for name, parts in gathered.items()}
+                if scores is not None:
+                    scores.update(part["logits"], part["y"])
+                if stats is not None:
+                    stats.update(part["cam"], part["y"])
+                if writer is not None:
+                    _write_rows(writer, view, part["fmap16"].cpu(), part["cam"].to(torch.float16).cpu(),
+                                part["pooled"].cpu(), part["y"].cpu(), part["idx"].cpu())
 
 
 @torch.no_grad()
-def extract_test_pooled(model: LTModel, loader, writer: FeatureStoreWriter) -> None:
+def extract_test_pooled(model: LTModel, loader, writer: FeatureStoreWriter | None, *, feature_dim: int,
+                        accel: Accel | None = None, rounds: int | None = None) -> None:
+    """Pooled features of the (un-augmented) test images into the store; interleaved and gathered to
+    rank 0 as :func:`extract_view` does (``writer`` is None on the other ranks)."""
+    batches = iter(loader)
     with eval_mode(model):
-        for x, y, idx in tqdm(loader, desc="phase II test features", leave=False, dynamic_ncols=True):
-            pooled = model.pool(model.features(x)).float()
-            writer.write_test(int(idx[0]), pooled.cpu(), y.cpu())
+        for _ in progress(range(len(loader) if rounds is None else rounds), "phase II test features"):
+            item = next(batches, None)
+            if item is not None:
+                x, y, idx = item
+                with accel.autocast() if accel is not None else contextlib.nullcontext():
+                    pooled = model.pool(model.features(accel.inputs(x) if accel else x)).float()
+            else:
+                pooled = torch.zeros(0, feature_dim, device=loader.device)
+                y = idx = torch.zeros(0, dtype=torch.long, device=loader.device)
+            parts = [distributed.gather_parts(t) for t in (pooled, y, idx)]
+            if parts[0] is None:
+                continue
+            for p_pooled, p_y, p_idx in zip(*parts):
+                if len(p_idx):
+                    writer.write_test(int(p_idx[0]), p_pooled.cpu(), p_y.cpu())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,7 +275,9 @@ def run(args: argparse.Namespace) -> dict:
     overwrite = bool(getattr(args, "overwrite", False))
     _check_not_finished(features_dir, overwrite, name, note)
 
-    device = resolve_device(args.device)
+    device = distributed.setup_device(args.device)
+    accel = Accel.from_config(cfg["accel"], device)
+    ctx = distributed.context()
     seed_everything(cfg["seed"])
     p1 = open_phase_i_run(name, note, root)
     bundle = p1.bundle
@@ -241,6 +292,7 @@ def run(args: argparse.Namespace) -> dict:
     checkpoint = Path(args.checkpoint) if getattr(args, "checkpoint", None) else p1.paths.best
     model, _payload = load_phase_i_model(checkpoint, p1.cfg, bundle, device, phase_i_command(name, note))
     model.eval()
+    accel.prepare_model(model)
     layer, method = resolve_cam_method(model, cfg["gradcam"]["layer"], cfg["gradcam"]["method"])
 
     train_set = bundle.train.with_augment(False)
@@ -249,7 +301,8 @@ def run(args: argparse.Namespace) -> dict:
     probe_x, probe_y, _ = next(iter(BatchLoader(train_set, [[0]], device)))
     with torch.no_grad(), eval_mode(model):
         fmap_shape = tuple(model.features(probe_x).shape[1:])
-    batch_features_cams(model, probe_x, probe_y, layer, method)  # fails early on a bad layer/head
+    probe = batch_features_cams(model, probe_x, probe_y, layer, method)  # fails early on a bad layer/head
+    empty = tuple(t[:0].float() for t in probe)  # what a rank whose batches ran out contributes
 
     store_cfg = cfg["store"]
     views = 1 + store_cfg["views"]
@@ -263,14 +316,16 @@ def run(args: argparse.Namespace) -> dict:
                 f"(phase III offline needs the store)."
             )
 
-    # Every input checked: now replace any previous (unfinished, or --overwrite) output.
-    if features_dir.exists():
-        shutil.rmtree(features_dir)
-    features_dir.mkdir(parents=True)
-    logger = setup_logger(features_dir)
-    dump_config(cfg, features_dir / "config.yaml")
-    logger.info(f"phase II for config '{name}' note '{note}' on {device}: checkpoint {checkpoint}, "
-                f"dataset {bundle.name} ({n} train / {len(bundle.test)} test images, {num_classes} classes)")
+    # Every input checked: now replace any previous (unfinished, or --overwrite) output (rank 0).
+    if ctx.is_main:
+        if features_dir.exists():
+            shutil.rmtree(features_dir)
+        features_dir.mkdir(parents=True)
+        dump_config(cfg, features_dir / "config.yaml")
+    logger = setup_logger(features_dir) if ctx.is_main else silent_logger()
+    logger.info(f"phase II for config '{name}' note '{note}' on {device} ({ctx.world_size} process(es)): checkpoint "
+                f"{checkpoint}, dataset {bundle.name} ({n} train / {len(bundle.test)} test images, {num_classes} "
+                f"classes); {accel.describe()}")
     logger.info(f"Grad-CAM: layer {layer} ({method}), CAM-layer maps {list(fmap_shape)}, batch size {bs}")
     if not getattr(args, "checkpoint", None) and not is_finished(p1.paths):
         logger.info(f"warning: the phase I run in {p1.paths.checkpoint_dir} has not finished; using its best_model.pt "
@@ -282,38 +337,46 @@ def run(args: argparse.Namespace) -> dict:
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
     stats = SplitStatistics(num_classes, ts, tg, device)
     writer = None
-    if store_cfg["enabled"]:
+    if store_cfg["enabled"] and ctx.is_main:
         writer = FeatureStoreWriter(features_dir / STORE_DIR, num_samples=n, fmap_shape=fmap_shape, views=views,
                                     num_test=len(bundle.test))
         logger.info(f"feature store: {views} view(s) x {n} samples x {list(fmap_shape)} float16 -> "
                     f"{format_bytes(expected_bytes)} in {features_dir / STORE_DIR}")
     test_s = 0.0
+    # batch b of a single process is batch b of this rank's interleaved share (utils.distributed)
+    batches, numbers = distributed.interleaved_batches(n, bs)
+    common = {"layer": layer, "method": method, "timer": timer, "accel": accel, "empty": empty,
+              "rounds": distributed.interleaved_rounds(n, bs), "store": store_cfg["enabled"]}
+    workers = store_cfg["num_workers"]
     try:
-        batches = sequential_batches(n, bs)
-        loader = BatchLoader(train_set, batches, device, num_workers=store_cfg["num_workers"])
-        extract_view(model, loader, layer=layer, method=method, view=0, writer=writer, scores=scores, stats=stats,
-                     timer=timer, desc="phase II (view 0)")
-        if writer is not None:
+        loader = BatchLoader(train_set, batches, device, num_workers=workers)
+        extract_view(model, loader, view=0, writer=writer, scores=scores, stats=stats, desc="phase II (view 0)", **common)
+        if store_cfg["enabled"]:
             augmented = bundle.train.with_augment(True)
             for view in range(1, views):
                 view_seed = derived_seed(cfg["seed"], view)
                 seed_everything(view_seed)  # file datasets augment with the global RNG in their workers
-                generator = torch.Generator().manual_seed(view_seed)
-                loader = BatchLoader(augmented, batches, device, num_workers=store_cfg["num_workers"], generator=generator)
-                extract_view(model, loader, layer=layer, method=method, view=view, writer=writer, timer=timer,
-                             desc=f"phase II (view {view})")
+                # in-memory datasets: one seed per batch number, so the views do not depend on the process count
+                loader = BatchLoader(augmented, batches, device, num_workers=workers,
+                                     batch_seeds=[derived_seed(view_seed, b) for b in numbers])
+                extract_view(model, loader, view=view, writer=writer, desc=f"phase II (view {view})", **common)
             t0 = time.perf_counter()
-            test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), bs), device,
-                                      num_workers=store_cfg["num_workers"])
-            extract_test_pooled(model, test_loader, writer)
+            test_batches, _ = distributed.interleaved_batches(len(bundle.test), bs)
+            test_loader = BatchLoader(bundle.test.with_augment(False), test_batches, device, num_workers=workers)
+            extract_test_pooled(model, test_loader, writer, feature_dim=model.feature_dim, accel=accel,
+                                rounds=distributed.interleaved_rounds(len(bundle.test), bs))
             test_s = time.perf_counter() - t0
-            store_meta = writer.close({"cam_layer": layer, "cam_method": method, "arch": model.arch,
-                                       "dataset": bundle.name, "class_names": bundle.class_names})
-            logger.info(f"feature store written: {format_bytes(store_meta['bytes'])} in {features_dir / STORE_DIR}")
+            if writer is not None:
+                store_meta = writer.close({"cam_layer": layer, "cam_method": method, "arch": model.arch,
+                                           "dataset": bundle.name, "class_names": bundle.class_names})
+                logger.info(f"feature store written: {format_bytes(store_meta['bytes'])} in {features_dir / STORE_DIR}")
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+
+    if not ctx.is_main:  # rank 0 holds the gathered statistics and writes every output
+        return {}
 
     # --- confusion, split, statistics -----------------------------------------------------------
     matrix = scores.matrix().cpu()
@@ -367,6 +430,8 @@ def run(args: argparse.Namespace) -> dict:
         "note": note,
         "checkpoint": str(checkpoint),
         "device": str(device),
+        "processes": ctx.world_size,
+        "accel": accel.describe(),
         "num_samples": n,
         "num_test": len(bundle.test),
         "num_classes": num_classes,

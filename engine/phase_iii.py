@@ -5,7 +5,12 @@ online  -- every iteration recomputes feature maps and CAMs of the sampled image
 offline -- feature maps and CAMs come from phase II's store; training never touches an image.
 
 The backbone stays in eval mode throughout (BatchNorm statistics frozen, CAMs as in phase II);
-only `fc` -- and with `finetune.unfreeze` the last stage -- receives gradients.
+only `fc` -- and with `finetune.unfreeze` (online) the last stage -- receives gradients.
+
+Under torchrun every rank draws the same batch plan (a pure function of seed and iteration) and
+takes every W-th of its tail and head rows; the trainable part is wrapped in
+DistributedDataParallel and the loss is scaled so that the averaged gradient is that of the whole
+batch. `finetune.nt` / `na` therefore describe the global batch, whatever the number of processes.
 """
 from __future__ import annotations
 
@@ -17,16 +22,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from datasets import DatasetBundle, build_datasets
-from datasets.loader import BatchLoader, sequential_batches
-from engine.loops import evaluate
+from datasets.loader import BatchLoader
+from engine.accel import Accel
+from engine.loops import eval_loader, evaluate
 from engine.optim import build_optimizer
 from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command
-from engine.phase_iii_features import FEATURE_GENERATORS, check_generator_mode, run_feature_generator
+from engine.phase_iii_features import FEATURE_GENERATORS, check_generator_mode, run_feature_generator, write_sources
 from engine.recorder import open_run, start_recording, write_test_results
-from fsa.batch_composition import TailHeadComposer
+from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.confusion import confusing_table
 from fsa.feature_store import FeatureStore
 from fsa.generators import GENERATORS, GeneratorContext, MapGenerator, build_generator
@@ -36,10 +42,10 @@ from models import LTModel
 from utils.checkpoint import apply_weights, load_checkpoint
 from utils.cli import script_command
 from utils.config import config_name, load_config
-from utils.device import resolve_device
+from utils import distributed
 from utils.errors import UserError
 from utils.run_dir import RunPaths, read_results
-from utils.seeding import seed_everything
+from utils.seeding import derived_seed, seed_everything
 
 MODES = ("online", "offline")
 
@@ -102,23 +108,29 @@ def run(args: argparse.Namespace, mode: str) -> dict:
                         f"Run phase I, then phase II, first: {phase_i_command(name, args.note)}")
     if not (paths.features_dir / "results.json").is_file():
         raise UserError(f"No phase II outputs in {paths.features_dir}. Run phase II first: {phase_ii_command(name, args.note)}")
-    device = resolve_device(args.device)
+    device = distributed.setup_device(args.device)
+    accel = Accel.from_config(cfg["accel"], device)
+    ctx = distributed.context()
+    if ctx.world_size > f["nt"]:
+        raise UserError(f"finetune.nt={f['nt']} tail samples per iteration cannot be shared by {ctx.world_size} processes "
+                        f"(each needs at least one): raise finetune.nt to >= {ctx.world_size} or use fewer processes.")
     p1_cfg = load_config(str(phase_i.checkpoint_dir / "config.yaml"), "phase_i")
     bundle = build_datasets(p1_cfg["dataset"], phase_i.checkpoint_dir)
     p2 = read_phase_ii(paths.features_dir, phase_i, bundle.num_classes)
     store = _open_store(paths.features_dir, name, args.note) if mode == "offline" else None
     model, _ = load_phase_i_model(p2.checkpoint, p1_cfg, bundle, device, phase_i_command(name, args.note))
-    test_loader = BatchLoader(bundle.test.with_augment(False), sequential_batches(len(bundle.test), cfg["eval"]["batch_size"]), device)
+    accel.prepare_model(model)
+    test_loader = eval_loader(bundle.test, cfg["eval"]["batch_size"], device)
     hr = p2.config["split"]["hr"]
     command = phase_iii_command(mode, name, args.note, f["generator"])
     if f["generator"] in FEATURE_GENERATORS:  # TailCalib / TailCalibX: pooled features, own classifier and loop
         return run_feature_generator(args, mode, cfg, paths, bundle=bundle, model=model, p2=p2, store=store, device=device,
-                                     hr=hr, command=command)
+                                     hr=hr, command=command, accel=accel)
 
     if cfg["phase"] == "test":
         ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
         apply_weights(model, load_checkpoint(ckpt, produced_by=command), ckpt)
-        return write_test_results(paths, ckpt, evaluate(model, test_loader, bundle.train_counts, hr))
+        return write_test_results(paths, ckpt, evaluate(model, test_loader, bundle.train_counts, hr, accel=accel))
 
     composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
     generator = build_generator(f["generator"], GeneratorContext(
@@ -127,36 +139,48 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     run_mode, logger = open_run(paths, cfg, resume=args.resume, overwrite=args.overwrite, command=command)
     if run_mode == "finished":
         return read_results(paths.results) or {}
-    (paths.checkpoint_dir / "sources.yaml").write_text(yaml.safe_dump({
-        "phase_i_checkpoint": str(p2.checkpoint), "phase_ii_features": str(paths.features_dir), "mode": mode}))
+    write_sources(paths, p2, mode)
 
-    trainable = _set_trainable(model, f["unfreeze"])
+    # offline maps come from the store, so the last stage could not learn anything there
+    unfreeze = f["unfreeze"] and mode == "online"
+    trainable = _set_trainable(model, unfreeze)
     optimizer = build_optimizer(trainable, f)
     start, recorder = start_recording(paths, run_mode, model, optimizer, logger,
                                       lambda **extra: checkpoint_payload(model, cfg, bundle, phase=paths.phase, **extra),
                                       step_name="iteration", total_steps=f["iterations"], command=command)
     logger.info(f"{mode} fine-tuning, generator {f['generator']}, tail classes {p2.tail}, head classes {p2.head}, "
                 f"batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
-                f"{sum(p.numel() for p in trainable)} parameters, device {device}")
+                f"{sum(p.numel() for p in trainable)} parameters, device {device}, {ctx.world_size} process(es); "
+                f"{accel.describe()}")
     if start == 0:
-        recorder.record(0, {}, evaluate(model, test_loader, bundle.train_counts, hr), optimizer, 0.0)
+        recorder.record(0, {}, evaluate(model, test_loader, bundle.train_counts, hr, accel=accel), optimizer, 0.0)
 
-    fetch = _OnlineMaps(model, bundle, device, f["unfreeze"]) if mode == "online" else _OfflineMaps(store, device)
+    head: torch.nn.Module = _Head(model)
+    if ctx.enabled:
+        head = DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    fetch = _OnlineMaps(model, bundle, device, unfreeze, accel) if mode == "online" else _OfflineMaps(store, device)
     train_set_size = len(bundle.train)
     window_loss, window_started = [], time.perf_counter()
     for iteration in range(start, f["iterations"]):
         seed_everything(cfg["seed"] * 7_919 + iteration)
         plan, rng = composer.plan(iteration)
-        loss = _train_step(model, optimizer, generator, plan, rng, fetch)
+        if ctx.enabled:  # this rank's share of the global plan, and its own stream for the other draws
+            plan = BatchPlan(tail=plan.tail[ctx.rank::ctx.world_size], head=plan.head[ctx.rank::ctx.world_size])
+            rng = torch.Generator().manual_seed(derived_seed(derived_seed(cfg["seed"], iteration), 1 + ctx.rank))
+        loss = _train_step(model, optimizer, generator, plan, rng, fetch, head=head,
+                           global_rows=batch_size(f["nt"], f["na"]), world_size=ctx.world_size)
         window_loss.append(loss)
         done = iteration + 1
         if done % f["eval_every"] == 0 or done == f["iterations"]:
-            report = evaluate(model, test_loader, bundle.train_counts, hr)
-            stats = {"loss": float(torch.stack(window_loss).mean()), "lr": f["lr"]}
+            report = evaluate(model, test_loader, bundle.train_counts, hr, accel=accel)
+            # every rank's scaled loss sums to the loss of the global batch
+            loss_sum = distributed.all_reduce_sum(torch.stack(window_loss).mean().cpu().double())
+            stats = {"loss": float(loss_sum) / ctx.world_size, "lr": f["lr"]}
             recorder.record(done, stats, report, optimizer, time.perf_counter() - window_started)
             window_loss, window_started = [], time.perf_counter()
     return recorder.finish(mode=mode, generator=f["generator"], iterations=f["iterations"], train_samples=train_set_size,
-                           tail_classes=p2.tail, head_classes=p2.head)
+                           tail_classes=p2.tail, head_classes=p2.head, processes=ctx.world_size)
+
 
 
 def _open_store(folder: Path, name: str, note: str) -> FeatureStore:
@@ -179,18 +203,35 @@ def _set_trainable(model: LTModel, unfreeze: bool) -> list[torch.nn.Parameter]:
     return params
 
 
+class _Head(torch.nn.Module):
+    """`model.head` as a module of its own: what DistributedDataParallel wraps in phase III (the
+    trainable `fc`, and with unfreeze the last stage, whose gradients flow through the maps)."""
+
+    def __init__(self, model: LTModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fmaps: torch.Tensor) -> torch.Tensor:
+        return self.model.head(fmaps)
+
+
 class _OnlineMaps:
     """Feature maps + CAMs of training images, recomputed with the current network (augmented)."""
 
-    def __init__(self, model: LTModel, bundle: DatasetBundle, device: torch.device, with_grad: bool):
-        self.model, self.device, self.with_grad = model, device, with_grad
+    def __init__(self, model: LTModel, bundle: DatasetBundle, device: torch.device, with_grad: bool,
+                 accel: Accel | None = None):
+        self.model, self.device, self.with_grad, self.accel = model, device, with_grad, accel
         self.train = bundle.train.with_augment(True)
         self.labels = bundle.train.targets
 
     def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y, _ = next(iter(BatchLoader(self.train, [indices.tolist()], self.device, generator=rng)))
-        fmaps, cams, _ = features_and_cams(self.model, x, y, with_grad=self.with_grad)
-        return fmaps, cams, y
+        if self.accel is None:
+            fmaps, cams, _ = features_and_cams(self.model, x, y, with_grad=self.with_grad)
+            return fmaps, cams, y
+        with self.accel.autocast():
+            fmaps, cams, _ = features_and_cams(self.model, self.accel.inputs(x), y, with_grad=self.with_grad)
+        return fmaps.float(), cams.float(), y
 
 
 class _OfflineMaps:
@@ -206,8 +247,13 @@ class _OfflineMaps:
 
 
 def _train_step(model: LTModel, optimizer: torch.optim.Optimizer, generator: MapGenerator, plan, rng: torch.Generator,
-                fetch) -> torch.Tensor:
-    """One batch: real tail, generated, real head rows; cross-entropy on the classifier head."""
+                fetch, *, head: torch.nn.Module | None = None, global_rows: int | None = None,
+                world_size: int = 1) -> torch.Tensor:
+    """One batch: real tail, generated, real head rows; cross-entropy on the classifier head.
+
+    `head` defaults to `model.head`; under torchrun it is the DDP-wrapped head, this rank holds a
+    share of the `global_rows` rows, and its loss is the sum over its rows * world_size / global_rows,
+    so the gradient DDP averages over the ranks is that of the mean over the whole batch."""
     nt = len(plan.tail)
     tail_labels = generator.ctx.labels[plan.tail]
     extra = generator.extra_indices(tail_labels, rng)
@@ -218,8 +264,12 @@ def _train_step(model: LTModel, optimizer: torch.optim.Optimizer, generator: Map
     tail_cams, extra_cams = cams[:nt], cams[nt:nt + n_extra]
     tail_y, extra_y, head_y = labels[:nt], labels[nt:nt + n_extra], labels[nt + n_extra:]
     generated, generated_y = generator.generate(tail_maps, tail_cams, tail_y, extra_maps, extra_cams, extra_y, rng)
-    logits = model.head(torch.cat([tail_maps, generated.to(tail_maps.dtype), head_maps]))
-    loss = F.cross_entropy(logits, torch.cat([tail_y, generated_y.to(tail_y.device), head_y]))
+    logits = (head or model.head)(torch.cat([tail_maps, generated.to(tail_maps.dtype), head_maps]))
+    targets = torch.cat([tail_y, generated_y.to(tail_y.device), head_y])
+    if world_size > 1:
+        loss = F.cross_entropy(logits, targets, reduction="sum") * (world_size / global_rows)
+    else:
+        loss = F.cross_entropy(logits, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

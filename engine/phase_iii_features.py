@@ -56,6 +56,7 @@ phase I checkpoint whose frozen backbone produces those features).  Use :func:`f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -65,13 +66,15 @@ import yaml
 from torch import nn
 
 from datasets import DatasetBundle
-from datasets.loader import BatchLoader, sequential_batches
+from datasets.loader import BatchLoader
+from engine.accel import Accel
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.optim import build_optimizer
 from engine.recorder import RunRecorder, open_run, write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
 from models import LTModel
+from utils import distributed
 from utils.checkpoint import check_compatible, load_checkpoint
 from utils.errors import UserError
 from utils.run_dir import RunPaths, read_results
@@ -128,29 +131,44 @@ def feature_logits(payload: dict, pooled: torch.Tensor) -> torch.Tensor:
     return F.linear(z, fc["weight"].to(z), fc["bias"].to(z))
 
 
+def write_sources(paths: RunPaths, p2, mode: str) -> None:
+    """`sources.yaml`: the phase I checkpoint and phase II outputs a phase III run was built from (rank 0)."""
+    if distributed.context().is_main:
+        (paths.checkpoint_dir / "sources.yaml").write_text(yaml.safe_dump({
+            "phase_i_checkpoint": str(p2.checkpoint), "phase_ii_features": str(paths.features_dir), "mode": mode}))
+
+
 @torch.inference_mode()
-def pooled_features(model: LTModel, dataset, batch_size: int, device: torch.device, *,
-                    generator: torch.Generator | None = None, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_features(model: LTModel, dataset, batch_size: int, device: torch.device, *, seed: int | None = None,
+                    num_workers: int = 0, accel: Accel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features float32 [N, D] on `device`, labels [N]) of every item of `dataset`, in order.
 
     Batched forward passes of the (frozen, eval-mode) backbone; `dataset.augment` decides whether the
-    images are augmented, `generator` drives that randomness for in-memory datasets."""
-    loader = BatchLoader(dataset, sequential_batches(len(dataset), batch_size), device, num_workers=num_workers,
-                         generator=generator)
-    feats, labels = [], []
-    for x, y, _ in loader:
-        feats.append(model.pool(model.features(x)).float())
+    images are augmented, and batch b of an in-memory dataset is augmented with the seed (seed, b).
+    Under torchrun each rank computes the interleaved batches r, r+W, ... and every rank receives all
+    rows, so the result does not depend on the number of processes."""
+    batches, numbers = distributed.interleaved_batches(len(dataset), batch_size)
+    seeds = [derived_seed(seed, b) for b in numbers] if seed is not None else None
+    loader = BatchLoader(dataset, batches, device, num_workers=num_workers, batch_seeds=seeds)
+    feats = [torch.zeros(0, model.feature_dim, device=device)]
+    labels, indices = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    for x, y, idx in loader:
+        with accel.autocast() if accel is not None else contextlib.nullcontext():
+            feats.append(model.pool(model.features(accel.inputs(x) if accel else x)).float())
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels).to(device)
+        indices.append(idx)
+    feats_t, labels_t, indices_t = (distributed.all_gather_rows(torch.cat(t)) for t in (feats, labels, indices))
+    order = torch.argsort(indices_t)
+    return feats_t[order], labels_t[order].to(device)
 
 
 class _FeatureSource:
     """Training features of an epoch and the (fixed) test features, offline or online."""
 
     def __init__(self, mode: str, model: LTModel, bundle: DatasetBundle, store: FeatureStore | None, device: torch.device,
-                 batch_size: int, num_workers: int):
+                 batch_size: int, num_workers: int, accel: Accel | None = None):
         self.mode, self.model, self.bundle, self.device = mode, model, bundle, device
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.accel = batch_size, num_workers, accel
         if mode == "offline":
             assert store is not None
             labels = store.labels
@@ -164,14 +182,14 @@ class _FeatureSource:
                 raise UserError(f"The feature store {store.folder} holds {self.test[0].shape[0]} test features, the test "
                                 f"set has {len(bundle.test)} images. Rerun phase II with --overwrite.")
         else:
-            self.test = pooled_features(model, bundle.test.with_augment(False), batch_size, device, num_workers=num_workers)
+            self.test = pooled_features(model, bundle.test.with_augment(False), batch_size, device, num_workers=num_workers,
+                                        accel=accel)
 
     def train(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "offline":
             return self._train
-        generator = torch.Generator().manual_seed(_seed(seed, _STREAM_AUGMENT, epoch))
         return pooled_features(self.model, self.bundle.train.with_augment(True), self.batch_size, self.device,
-                               generator=generator, num_workers=self.num_workers)
+                               seed=_seed(seed, _STREAM_AUGMENT, epoch), num_workers=self.num_workers, accel=self.accel)
 
 
 def _generate(feats: torch.Tensor, labels: torch.Tensor, tc: dict, seed: int, num_classes: int, device: torch.device):
@@ -222,10 +240,13 @@ def _check_values(tc: dict) -> None:
 
 def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths: RunPaths, *, bundle: DatasetBundle,
                           model: LTModel, p2, store: FeatureStore | None, device: torch.device, hr: float,
-                          command: str) -> dict:
+                          command: str, accel: Accel | None = None) -> dict:
     """Phase III for `finetune.generator` in FEATURE_GENERATORS (called by engine.phase_iii.run).
 
-    `p2` is engine.phase_iii.PhaseIIOutputs; `store` phase II's FeatureStore (offline) or None."""
+    `p2` is engine.phase_iii.PhaseIIOutputs; `store` phase II's FeatureStore (offline) or None.
+    Under torchrun the ranks share the backbone forward passes (online) and then all hold the same
+    features; generation and the linear classifier's training are repeated identically on every
+    rank (deterministic, and small next to the forward passes), and rank 0 writes."""
     f, tc = cfg["finetune"], cfg["tailcalib"]
     name = f["generator"]
     check_generator_mode(name, mode, paths.config, paths.note)
@@ -236,13 +257,12 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
     eval_batch = cfg["eval"]["batch_size"]
 
     if cfg["phase"] == "test":
-        return _test(args, paths, model, bundle, store, device, hr, command, mode, eval_batch, f["num_workers"])
+        return _test(args, paths, model, bundle, store, device, hr, command, mode, eval_batch, f["num_workers"], accel)
 
     run_mode, logger = open_run(paths, cfg, resume=args.resume, overwrite=args.overwrite, command=command)
     if run_mode == "finished":
         return read_results(paths.results) or {}
-    (paths.checkpoint_dir / "sources.yaml").write_text(yaml.safe_dump({
-        "phase_i_checkpoint": str(p2.checkpoint), "phase_ii_features": str(paths.features_dir), "mode": mode}))
+    write_sources(paths, p2, mode)
 
     seed = cfg["seed"]
     lr = tc["lr"] if tc["lr"] is not None else f["lr"]
@@ -285,7 +305,7 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
                 f"finetune.iterations/nt/na/eval_every/unfreeze do not apply to {name}.")
 
     started = time.perf_counter()
-    source = _FeatureSource(mode, model, bundle, store, device, eval_batch, f["num_workers"])
+    source = _FeatureSource(mode, model, bundle, store, device, eval_batch, f["num_workers"], accel)
     test_raw, test_y = source.test
     with torch.no_grad():
         reference = classification_report(model.fc(test_raw).argmax(1), test_y, train_counts, hr)
@@ -324,7 +344,7 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
 
 
 def _test(args, paths: RunPaths, model: LTModel, bundle: DatasetBundle, store, device, hr, command, mode, batch_size,
-          num_workers) -> dict:
+          num_workers, accel: Accel | None = None) -> dict:
     """`phase: test`: evaluate a feature-classifier checkpoint (default: this run's best_model.pt)."""
     ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
     payload = load_checkpoint(ckpt, produced_by=command)
@@ -332,7 +352,7 @@ def _test(args, paths: RunPaths, model: LTModel, bundle: DatasetBundle, store, d
         raise UserError(f"{ckpt} is not a TailCalib feature-classifier checkpoint (no feature_transform); it cannot be "
                         f"evaluated by finetune.generator={paths.phase.split('-')[-1]}.")
     check_compatible(payload, ckpt, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
-    source = _FeatureSource(mode, model, bundle, store, device, batch_size, num_workers)
+    source = _FeatureSource(mode, model, bundle, store, device, batch_size, num_workers, accel)
     test_raw, test_y = source.test
     preds = feature_logits(payload, test_raw).argmax(1)
     return write_test_results(paths, ckpt, classification_report(preds, test_y, bundle.train_counts, hr))

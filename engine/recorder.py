@@ -16,14 +16,21 @@ from engine.metrics import SCALAR_KEYS, summary_line
 from utils.checkpoint import apply_weights, load_checkpoint, save_checkpoint
 from utils.config import config_differences, dump_config
 from utils.errors import UserError
-from utils.logging import log_scalars, open_summary_writer, setup_logger
+from utils import distributed
+from utils.logging import log_scalars, open_summary_writer, setup_logger, silent_logger
 from utils.run_dir import RunPaths, prepare_run, write_json_atomic
+
+
+SPEED_SETTINGS = "accel."  # may change on --resume (e.g. moving the run to a GPU)
 
 
 class RunRecorder:
     def __init__(self, paths: RunPaths, logger: logging.Logger, payload: Callable[..., dict], *, step_name: str,
                  total_steps: int, resumed_state: dict | None = None):
-        """`payload(**extra)` returns the checkpoint dict of the current model (plain values only)."""
+        """`payload(**extra)` returns the checkpoint dict of the current model (plain values only).
+
+        Only rank 0 of a torchrun job records; on the other ranks every method is a no-op."""
+        self.enabled = distributed.context().is_main
         self.paths, self.logger, self.payload = paths, logger, payload
         self.step_name, self.total_steps = step_name, total_steps
         state = resumed_state or {}
@@ -32,7 +39,7 @@ class RunRecorder:
         self.history: list[dict] = state.get("history", [])
         self.elapsed = state.get("elapsed_s", 0.0)
         self.last_report: dict = {}
-        self.writer = open_summary_writer(paths.summary_dir)
+        self.writer = open_summary_writer(paths.summary_dir) if self.enabled else None
 
     def state(self) -> dict:
         return {"best_top1": self.best_top1, "best_step": self.best_step, "history": self.history, "elapsed_s": self.elapsed}
@@ -40,6 +47,8 @@ class RunRecorder:
     def record(self, step: int, stats: dict, report: dict | None, optimizer: torch.optim.Optimizer, seconds: float,
                periodic: bool = False) -> None:
         """Book step `step` (1-based, completed): `stats` are training numbers, `report` an evaluation or None."""
+        if not self.enabled:
+            return
         self.elapsed += seconds
         entry = {self.step_name: step, **stats}
         if report is not None:
@@ -63,6 +72,8 @@ class RunRecorder:
 
     def finish(self, **extra) -> dict:
         """Write the final results.json (top-level metrics = the last evaluation) and close TensorBoard."""
+        if not self.enabled:
+            return {}
         self.writer.close()
         results = {
             "finished": True, "phase": self.paths.phase, "config": self.paths.config, "note": self.paths.note,
@@ -80,7 +91,17 @@ def open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comma
     """Apply the overwrite / resume rules, check a resumed run's config, save the resolved config.
 
     Returns (mode, logger); mode 'finished' (a --resume of a completed run) comes with no logger.
+    Under torchrun rank 0 decides and writes; every rank gets the same mode (and the same UserError),
+    the other ranks a silent logger.
     """
+    opened = distributed.on_main(lambda: _open_run(paths, cfg, resume=resume, overwrite=overwrite, command=command))
+    mode = distributed.broadcast_object(opened[0] if opened else None)
+    if opened is not None:
+        return opened
+    return mode, (None if mode == "finished" else silent_logger())
+
+
+def _open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, command: str) -> tuple[str, logging.Logger | None]:
     mode = prepare_run(paths, resume=resume, overwrite=overwrite, command=command)
     if mode == "finished":
         print(f"{paths.checkpoint_dir} is already finished; nothing to resume.")
@@ -89,7 +110,7 @@ def open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comma
     run_dir.mkdir(parents=True, exist_ok=True)
     if mode == "resume":
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        diffs = config_differences(saved, cfg)
+        diffs = [d for d in config_differences(saved, cfg) if not d.startswith(SPEED_SETTINGS)]
         if diffs:
             raise UserError(
                 f"--resume with a config that differs from the interrupted run's ({', '.join(diffs)}). "
@@ -103,9 +124,10 @@ def open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comma
 
 
 def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
-    """`phase: test` output of any phase: the evaluation of `checkpoint`, in `test_results.json`."""
+    """`phase: test` output of any phase: the evaluation of `checkpoint`, in `test_results.json` (rank 0 writes)."""
     out = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(checkpoint), **report}
-    write_json_atomic(paths.checkpoint_dir / "test_results.json", out)
+    if distributed.context().is_main:
+        write_json_atomic(paths.checkpoint_dir / "test_results.json", out)
     return out
 
 

@@ -62,3 +62,17 @@ def run_main_in_process(script: str, *args: str, cwd: Path) -> tuple[int, str]:
         sys.argv = old_argv
         os.chdir(old_cwd)
     return code, err.getvalue()
+
+
+def run_torchrun(script: str, *args: str, cwd: Path, nproc: int = 2, check: bool = True,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N script args` (gloo on the CPU: pass --device cpu)."""
+    env = script_env()
+    env["OMP_NUM_THREADS"] = "1"  # N processes share this machine's cores
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / script), *args]
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
+                             f"\nstderr:\n{proc.stderr[-5000:]}")
+    return proc

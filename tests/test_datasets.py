@@ -18,7 +18,7 @@ from datasets import (
     AVAILABLE_DATASETS,
     BatchLoader,
     InMemoryDataset,
-    RandomBatches,
+    EpochBatches,
     build_datasets,
     long_tail_counts,
     select_long_tail_indices,
@@ -495,9 +495,44 @@ def test_batch_helpers():
     s = shuffled_batches(10, 4, torch.Generator().manual_seed(0))
     assert [len(b) for b in s] == [4, 4, 2] and sorted(sum(s, [])) == list(range(10))
     assert [len(b) for b in shuffled_batches(10, 4, None, drop_last=True)] == [4, 4]
-    rb = RandomBatches(10, 3, torch.Generator().manual_seed(0))
-    e1, e2 = list(rb), list(rb)
-    assert len(rb) == 4 and sorted(sum(e1, [])) == list(range(10)) and e1 != e2
+
+
+def test_epoch_batches_single_process_covers_everything_and_set_epoch_reshuffles():
+    sampler = EpochBatches(10, 3, seed=5)
+    e0 = list(sampler)
+    assert len(sampler) == 4 and [len(b) for b in e0] == [3, 3, 3, 1] and sorted(sum(e0, [])) == list(range(10))
+    assert list(sampler) == e0  # same epoch -> same order (a resumed run replays it)
+    sampler.set_epoch(1)
+    assert list(sampler) != e0
+    sampler.set_epoch(0)
+    assert list(sampler) == e0
+
+
+@pytest.mark.parametrize("n,batch,world", [(23, 6, 2), (23, 6, 3), (20, 4, 4), (9, 4, 2)])
+def test_epoch_batches_ranks_split_each_global_batch_without_overlap(n, batch, world):
+    single = EpochBatches(n, batch, seed=1)
+    single.set_epoch(3)
+    per_rank = []
+    for rank in range(world):
+        s = EpochBatches(n, batch, seed=1, rank=rank, world_size=world)
+        s.set_epoch(3)
+        per_rank.append(list(s))
+    assert len({len(b) for b in per_rank}) == 1  # every rank takes the same number of steps
+    for step, global_batch in enumerate(single):
+        parts = [batches[step] for batches in per_rank] if step < len(per_rank[0]) else []
+        if not parts:  # a last global batch smaller than the world is left out
+            assert len(global_batch) < world
+            continue
+        assert len({len(p) for p in parts}) == 1  # equal parts: DDP's gradient mean is the global mean
+        joined = sum(parts, [])
+        assert joined == global_batch[:len(joined)] and len(global_batch) - len(joined) < world
+    seen = sum((sum(b, []) for b in per_rank), [])
+    assert len(seen) == len(set(seen)) and len(seen) > n - world
+
+
+def test_epoch_batches_batch_must_divide_by_world():
+    with pytest.raises(UserError, match="multiple of the number of processes"):
+        EpochBatches(10, 5, seed=0, rank=0, world_size=2)
 
 
 def test_batch_loader_in_memory_yields_every_index_once():

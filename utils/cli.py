@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
+from utils import distributed
 from utils.errors import UserError
 
 
@@ -34,13 +36,21 @@ def script_command(script: str, config: str, note: str, *extra: str) -> str:
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2."""
+    """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2.
+
+    Under torchrun every rank runs `main`; rank 0 alone prints the message, and a rank that finished
+    waits for the others before leaving the process group."""
+    first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         main()
+        distributed.barrier()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if first_rank:
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted. A training run keeps its last checkpoint (last.pt): continue it with --resume. "
               "Phase II and visualize.py have no resume: run them again with --overwrite.", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.shutdown()

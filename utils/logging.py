@@ -28,6 +28,15 @@ def setup_logger(run_dir: Path | None, name: str = "fsa_lt") -> logging.Logger:
     return logger
 
 
+def silent_logger(name: str = "fsa_lt.silent") -> logging.Logger:
+    """A logger that drops everything: what ranks other than 0 of a torchrun job log to."""
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
 def open_summary_writer(summary_dir: Path) -> SummaryWriter:
     summary_dir.mkdir(parents=True, exist_ok=True)
     return SummaryWriter(log_dir=str(summary_dir))

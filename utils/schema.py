@@ -93,6 +93,9 @@ OPTIM = {
     "weight_decay": F(2e-4, float),
 }
 
+# speed settings (engine/accel.py); they may differ between a run and its --resume
+ACCEL = {"amp": F("none", choices=("none", "bf16", "fp16")), "channels_last": F(False)}
+
 PHASE_I = {
     "seed": F(0),
     "phase": F("train", choices=("train", "test")),
@@ -115,6 +118,7 @@ PHASE_I = {
         "eval_every": F(1),
     },
     "eval": {"batch_size": F(256), "hr": F(0.9, float)},
+    "accel": {**ACCEL, "compile": F(False)},
 }
 
 PHASE_II = {
@@ -127,6 +131,7 @@ PHASE_II = {
     "split": {"hr": F(0.9, float), "ts": F(0.8, float), "tg": F(0.2, float)},
     "confusion": {"nf": F(3)},
     "store": {"enabled": F(True), "views": F(0), "num_workers": F(0)},
+    "accel": ACCEL,
 }
 
 PHASE_III = {
@@ -158,6 +163,7 @@ PHASE_III = {
         "neighbours": F("all", str, choices=("all", "others")),
     },
     "eval": {"batch_size": F(256)},
+    "accel": ACCEL,
 }
 
 SCHEMAS = {"phase_i": PHASE_I, "phase_ii": PHASE_II, "phase_iii": PHASE_III}

@@ -1,0 +1,198 @@
+"""Benchmark: phase III iteration time, online and offline, vs. a plain forward over the same images.
+
+Builds phase III the way `engine.phase_iii.run` does -- `TailHeadComposer`, the `fsa` generator
+(`build_generator("fsa", GeneratorContext(...))`), the backbone frozen with `_set_trainable(model, False)`
+(eval mode, only `fc` trainable), SGD over `fc` -- and times, on one device, iterations 0..N-1 of the same
+plan (best of `--repeats`, runs interleaved):
+
+  forward   the images an online iteration fetches (`Nt` tail + `Nt*Na` donors + `Nt*(1+Na)` head
+            = `2*Nt*(1+Na)` rows), gathered with the same `BatchLoader` (augmentation on) and pushed
+            through a plain eval `model(x)` under no_grad: the floor for the online step
+  online    `_train_step` with `_OnlineMaps` (one forward + closed-form CAMs over those images,
+            fusion, head forward/backward, SGD step), plus the per-iteration `composer.plan` and reseed
+  offline   the same `_train_step` with `_OfflineMaps` reading phase II's float16 store (memory-mapped)
+
+and prints per-iteration milliseconds, online / forward (target <= 2x) and offline / online. The split,
+the confusing classes and the store come from phase II's pieces run on the same (random-weight) model
+first: `features_and_cams` (closed-form CAMs), a `ScoreAccumulator` and a `FeatureStoreWriter` into a
+temporary folder (view 0 only, as with the default store.views=0), then `head_tail_split(hr=0.9)` and
+`confusing_classes(nf=3)` (timing does not depend on the weights).
+Data: synthetic-LT (default, 10 classes of 32x32 shapes, imbalance 10, ~3,300 images) or
+Fashion-MNIST-LT (imbalance 100, 14,886 images, when the IDX files are available).
+
+    python benchmarks/bench_phase_iii.py [--data synthetic|fashion-mnist] [--threads 1] [--repeats 2]
+                                         [--iterations 20] [--nt 16] [--na 3] [--device auto|cpu|0]
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets import build_datasets  # noqa: E402
+from datasets.loader import BatchLoader, sequential_batches  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.phase_iii import _OfflineMaps, _OnlineMaps, _set_trainable, _train_step  # noqa: E402
+from fsa.batch_composition import TailHeadComposer  # noqa: E402
+from fsa.class_split import head_tail_split  # noqa: E402
+from fsa.confusion import ScoreAccumulator, confusing_classes, confusing_table  # noqa: E402
+from fsa.feature_store import FeatureStore, FeatureStoreWriter, format_bytes  # noqa: E402
+from fsa.generators import GeneratorContext, build_generator  # noqa: E402
+from fsa.gradcam import features_and_cams  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
+from utils.seeding import seed_everything  # noqa: E402
+
+TARGET = 2.0  # online iteration <= 2 x a plain forward over the same images
+SEED, HR, NF, TS, TG = 0, 0.9, 3, 0.8, 0.2
+
+
+def dataset_cfg(which: str) -> dict:
+    if which == "fashion-mnist":
+        return {"name": "fashion-mnist-LT", "imbalance": 100, "download": False, "augment": False}
+    return {"name": "synthetic-LT", "imbalance": 10, "augment": False,
+            "synthetic": {"num_classes": 10, "image_size": 32, "train_per_class": 800, "test_per_class": 10, "seed": 0}}
+
+
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def write_store(model, train, num_classes, folder: Path, device, batch_size) -> tuple[torch.Tensor, dict]:
+    """What phase II writes for view 0 (un-augmented; the default store.views=0), by its own pieces:
+    one eval forward + closed-form CAMs per batch (`features_and_cams`), the score matrix
+    (`ScoreAccumulator`) and float16 rows through `FeatureStoreWriter`."""
+    with torch.no_grad():
+        fmap_shape = tuple(model.features(train.get_batch(torch.arange(1), device)).shape[1:])
+    scores = ScoreAccumulator(num_classes, device)
+    writer = FeatureStoreWriter(folder, num_samples=len(train), fmap_shape=fmap_shape, views=1, num_test=0)
+    for x, y, idx in BatchLoader(train, sequential_batches(len(train), batch_size), device):
+        fmap, cam, logits = features_and_cams(model, x, y)
+        scores.update(logits, y)
+        start = int(idx[0])
+        writer.write(0, start, fmap.to(torch.float16).cpu(), cam.to(torch.float16).cpu(), fmap.float().mean(dim=(2, 3)).cpu())
+        writer.write_labels(start, y.cpu(), idx.cpu())
+    return scores.matrix().cpu(), writer.close()
+
+
+def phase_iii_steps(model, optimizer, generator, composer, fetch, iterations, device) -> float:
+    """Iterations 0..N-1 as the loop of engine.phase_iii.run runs them (evaluation left out)."""
+    sync(device)
+    start = time.perf_counter()
+    losses = []
+    for iteration in range(iterations):
+        seed_everything(SEED * 7_919 + iteration)
+        plan, rng = composer.plan(iteration)
+        losses.append(_train_step(model, optimizer, generator, plan, rng, fetch))
+    torch.stack(losses).sum().item()  # the loss values exist (one sync, as run() does at eval time)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def fetched_indices(generator, composer, iterations) -> list[list[int]]:
+    """The training indices each iteration's fetch reads, drawn exactly as `_train_step` draws them."""
+    out = []
+    for iteration in range(iterations):
+        plan, rng = composer.plan(iteration)
+        extra = generator.extra_indices(generator.ctx.labels[plan.tail], rng)
+        out.append(torch.cat([plan.tail, extra, plan.head]).tolist())
+    return out
+
+
+def plain_forward(model, train_aug, index_lists, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    rng = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for x, _, _ in BatchLoader(train_aug, index_lists, device, generator=rng):
+            model(x)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="synthetic", choices=("synthetic", "fashion-mnist"))
+    parser.add_argument("--arch", default="resnet32")
+    parser.add_argument("--iterations", type=int, default=20, help="phase III iterations per timed run")
+    parser.add_argument("--nt", type=int, default=16)
+    parser.add_argument("--na", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, or a GPU index")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    bundle = build_datasets(dataset_cfg(args.data), None)
+    train = bundle.train.with_augment(False)
+    train_aug = bundle.train.with_augment(True)  # what _OnlineMaps reads
+    torch.manual_seed(SEED)
+    model = build_model(args.arch, bundle.num_classes, bundle.in_channels).to(device).eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        matrix, meta = write_store(model, train, bundle.num_classes, Path(tmp) / "store", device, 256)
+        store_s = time.perf_counter() - t0
+        store = FeatureStore(Path(tmp) / "store")
+        head, tail = head_tail_split(bundle.train_counts, HR)
+        table = confusing_table(confusing_classes(matrix, tail, NF), bundle.num_classes, NF)
+
+        composer = TailHeadComposer(bundle.train.targets, tail, head, args.nt, args.na, SEED)
+        generator = build_generator("fsa", GeneratorContext(labels=bundle.train.targets, confusing=table, composer=composer,
+                                                            na=args.na, ts=TS, tg=TG))
+        trainable = _set_trainable(model, False)
+        optimizer = build_optimizer(trainable, {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
+                                                "weight_decay": 5e-4})
+        fetches = {"online": _OnlineMaps(model, bundle, device, with_grad=False), "offline": _OfflineMaps(store, device)}
+        index_lists = fetched_indices(generator, composer, args.iterations)
+        rows = len(index_lists[0])
+        print(f"{args.data}: {len(train)} training images {tuple(train.images.shape[1:])}, {bundle.num_classes} classes, "
+              f"{args.arch}, CAM-layer maps {meta['fmap_shape']}, tail classes {tail}, head {head}; nt {args.nt}, "
+              f"na {args.na}: batch {2 * args.nt * (1 + args.na)} rows, {rows} images fetched per iteration; "
+              f"{args.iterations} iterations per run, device {device} ({device_name(device, args.threads)}), best of "
+              f"{args.repeats}")
+        print(f"phase II store for the offline path: {format_bytes(meta['bytes'])} written in {store_s:.1f}s (not timed below)")
+
+        # warm-up: a few iterations of each path (allocator, page cache of the store, lazy init)
+        warm = min(3, args.iterations)
+        plain_forward(model, train_aug, index_lists[:warm], device)
+        for fetch in fetches.values():
+            phase_iii_steps(model, optimizer, generator, composer, fetch, warm, device)
+
+        runs = {"forward": [], "online": [], "offline": []}
+        for _ in range(args.repeats):
+            runs["forward"].append(plain_forward(model, train_aug, index_lists, device))
+            for key, fetch in fetches.items():
+                runs[key].append(phase_iii_steps(model, optimizer, generator, composer, fetch, args.iterations, device))
+
+    labels = {"forward": "plain eval forward (same images)", "online": "phase III online iteration",
+              "offline": "phase III offline iteration"}
+    ms = {key: 1000 * min(times) / args.iterations for key, times in runs.items()}
+    print(f"device: {device_name(device, args.threads)}")
+    print(f"{'what':<36}{'ms/iter':>9}{'x forward':>11}   all runs (ms/iter)")
+    for key, times in runs.items():
+        print(f"{labels[key]:<36}{ms[key]:>9.1f}{ms[key] / ms['forward']:>10.2f}x   "
+              f"{', '.join(f'{1000 * t / args.iterations:.1f}' for t in times)}")
+    ratio = ms["online"] / ms["forward"]
+    print(f"online / plain forward = {ratio:.2f}x (target <= {TARGET}x): {'OK' if ratio <= TARGET else 'ABOVE TARGET'}")
+    print(f"offline / online = {ms['offline'] / ms['online']:.3f} (online / offline = {ms['online'] / ms['offline']:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
