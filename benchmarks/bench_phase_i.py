@@ -3,7 +3,7 @@
 Times, on one device, the same model architecture (same initial weights) and the same training images
 (best of `--repeats`, runs interleaved):
 
-  project   what phase_i_train_or_test.py does per epoch: `shuffled_batches` from a seeded generator,
+  project   what phase_i_train_or_test.py does per epoch: `EpochBatches` (seeded, `set_epoch`),
             `BatchLoader` over the in-memory training set with augmentation ON (zero-padded random crop
             + flip + normalisation, vectorised on the device), `engine.loops.train_one_epoch` (per-step
             lr, forward, cross-entropy, zero_grad, backward, SGD step, loss / accuracy accumulated on the
@@ -15,8 +15,7 @@ Times, on one device, the same model architecture (same initial weights) and the
 and prints images/s of each and the ratio project / bare (target >= 0.9). Each timed run covers the
 first `--batches` batches of an epoch (default: the whole epoch), so that a CPU run stays short.
 `--amp bf16` runs both paths with bfloat16 autocast around forward + loss: the project's path through
-`train_one_epoch(..., accel=Accel(device, "bf16"))` when `engine.accel` exists (the `accel.amp` config
-option), else by wrapping the `train_one_epoch` call in `torch.autocast`. The model is a CIFAR ResNet-32
+`train_one_epoch(..., accel=Accel(device, "bf16"))` (the `accel.amp` config option). The model is a CIFAR ResNet-32
 by default (timing does not depend on the weights). Data: synthetic-LT (default, 10 classes of 32x32
 shapes, imbalance 10, ~3,300 images) or Fashion-MNIST-LT (imbalance 100, 14,886 images, when the IDX
 files are available).
@@ -28,11 +27,9 @@ files are available).
 import argparse
 import contextlib
 import copy
-import inspect
 import os
 import sys
 import time
-from typing import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
@@ -42,7 +39,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import build_datasets  # noqa: E402
-from datasets.loader import BatchLoader, shuffled_batches  # noqa: E402
+from datasets.loader import BatchLoader, EpochBatches  # noqa: E402
+from engine.accel import Accel  # noqa: E402
 from engine.loops import train_one_epoch  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -68,27 +66,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def project_amp(device: torch.device, amp: str | None) -> tuple[dict, Callable[[], contextlib.AbstractContextManager]]:
-    """(extra keyword arguments of train_one_epoch, context around the call) for `--amp`."""
-    if amp is None:
-        return {}, contextlib.nullcontext
-    if "accel" in inspect.signature(train_one_epoch).parameters:
-        from engine.accel import Accel
-
-        return {"accel": Accel(device, amp)}, contextlib.nullcontext
-    return {}, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def project_epoch(model, train_set, criterion, optimizer, batch_size, max_batches, seed, device, lr, amp) -> tuple[float, int]:
     """One (possibly truncated) phase I epoch through the project's loader and loop; (seconds, images)."""
-    extra, around = amp
     sync(device)
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    batches = shuffled_batches(len(train_set), batch_size, generator)[:max_batches]
-    loader = BatchLoader(train_set, batches, device, generator=generator)
-    with around():
-        train_one_epoch(model, loader, criterion, optimizer, lambda i: lr, **extra)
+    sampler = EpochBatches(len(train_set), batch_size, seed=0)
+    sampler.set_epoch(seed)
+    batches = list(sampler)[:max_batches]
+    loader = BatchLoader(train_set, batches, device, generator=torch.Generator().manual_seed(seed))
+    train_one_epoch(model, loader, criterion, optimizer, lambda i: lr, accel=Accel(device, amp or "none"))
     sync(device)
     return time.perf_counter() - start, sum(len(b) for b in batches)
 
@@ -135,7 +121,7 @@ def main() -> None:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    amp = project_amp(device, args.amp)
+    amp = args.amp
     bundle = build_datasets(dataset_cfg(args.data), None)
     train_set = bundle.train.with_augment(True)
     n = len(train_set)
@@ -159,8 +145,7 @@ def main() -> None:
 
     amp_note = ""
     if args.amp:
-        how = "project: accel=Accel(amp='bf16')" if amp[0] else "project: torch.autocast around the loop"
-        amp_note = f", bf16 autocast ({how})"
+        amp_note = ", bf16 autocast (project: accel=Accel(amp='bf16'))"
     print(f"{args.data}: {n} training images {tuple(train_set.images.shape[1:])}, {bundle.num_classes} classes, "
           f"{args.arch}, batch {args.batch_size}, {max_batches} batches per run, device {device} "
           f"({device_name(device, args.threads)}){amp_note}, best of {args.repeats}")

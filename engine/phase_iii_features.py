@@ -340,7 +340,8 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
         best_iteration=recorder.best_step * steps_per_epoch,
         train_samples=len(bundle.train), generated_per_class=expected, generated_total=sum(expected),
         balanced_to=balanced_to, classifier_init=tc["init"], neighbours=tc["neighbours"], lr=lr,
-        feature_transform=transform, phase_i_reference=phase_i_ref, tail_classes=p2.tail, head_classes=p2.head)
+        feature_transform=transform, phase_i_reference=phase_i_ref, tail_classes=p2.tail, head_classes=p2.head,
+        processes=distributed.context().world_size)
 
 
 def _test(args, paths: RunPaths, model: LTModel, bundle: DatasetBundle, store, device, hr, command, mode, batch_size,

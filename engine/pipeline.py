@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils import distributed
 from utils.config import CONFIG_ROOT, config_name, load_config
 from utils.errors import UserError
 from utils.run_dir import RunPaths, is_finished, read_results
@@ -49,7 +50,8 @@ VISUALIZE_PHASE = "phase_i"
 
 
 def say(message: str) -> None:
-    print(f"{PREFIX} {message}", flush=True)
+    if distributed.first_process():  # under torchrun every rank runs the pipeline; rank 0 talks
+        print(f"{PREFIX} {message}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
     started = time.perf_counter()
     try:
         _call(step, ns)
+        distributed.barrier()  # every rank sees the step's finished outputs before the next step's check
     except UserError:
         say(f"{tag} failed after {time.perf_counter() - started:.1f} s")
         raise
@@ -270,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     name = config_name(sources["phase_i"])
     runs = notes_and_opts(getattr(args, "note", None), getattr(args, "seeds", None))
     device = getattr(args, "device", "auto") or "auto"
+    distributed.setup_device(device)  # under torchrun: join the process group once, for every step
     # check every config (and the --opts the pipeline adds) before the first hour of training
     phase_i_cfg = load_config(sources["phase_i"], "phase_i", runs[0][1])
     phase_iii_cfg = load_config(sources["phase_iii"], "phase_iii", runs[0][1])
@@ -291,10 +295,13 @@ def run(args: argparse.Namespace) -> dict:
     for note, opts in runs:
         for i, step in enumerate(steps, 1):
             if step.kind == "phase_i" and not data_checked:
-                ensure_fashion_mnist(phase_i_cfg["dataset"])
+                distributed.on_main(lambda: ensure_fashion_mnist(phase_i_cfg["dataset"]))
+                distributed.barrier()
                 data_checked = True
             _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts)
 
+    if not distributed.context().is_main:
+        return {}
     tag = f"{name} report ({', '.join(notes)}):"
     out = report.report_dir(name)
     if report.is_up_to_date(name, notes):

@@ -20,6 +20,7 @@ from fsa.gradcam import eval_mode, grad_cam
 from fsa.visualization import render_grid, to_display_images
 from utils.cli import script_command
 from utils.config import CONFIG_ROOT, apply_schema, config_name, load_config, parse_opts
+from utils import distributed
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import open_summary_writer, setup_logger
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--panel must be at least 32 pixels, got {args.panel}.")
     name, note = config_name(args.config), args.note
     cfg = _phase_ii_config(args, name)
+    if not distributed.first_process():  # a handful of images: rank 0 of a torchrun job draws them alone
+        return []
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
     logger = setup_logger(None, "fsa_lt.visualize")
     device = resolve_device(args.device)

@@ -134,17 +134,21 @@ def test_phase_ii_sharded_store_is_identical_to_single_process(ddp_run, tmp_path
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("mode", ["online", "offline"])
-def test_phase_iii_under_torchrun_fine_tunes_the_classifier(ddp_run, mode):
-    run_torchrun(f"phase_iii_{mode}_train_or_test.py", *SMOKE, "--opts", "finetune.iterations=30",
-                 "finetune.eval_every=15", cwd=ddp_run)
-    run_dir = ddp_run / f"checkpoints/phase_iii_{mode}/smoke/default"
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["finished"] and results["processes"] == 2 and results["num_test_samples"] == 240
-    assert [h["iteration"] for h in results["history"]] == [0, 15, 30]
-    tuned = torch.load(run_dir / "last.pt", weights_only=True)["model"]
-    start = torch.load(ddp_run / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)["model"]
-    assert {k for k in tuned if not torch.equal(tuned[k], start[k])} == {"fc.weight", "fc.bias"}
+def test_the_pipeline_under_torchrun_runs_every_phase_on_two_processes(tmp_path):
+    proc = run_torchrun("pipeline.py", *SMOKE, cwd=tmp_path)
+    assert proc.stdout.count("[pipeline] done in") == 1  # rank 0 talks, the other rank is silent
+    runs = sorted((tmp_path / "checkpoints").glob("*/smoke/default/results.json"))
+    assert len(runs) == 6  # phase I; phase III online, offline, cRT control, TailCalib, TailCalibX
+    for path in runs:
+        results = json.loads(path.read_text())
+        assert results["finished"] and results["processes"] == 2 and results["num_test_samples"] == 240, path
+    start = torch.load(tmp_path / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)["model"]
+    for mode in ("online", "offline"):
+        tuned = torch.load(tmp_path / f"checkpoints/phase_iii_{mode}/smoke/default/last.pt", weights_only=True)["model"]
+        assert {k for k in tuned if not torch.equal(tuned[k], start[k])} == {"fc.weight", "fc.bias"}  # DDP-trained head
+    assert json.loads((tmp_path / "features/smoke/default/results.json").read_text())["processes"] == 2
+    assert list((tmp_path / "visualizations").rglob("*.png"))
+    assert (tmp_path / "reports/smoke/ablation.md").is_file()
 
 
 def test_tailcalibx_under_torchrun_equals_one_process(ddp_run, tmp_path):

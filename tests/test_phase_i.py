@@ -111,6 +111,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     (["--config", "smoke", "--resume"], "nothing to resume"),
     (["--config", "smoke", "--device", "gpu0"], "--device must be"),
     (["--config", "smoke", "--opts", "model.arch=resnet33"], "resnet32"),
+    (["--config", "smoke", "--device", "cpu", "--opts", "accel.amp=fp16"], "accel.amp=fp16 needs a GPU"),
+    (["--config", "smoke", "--opts", "accel.amp=fp8"], "accel.amp' must be one of none, bf16, fp16"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, args, fragment):
     code, stderr = run_main_in_process(SCRIPT, *args, cwd=tmp_path)
@@ -139,3 +141,17 @@ def test_truncated_checkpoint(smoke_run, tmp_path):
     code, stderr = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--checkpoint", str(broken), "--opts",
                                        "phase=test", cwd=tmp_path)
     assert code == 2 and "truncated or corrupt" in stderr
+
+
+def test_bf16_autocast_and_channels_last_train_a_float32_model(tmp_path):
+    opts = ("--opts", "train.epochs=2", "accel.amp=bf16", "accel.channels_last=true")
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", *opts, cwd=tmp_path)
+    assert code == 0, err
+    run_dir = tmp_path / "checkpoints/phase_i/smoke/default"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["finished"] and all(h["loss"] == h["loss"] and h["loss"] > 0 for h in results["history"])
+    state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())  # autocast leaves the weights float32
+    from models import build_model
+
+    build_model("resnet8", 8, 3).load_state_dict(state)

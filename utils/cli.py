@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable
 
@@ -40,7 +39,7 @@ def run_cli(main: Callable[[], object]) -> None:
 
     Under torchrun every rank runs `main`; rank 0 alone prints the message, and a rank that finished
     waits for the others before leaving the process group."""
-    first_rank = int(os.environ.get("RANK", "0")) == 0
+    first_rank = distributed.first_process()
     try:
         main()
         distributed.barrier()

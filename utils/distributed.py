@@ -47,6 +47,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def first_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process (known before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def context() -> DistContext:
     """The current process's place in the process group (a world of one when not distributed)."""
     if dist.is_available() and dist.is_initialized():
