@@ -37,27 +37,11 @@ from torchvision import transforms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import dataset_cfg, device_name, sync  # noqa: E402
+
 from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader, shuffled_batches  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
-
-
-def dataset_cfg(which: str) -> dict:
-    if which == "fashion-mnist":
-        return {"name": "fashion-mnist-LT", "imbalance": 100, "download": False, "augment": True}
-    return {"name": "synthetic-LT", "imbalance": 10, "augment": True,
-            "synthetic": {"num_classes": 10, "image_size": 32, "train_per_class": 800, "test_per_class": 10, "seed": 0}}
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PILDataset(Dataset):
@@ -111,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
 
-    bundle = build_datasets(dataset_cfg(args.data), None)
+    bundle = build_datasets(dataset_cfg(args.data, augment=True), None)
     train_aug = bundle.train.with_augment(True)
     n, size = len(train_aug), train_aug.image_size
     transform = transforms.Compose([

@@ -38,6 +38,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import dataset_cfg, device_name, sync  # noqa: E402
+
 from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader, EpochBatches  # noqa: E402
 from engine.accel import Accel  # noqa: E402
@@ -46,24 +48,6 @@ from models import build_model  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 
 TARGET = 0.9  # project images/s >= 0.9 x bare loop
-
-
-def dataset_cfg(which: str) -> dict:
-    if which == "fashion-mnist":
-        return {"name": "fashion-mnist-LT", "imbalance": 100, "download": False, "augment": True}
-    return {"name": "synthetic-LT", "imbalance": 10, "augment": True,
-            "synthetic": {"num_classes": 10, "image_size": 32, "train_per_class": 800, "test_per_class": 10, "seed": 0}}
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def project_epoch(model, train_set, criterion, optimizer, batch_size, max_batches, seed, device, lr, amp) -> tuple[float, int]:
@@ -122,7 +106,7 @@ def main() -> None:
         return contextlib.nullcontext()
 
     amp = args.amp
-    bundle = build_datasets(dataset_cfg(args.data), None)
+    bundle = build_datasets(dataset_cfg(args.data, augment=True), None)
     train_set = bundle.train.with_augment(True)
     n = len(train_set)
     max_batches = args.batches if args.batches > 0 else -(-n // args.batch_size)

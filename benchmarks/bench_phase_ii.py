@@ -30,6 +30,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import dataset_cfg  # noqa: E402
+
 from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader, sequential_batches  # noqa: E402
 from engine.phase_ii import ExtractionTimer, extract_view, resolve_cam_method  # noqa: E402
@@ -37,13 +39,6 @@ from fsa.confusion import ScoreAccumulator  # noqa: E402
 from fsa.decomposition import SplitStatistics  # noqa: E402
 from fsa.feature_store import FeatureStoreWriter, format_bytes  # noqa: E402
 from models import build_model  # noqa: E402
-
-
-def dataset_cfg(which: str) -> dict:
-    if which == "fashion-mnist":
-        return {"name": "fashion-mnist-LT", "imbalance": 100, "download": False, "augment": False}
-    return {"name": "synthetic-LT", "imbalance": 10, "augment": False,
-            "synthetic": {"num_classes": 10, "image_size": 32, "train_per_class": 800, "test_per_class": 10, "seed": 0}}
 
 
 def plain_forward(model, loader) -> float:
@@ -80,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    bundle = build_datasets(dataset_cfg(args.data), None)
+    bundle = build_datasets(dataset_cfg(args.data, augment=False), None)
     train = bundle.train.with_augment(False)
     n = len(train)
     model = build_model(args.arch, bundle.num_classes, bundle.in_channels).to(device).eval()

@@ -37,6 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import dataset_cfg, device_name, sync  # noqa: E402
+
 from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader, sequential_batches  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
@@ -53,24 +55,6 @@ from utils.seeding import seed_everything  # noqa: E402
 
 TARGET = 2.0  # online iteration <= 2 x a plain forward over the same images
 SEED, HR, NF, TS, TG = 0, 0.9, 3, 0.8, 0.2
-
-
-def dataset_cfg(which: str) -> dict:
-    if which == "fashion-mnist":
-        return {"name": "fashion-mnist-LT", "imbalance": 100, "download": False, "augment": False}
-    return {"name": "synthetic-LT", "imbalance": 10, "augment": False,
-            "synthetic": {"num_classes": 10, "image_size": 32, "train_per_class": 800, "test_per_class": 10, "seed": 0}}
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {threads} thread{'s' if threads != 1 else ''}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write_store(model, train, num_classes, folder: Path, device, batch_size) -> tuple[torch.Tensor, dict]:
@@ -139,7 +123,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
 
-    bundle = build_datasets(dataset_cfg(args.data), None)
+    bundle = build_datasets(dataset_cfg(args.data, augment=False), None)
     train = bundle.train.with_augment(False)
     train_aug = bundle.train.with_augment(True)  # what _OnlineMaps reads
     torch.manual_seed(SEED)

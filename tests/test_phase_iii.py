@@ -248,3 +248,41 @@ def test_zero_batch_is_rejected(smoke_ii):
     code, err = run_main_in_process("phase_iii_online_train_or_test.py", "--config", "smoke", "--device", "cpu", "--opts",
                                     "finetune.nt=0", cwd=smoke_ii)
     assert code == 2 and "batch = 2*nt*(1+na)" in err
+
+
+def test_train_step_shares_average_to_the_full_batch_gradient():
+    """Under torchrun each rank takes every W-th tail / head row; with the loss scaled by
+    world_size / global_rows, DDP's mean of the ranks' gradients is the full batch's gradient."""
+    from types import SimpleNamespace
+
+    from fsa.batch_composition import BatchPlan
+    from models import build_model
+
+    nt, na, world = 3, 2, 2  # uneven shares (2 + 1 tail, 5 + 4 head rows): a plain mean per rank would be wrong
+    maps_table = torch.randn(len(LABELS), 64, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    class Doubling:  # deterministic stand-in for a generator: na scaled copies of each tail map
+        ctx = SimpleNamespace(labels=LABELS)
+
+        def extra_indices(self, tail_labels, rng):
+            return torch.zeros(0, dtype=torch.long)
+
+        def generate(self, tail_maps, tail_cams, tail_y, extra_maps, extra_cams, extra_y, rng):
+            return 0.5 * tail_maps.repeat_interleave(na, 0), tail_y.repeat_interleave(na)
+
+    def fetch(indices, rng):
+        return maps_table[indices], torch.rand(len(indices), 2, 2), LABELS[indices]
+
+    plan, _ = TailHeadComposer(LABELS, TAIL, HEAD, nt, na, seed=3).plan(7)
+    model = build_model("resnet8", 5)
+
+    def fc_grad(share: BatchPlan, world_size: int) -> torch.Tensor:
+        optimizer = torch.optim.SGD(model.fc.parameters(), lr=0.0)
+        phase_iii._train_step(model, optimizer, Doubling(), share, torch.Generator(), fetch,
+                              global_rows=batch_size(nt, na), world_size=world_size)
+        return model.fc.weight.grad.clone()
+
+    full = fc_grad(plan, 1)
+    shares = [BatchPlan(tail=plan.tail[r::world], head=plan.head[r::world]) for r in range(world)]
+    averaged = sum(fc_grad(share, world) for share in shares) / world
+    torch.testing.assert_close(averaged, full)
