@@ -44,14 +44,20 @@ def test_interleaved_batches_are_the_single_process_batches(n, batch, world):
 
 # ---------------------------------------------------------------- collectives (spawned gloo group)
 
+def _tiny_model_and_data() -> tuple[torch.nn.Module, InMemoryDataset]:
+    """The same model and 23 images in every process (23: shares of 11 and 12 on 2 ranks)."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", 4, 1).eval()
+    generator = torch.Generator().manual_seed(1)
+    data = InMemoryDataset(torch.randint(0, 256, (23, 1, 12, 12), dtype=torch.uint8, generator=generator),
+                           torch.arange(23) % 4, 4, (0.5,), (0.25,), augment=False)
+    return model, data
+
+
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = build_model("resnet8", 4, 1).eval()
-        generator = torch.Generator().manual_seed(1)
-        data = InMemoryDataset(torch.randint(0, 256, (23, 1, 12, 12), dtype=torch.uint8, generator=generator),
-                               torch.arange(23) % 4, 4, (0.5,), (0.25,), augment=False)
+        model, data = _tiny_model_and_data()
         logits, targets, indices = predict(model, eval_loader(data, 5, torch.device("cpu")))
         rows = torch.full((rank + 1, 2), float(rank))  # uneven row counts per rank
         parts = distributed.gather_parts(rows)
@@ -65,11 +71,7 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_gloo_evaluation_counts_every_sample_once_and_matches_one_process(tmp_path):
     mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    torch.manual_seed(0)
-    model = build_model("resnet8", 4, 1).eval()
-    generator = torch.Generator().manual_seed(1)
-    data = InMemoryDataset(torch.randint(0, 256, (23, 1, 12, 12), dtype=torch.uint8, generator=generator),
-                           torch.arange(23) % 4, 4, (0.5,), (0.25,), augment=False)
+    model, data = _tiny_model_and_data()
     logits, targets, _ = predict(model, eval_loader(data, 5, torch.device("cpu")))
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
