@@ -76,6 +76,10 @@ class EpochBatches:
     def __len__(self) -> int:
         return len(self._global_sizes())
 
+    def samples_per_epoch(self) -> int:
+        """Rows of one epoch over all processes (``n`` less the left-out remainder)."""
+        return sum(size - size % self.world_size for size in self._global_sizes())
+
 
 class BatchLoader:
     """Iterate ``(x, y, idx)`` batches on ``device``.

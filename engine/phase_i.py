@@ -136,10 +136,12 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
         stats = train_one_epoch(train_model, loader, criterion, optimizer, lambda i: lr_at(epoch + i / steps, t),
                                 accel=accel, scaler=scaler if scaler.is_enabled() else None,
                                 desc=f"epoch {epoch + 1}/{t['epochs']}")
-        stats["lr"] = lr_at(epoch, t)
+        train_s = time.perf_counter() - started
+        stats.update(lr=lr_at(epoch, t), train_s=train_s, images_per_s=sampler.samples_per_epoch() / max(train_s, 1e-9))
         done = epoch + 1
         report = None
         if done % t["eval_every"] == 0 or done == t["epochs"]:
+            distributed.sync_buffers(model)  # every rank evaluates the model rank 0 saves
             report = evaluate(model, test_loader, bundle.train_counts, cfg["eval"]["hr"], accel=accel)
         recorder.record(done, stats, report, optimizer, time.perf_counter() - started,
                         periodic=bool(t["save_every"]) and done % t["save_every"] == 0)

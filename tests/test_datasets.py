@@ -528,6 +528,7 @@ def test_epoch_batches_ranks_split_each_global_batch_without_overlap(n, batch, w
         assert joined == global_batch[:len(joined)] and len(global_batch) - len(joined) < world
     seen = sum((sum(b, []) for b in per_rank), [])
     assert len(seen) == len(set(seen)) and len(seen) > n - world
+    assert EpochBatches(n, batch, seed=1, rank=0, world_size=world).samples_per_epoch() == len(seen)
 
 
 def test_epoch_batches_batch_must_divide_by_world():

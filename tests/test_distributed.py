@@ -120,6 +120,13 @@ def test_phase_i_test_mode_under_torchrun_equals_one_process(ddp_run):
     one = json.loads(path.read_text())
     assert two["num_test_samples"] == one["num_test_samples"] == 240
     assert two["confusion"] == one["confusion"] and two["top1"] == one["top1"]
+    # the sharded evaluation during training is that of the saved model (rank 0's BatchNorm statistics)
+    run_dir = ddp_run / "checkpoints/phase_i/smoke/default"
+    code, err = run_main_in_process("phase_i_train_or_test.py", *SMOKE, "--checkpoint", str(run_dir / "last.pt"),
+                                    "--opts", "phase=test", cwd=ddp_run)
+    assert code == 0, err
+    final = json.loads((run_dir / "results.json").read_text())
+    assert json.loads(path.read_text())["confusion"] == final["confusion"]
 
 
 def test_phase_ii_sharded_store_is_identical_to_single_process(ddp_run, tmp_path):

@@ -142,6 +142,19 @@ def main_first() -> Iterator[None]:
             dist.barrier()
 
 
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts them at the
+    start of each forward, so after the last training step every rank holds slightly different ones;
+    an evaluation sharded over the ranks must use the statistics the checkpoint (rank 0's) holds."""
+    if not context().enabled:
+        return
+    device = _comm_device()
+    for buffer in module.buffers():
+        wire = buffer.detach().to(device)
+        dist.broadcast(wire, src=0)
+        buffer.copy_(wire)
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of ``values`` over the ranks (a copy; float64 on the wire for exact counts)."""
     if not context().enabled:
