@@ -158,16 +158,19 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     head: torch.nn.Module = _Head(model)
     if ctx.enabled:
         head = DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    fetch = _OnlineMaps(model, bundle, device, unfreeze, accel) if mode == "online" else _OfflineMaps(store, device)
+    draws = IterationDraws(composer, generator, cfg["seed"], ctx.rank, ctx.world_size)
+    if mode == "online":
+        fetch = _OnlineMaps(model, bundle, device, unfreeze, accel)
+        if not fetch.in_memory:  # file datasets: DataLoader workers load the next iterations' images ahead
+            fetch.prefetch(draws, start, f["iterations"], f["num_workers"])
+    else:
+        fetch = _OfflineMaps(store, device)
     train_set_size = len(bundle.train)
     window_loss, window_started = [], time.perf_counter()
     for iteration in range(start, f["iterations"]):
         seed_everything(cfg["seed"] * 7_919 + iteration)
-        plan, rng = composer.plan(iteration)
-        if ctx.enabled:  # this rank's share of the global plan, and its own stream for the other draws
-            plan = BatchPlan(tail=plan.tail[ctx.rank::ctx.world_size], head=plan.head[ctx.rank::ctx.world_size])
-            rng = torch.Generator().manual_seed(derived_seed(derived_seed(cfg["seed"], iteration), 1 + ctx.rank))
-        loss = _train_step(model, optimizer, generator, plan, rng, fetch, head=head,
+        plan, rng, extra = draws(iteration)
+        loss = _train_step(model, optimizer, generator, plan, rng, fetch, extra=extra, head=head,
                            global_rows=batch_size(f["nt"], f["na"]), world_size=ctx.world_size)
         window_loss.append(loss)
         done = iteration + 1
@@ -203,6 +206,44 @@ def _set_trainable(model: LTModel, unfreeze: bool) -> list[torch.nn.Parameter]:
     return params
 
 
+class IterationDraws:
+    """This rank's sample draws of phase III iteration `i`: `(plan, rng, extra)` where `plan` holds the
+    real tail / head indices (under torchrun: every W-th row of the global plan), `extra` the samples
+    the generator needs (donors, or more tail samples for `none`) and `rng` the generator for the
+    iteration's remaining draws. A pure function of (seed, i, rank): the training loop and the
+    file-dataset prefetcher both call it and get the same indices."""
+
+    def __init__(self, composer: TailHeadComposer, generator: MapGenerator, seed: int, rank: int = 0, world_size: int = 1):
+        self.composer, self.generator, self.seed = composer, generator, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, iteration: int) -> tuple[BatchPlan, torch.Generator, torch.Tensor]:
+        plan, rng = self.composer.plan(iteration)
+        if self.world_size > 1:  # this rank's share of the global plan, and its own stream for the other draws
+            plan = BatchPlan(tail=plan.tail[self.rank::self.world_size], head=plan.head[self.rank::self.world_size])
+            rng = torch.Generator().manual_seed(derived_seed(derived_seed(self.seed, iteration), 1 + self.rank))
+        extra = self.generator.extra_indices(self.generator.ctx.labels[plan.tail], rng)
+        return plan, rng, extra
+
+    def images(self, iteration: int) -> list[int]:
+        """Every training index whose image iteration `iteration` fetches, in `_train_step`'s order."""
+        plan, _, extra = self(iteration)
+        return torch.cat([plan.tail, extra, plan.head]).tolist()
+
+
+class _IterationBatches:
+    """Batch sampler over iterations [start, stop): the image indices of each (for a DataLoader)."""
+
+    def __init__(self, draws: IterationDraws, start: int, stop: int):
+        self.draws, self.start, self.stop = draws, start, stop
+
+    def __iter__(self):
+        return (self.draws.images(i) for i in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 class _Head(torch.nn.Module):
     """`model.head` as a module of its own: what DistributedDataParallel wraps in phase III (the
     trainable `fc`, and with unfreeze the last stage, whose gradients flow through the maps)."""
@@ -223,9 +264,25 @@ class _OnlineMaps:
         self.model, self.device, self.with_grad, self.accel = model, device, with_grad, accel
         self.train = bundle.train.with_augment(True)
         self.labels = bundle.train.targets
+        self.in_memory = hasattr(self.train, "get_batch")
+        self._ahead = None
+
+    def prefetch(self, draws: IterationDraws, start: int, stop: int, num_workers: int) -> None:
+        """Load the images of iterations start..stop-1 through one persistent DataLoader (workers,
+        pinned memory), in order; each call then takes the next batch and checks its indices."""
+        self._ahead = iter(BatchLoader(self.train, _IterationBatches(draws, start, stop), self.device, num_workers=num_workers))
+
+    def _images(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ahead is None:  # in-memory: gather + augment on the device now, with the iteration's rng
+            x, y, _ = next(iter(BatchLoader(self.train, [indices.tolist()], self.device, generator=rng)))
+            return x, y
+        x, y, idx = next(self._ahead)
+        if not torch.equal(idx.cpu(), indices.cpu()):
+            raise RuntimeError("phase III prefetch is out of step with the training loop")
+        return x, y
 
     def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y, _ = next(iter(BatchLoader(self.train, [indices.tolist()], self.device, generator=rng)))
+        x, y = self._images(indices, rng)
         if self.accel is None:
             fmaps, cams, _ = features_and_cams(self.model, x, y, with_grad=self.with_grad)
             return fmaps, cams, y
@@ -247,8 +304,8 @@ class _OfflineMaps:
 
 
 def _train_step(model: LTModel, optimizer: torch.optim.Optimizer, generator: MapGenerator, plan, rng: torch.Generator,
-                fetch, *, head: torch.nn.Module | None = None, global_rows: int | None = None,
-                world_size: int = 1) -> torch.Tensor:
+                fetch, *, extra: torch.Tensor | None = None, head: torch.nn.Module | None = None,
+                global_rows: int | None = None, world_size: int = 1) -> torch.Tensor:
     """One batch: real tail, generated, real head rows; cross-entropy on the classifier head.
 
     `head` defaults to `model.head`; under torchrun it is the DDP-wrapped head, this rank holds a
@@ -256,7 +313,8 @@ def _train_step(model: LTModel, optimizer: torch.optim.Optimizer, generator: Map
     so the gradient DDP averages over the ranks is that of the mean over the whole batch."""
     nt = len(plan.tail)
     tail_labels = generator.ctx.labels[plan.tail]
-    extra = generator.extra_indices(tail_labels, rng)
+    if extra is None:  # (IterationDraws draws it with the plan)
+        extra = generator.extra_indices(tail_labels, rng)
     # one fetch (one forward pass online) for every real sample of the batch
     maps, cams, labels = fetch(torch.cat([plan.tail, extra, plan.head]), rng)
     n_extra = len(extra)

@@ -286,3 +286,45 @@ def test_train_step_shares_average_to_the_full_batch_gradient():
     shares = [BatchPlan(tail=plan.tail[r::world], head=plan.head[r::world]) for r in range(world)]
     averaged = sum(fc_grad(share, world) for share in shares) / world
     torch.testing.assert_close(averaged, full)
+
+
+def test_online_fine_tuning_on_image_files_prefetches_through_dataloader_workers(tmp_path, monkeypatch):
+    """A file dataset (image folder): phase III online loads each iteration's images ahead through
+    one persistent DataLoader with workers, and every batch matches the iteration's draws."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (30, 10, 4)), ("val", (5, 5, 5))):
+        for cls, (n, colour) in enumerate(zip(counts, ((200, 30, 30), (30, 200, 30), (30, 30, 200)))):
+            folder = tmp_path / "data" / split / f"c{cls}"
+            folder.mkdir(parents=True)
+            for k in range(n):
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+    data = ["dataset.name=image-folder", f"dataset.root={tmp_path / 'data'}", "dataset.image_size=16"]
+    common = ("--config", "smoke", "--device", "cpu")
+    code, err = run_main_in_process("phase_i_train_or_test.py", *common, "--opts", *data, "model.arch=resnet8",
+                                    "train.epochs=1", "train.batch_size=8", "train.num_workers=2", cwd=tmp_path)
+    assert code == 0, err
+    code, err = run_main_in_process("phase_ii_extract_feature.py", *common, "--opts", "confusion.nf=1",
+                                    "store.num_workers=2", cwd=tmp_path)
+    assert code == 0, err
+
+    fetched = []
+    original = phase_iii._OnlineMaps._images
+
+    def spy(self, indices, rng):
+        fetched.append((self._ahead is not None, indices.tolist()))
+        return original(self, indices, rng)
+
+    monkeypatch.setattr(phase_iii._OnlineMaps, "_images", spy)
+    code, err = run_main_in_process("phase_iii_online_train_or_test.py", *common, "--opts", "finetune.iterations=4",
+                                    "finetune.eval_every=2", "finetune.nt=2", "finetune.na=1", "finetune.num_workers=2",
+                                    cwd=tmp_path)
+    assert code == 0, err
+    results = json.loads((tmp_path / "checkpoints/phase_iii_online/smoke/default/results.json").read_text())
+    assert results["finished"] and results["num_test_samples"] == 15
+    assert len(fetched) == 4 and all(prefetched for prefetched, _ in fetched)
+    # nt tail + nt*na donors + nt*(1+na) head images; a batch out of step with the draws raises in _images
+    assert all(len(indices) == 2 + 2 * 1 + 2 * (1 + 1) for _, indices in fetched)
