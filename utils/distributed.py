@@ -223,4 +223,5 @@ def interleaved_batches(n: int, batch_size: int, rank: int | None = None,
 
 def interleaved_rounds(n: int, batch_size: int) -> int:
     """How many batches the busiest rank has in an interleaved pass (the number of gather rounds)."""
-    return -(-(-(-n // batch_size)) // context().world_size)
+    batches = -(-n // batch_size)
+    return -(-batches // context().world_size)
