@@ -7,10 +7,13 @@ first epoch is a warm-up and left out; the figure is the best of the remaining e
 batch is the same for every N (each process takes batch / N rows), so every N does the same
 optimisation; `scaling` is images/s at N over images/s at the smallest N.
 
-On the CPU each process gets `--threads` torch threads (gloo between processes); on a machine with
-GPUs use `--device auto` (one GPU per process, NCCL).
+On the CPU each process gets `--threads` torch threads (gloo between processes), or with
+`--share-threads` `--threads / N` of them, so that every N uses the same cores (the fair question on a
+CPU: does one process with all cores beat N processes sharing them?). On a machine with GPUs use
+`--device auto` (one GPU per process, NCCL).
 
     python benchmarks/bench_ddp.py [--data synthetic|fashion-mnist] [--procs 1 2] [--epochs 3] [--threads 1]
+                                   [--share-threads]
 """
 
 import argparse
@@ -25,8 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"synthetic": "smoke", "fashion-mnist": "fashion-mnist-LT_resnet32"}
 
 
+def threads_per_process(procs: int, args: argparse.Namespace) -> int:
+    return max(args.threads // procs, 1) if args.share_threads else args.threads
+
+
 def run_phase_i(workdir: Path, procs: int, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(procs, args)), "TQDM_DISABLE": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     (workdir / "configs").symlink_to(REPO / "configs")
     note = f"procs{procs}"
@@ -47,6 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is a warm-up")
     parser.add_argument("--batch-size", type=int, default=128, help="the global batch (divisible by every N)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
+    parser.add_argument("--share-threads", action="store_true", help="N processes share --threads threads")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or auto (one GPU per process, NCCL)")
     parser.add_argument("--opts", nargs="*", default=[], help="more phase I --opts, e.g. accel.amp=bf16")
     args = parser.parse_args()
@@ -59,13 +67,14 @@ def main() -> None:
             results = run_phase_i(Path(tmp), procs, args)
         timed = results["history"][1:]
         best = max(timed, key=lambda h: h["images_per_s"])
-        rows.append((procs, best["images_per_s"], best["train_s"], [round(h["images_per_s"], 1) for h in timed]))
-    base = rows[0][1]
-    print(f"phase I, config {CONFIGS[args.data]}, global batch {args.batch_size}, device {args.device}, "
-          f"{args.threads} thread(s) per process; best of epochs 2..{args.epochs}")
-    print(f"{'processes':>9} {'images/s':>10} {'epoch train s':>14} {'scaling':>8}   all epochs (images/s)")
-    for procs, ips, seconds, every in rows:
-        print(f"{procs:>9} {ips:>10.1f} {seconds:>14.2f} {ips / base:>7.2f}x   {every}")
+        rows.append((procs, threads_per_process(procs, args), best["images_per_s"], best["train_s"],
+                     [round(h["images_per_s"], 1) for h in timed]))
+    base = rows[0][2]
+    print(f"phase I, config {CONFIGS[args.data]}, global batch {args.batch_size}, device {args.device}; "
+          f"best of epochs 2..{args.epochs}")
+    print(f"{'processes':>9} {'threads each':>12} {'images/s':>10} {'epoch train s':>14} {'scaling':>8}   all epochs (images/s)")
+    for procs, threads, ips, seconds, every in rows:
+        print(f"{procs:>9} {threads:>12} {ips:>10.1f} {seconds:>14.2f} {ips / base:>7.2f}x   {every}")
 
 
 if __name__ == "__main__":
