@@ -74,3 +74,7 @@ class Accel:
 
     def describe(self) -> str:
         return f"amp {self.amp}, channels_last {self.channels_last}, compile {self.compile}"
+
+
+# every setting off: the default of functions that take an Accel (the device is not consulted)
+NO_ACCEL = Accel(torch.device("cpu"))

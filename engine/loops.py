@@ -1,7 +1,6 @@
 """The train / evaluate loops every phase shares (single process or one rank of a torchrun job)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable
 
 import torch
@@ -9,7 +8,7 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets.loader import BatchLoader
-from engine.accel import Accel
+from engine.accel import NO_ACCEL, Accel
 from engine.metrics import classification_report
 from engine.optim import set_lr
 from utils import distributed
@@ -21,10 +20,6 @@ def progress(loader: Iterable, desc: str) -> Iterable:
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, **quiet)
 
 
-def _autocast(accel: Accel | None) -> contextlib.AbstractContextManager:
-    return accel.autocast() if accel is not None else contextlib.nullcontext()
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -32,7 +27,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     lr_for_step: Callable[[int], float],
     *,
-    accel: Accel | None = None,
+    accel: Accel = NO_ACCEL,
     scaler: torch.amp.GradScaler | None = None,
     desc: str = "train",
 ) -> dict:
@@ -46,10 +41,8 @@ def train_one_epoch(
     seen = torch.zeros((), dtype=torch.long)
     for step, (x, y, _) in enumerate(progress(loader, desc)):
         set_lr(optimizer, lr_for_step(step))
-        if accel is not None:
-            x = accel.inputs(x)
-        with _autocast(accel):
-            logits = model(x)
+        with accel.autocast():
+            logits = model(accel.inputs(x))
             loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -77,7 +70,7 @@ def eval_loader(dataset, batch_size: int, device: torch.device, num_workers: int
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, *, accel: Accel | None = None,
+def predict(model: nn.Module, loader: Iterable, *, accel: Accel = NO_ACCEL,
             desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, indices) over the loader, in eval mode; the model's mode is restored.
 
@@ -88,10 +81,8 @@ def predict(model: nn.Module, loader: Iterable, *, accel: Accel | None = None,
     logits, targets, indices = [], [], []
     try:
         for x, y, idx in progress(loader, desc):
-            if accel is not None:
-                x = accel.inputs(x)
-            with _autocast(accel):
-                out = model(x)
+            with accel.autocast():
+                out = model(accel.inputs(x))
             logits.append(out.float().cpu())
             targets.append(y.cpu())
             indices.append(idx.cpu())
@@ -112,6 +103,6 @@ def predict(model: nn.Module, loader: Iterable, *, accel: Accel | None = None,
     return logits_t, targets_t, indices_t
 
 
-def evaluate(model: nn.Module, loader: Iterable, train_counts: list[int], hr: float, *, accel: Accel | None = None) -> dict:
+def evaluate(model: nn.Module, loader: Iterable, train_counts: list[int], hr: float, *, accel: Accel = NO_ACCEL) -> dict:
     logits, targets, _ = predict(model, loader, accel=accel)
     return classification_report(logits.argmax(1), targets, train_counts, hr)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader
-from engine.accel import Accel
+from engine.accel import NO_ACCEL, Accel
 from engine.loops import progress
 from engine.phase_i import load_phase_i_model, phase_i_command
 from fsa.class_split import head_tail_split
@@ -181,7 +181,7 @@ def _write_rows(writer: FeatureStoreWriter, view: int, fmap16: Tensor, cam16: Te
 def extract_view(model: LTModel, loader, *, layer: str, method: str, view: int = 0,
                  writer: FeatureStoreWriter | None = None, scores: ScoreAccumulator | None = None,
                  stats: SplitStatistics | None = None, timer: ExtractionTimer | None = None,
-                 accel: Accel | None = None, rounds: int | None = None, empty: tuple[Tensor, Tensor, Tensor] | None = None,
+                 accel: Accel = NO_ACCEL, rounds: int | None = None, empty: tuple[Tensor, Tensor, Tensor] | None = None,
                  store: bool | None = None, desc: str = "phase II") -> None:
     """One pass over ``loader`` (batches ``(x, y, idx)``): CAMs of the true class, score / split
     statistics (when given) and store rows of ``view`` (when a writer is given).
@@ -200,8 +200,8 @@ def extract_view(model: LTModel, loader, *, layer: str, method: str, view: int =
         with timer.measure("compute"):
             if item is not None:
                 x, y, idx = item
-                with accel.autocast() if accel is not None else contextlib.nullcontext():
-                    fmap, cam, logits = batch_features_cams(model, accel.inputs(x) if accel else x, y, layer, method)
+                with accel.autocast():
+                    fmap, cam, logits = batch_features_cams(model, accel.inputs(x), y, layer, method)
                 fmap, cam, logits = fmap.float(), cam.float(), logits.float()
             else:
                 assert empty is not None, "a rank without batches needs the zero-row template"
@@ -227,7 +227,7 @@ def extract_view(model: LTModel, loader, *, layer: str, method: str, view: int =
 
 @torch.no_grad()
 def extract_test_pooled(model: LTModel, loader, writer: FeatureStoreWriter | None, *, feature_dim: int,
-                        accel: Accel | None = None, rounds: int | None = None) -> None:
+                        accel: Accel = NO_ACCEL, rounds: int | None = None) -> None:
     """Pooled features of the (un-augmented) test images into the store; interleaved and gathered to
     rank 0 as :func:`extract_view` does (``writer`` is None on the other ranks)."""
     batches = iter(loader)
@@ -236,8 +236,8 @@ def extract_test_pooled(model: LTModel, loader, writer: FeatureStoreWriter | Non
             item = next(batches, None)
             if item is not None:
                 x, y, idx = item
-                with accel.autocast() if accel is not None else contextlib.nullcontext():
-                    pooled = model.pool(model.features(accel.inputs(x) if accel else x)).float()
+                with accel.autocast():
+                    pooled = model.pool(model.features(accel.inputs(x))).float()
             else:
                 pooled = torch.zeros(0, feature_dim, device=loader.device)
                 y = idx = torch.zeros(0, dtype=torch.long, device=loader.device)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader
-from engine.accel import Accel
+from engine.accel import NO_ACCEL, Accel
 from engine.loops import eval_loader, evaluate
 from engine.optim import build_optimizer
 from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command
@@ -185,7 +185,6 @@ def run(args: argparse.Namespace, mode: str) -> dict:
                            tail_classes=p2.tail, head_classes=p2.head, processes=ctx.world_size)
 
 
-
 def _open_store(folder: Path, name: str, note: str) -> FeatureStore:
     store_dir = folder / "store"
     if not (store_dir / "meta.json").is_file():
@@ -260,7 +259,7 @@ class _OnlineMaps:
     """Feature maps + CAMs of training images, recomputed with the current network (augmented)."""
 
     def __init__(self, model: LTModel, bundle: DatasetBundle, device: torch.device, with_grad: bool,
-                 accel: Accel | None = None):
+                 accel: Accel = NO_ACCEL):
         self.model, self.device, self.with_grad, self.accel = model, device, with_grad, accel
         self.train = bundle.train.with_augment(True)
         self.labels = bundle.train.targets
@@ -283,9 +282,6 @@ class _OnlineMaps:
 
     def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = self._images(indices, rng)
-        if self.accel is None:
-            fmaps, cams, _ = features_and_cams(self.model, x, y, with_grad=self.with_grad)
-            return fmaps, cams, y
         with self.accel.autocast():
             fmaps, cams, _ = features_and_cams(self.model, self.accel.inputs(x), y, with_grad=self.with_grad)
         return fmaps.float(), cams.float(), y

@@ -56,7 +56,6 @@ phase I checkpoint whose frozen backbone produces those features).  Use :func:`f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 
@@ -67,7 +66,7 @@ from torch import nn
 
 from datasets import DatasetBundle
 from datasets.loader import BatchLoader
-from engine.accel import Accel
+from engine.accel import NO_ACCEL, Accel
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.optim import build_optimizer
 from engine.recorder import RunRecorder, open_run, write_test_results
@@ -140,7 +139,7 @@ def write_sources(paths: RunPaths, p2, mode: str) -> None:
 
 @torch.inference_mode()
 def pooled_features(model: LTModel, dataset, batch_size: int, device: torch.device, *, seed: int | None = None,
-                    num_workers: int = 0, accel: Accel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    num_workers: int = 0, accel: Accel = NO_ACCEL) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features float32 [N, D] on `device`, labels [N]) of every item of `dataset`, in order.
 
     Batched forward passes of the (frozen, eval-mode) backbone; `dataset.augment` decides whether the
@@ -153,8 +152,8 @@ def pooled_features(model: LTModel, dataset, batch_size: int, device: torch.devi
     feats = [torch.zeros(0, model.feature_dim, device=device)]
     labels, indices = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
     for x, y, idx in loader:
-        with accel.autocast() if accel is not None else contextlib.nullcontext():
-            feats.append(model.pool(model.features(accel.inputs(x) if accel else x)).float())
+        with accel.autocast():
+            feats.append(model.pool(model.features(accel.inputs(x))).float())
         labels.append(y)
         indices.append(idx)
     feats_t, labels_t, indices_t = (distributed.all_gather_rows(torch.cat(t)) for t in (feats, labels, indices))
@@ -166,7 +165,7 @@ class _FeatureSource:
     """Training features of an epoch and the (fixed) test features, offline or online."""
 
     def __init__(self, mode: str, model: LTModel, bundle: DatasetBundle, store: FeatureStore | None, device: torch.device,
-                 batch_size: int, num_workers: int, accel: Accel | None = None):
+                 batch_size: int, num_workers: int, accel: Accel = NO_ACCEL):
         self.mode, self.model, self.bundle, self.device = mode, model, bundle, device
         self.batch_size, self.num_workers, self.accel = batch_size, num_workers, accel
         if mode == "offline":
@@ -240,7 +239,7 @@ def _check_values(tc: dict) -> None:
 
 def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths: RunPaths, *, bundle: DatasetBundle,
                           model: LTModel, p2, store: FeatureStore | None, device: torch.device, hr: float,
-                          command: str, accel: Accel | None = None) -> dict:
+                          command: str, accel: Accel = NO_ACCEL) -> dict:
     """Phase III for `finetune.generator` in FEATURE_GENERATORS (called by engine.phase_iii.run).
 
     `p2` is engine.phase_iii.PhaseIIOutputs; `store` phase II's FeatureStore (offline) or None.
@@ -345,7 +344,7 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
 
 
 def _test(args, paths: RunPaths, model: LTModel, bundle: DatasetBundle, store, device, hr, command, mode, batch_size,
-          num_workers, accel: Accel | None = None) -> dict:
+          num_workers, accel: Accel = NO_ACCEL) -> dict:
     """`phase: test`: evaluate a feature-classifier checkpoint (default: this run's best_model.pt)."""
     ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
     payload = load_checkpoint(ckpt, produced_by=command)
