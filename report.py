@@ -5,7 +5,8 @@ and any other phase III run side by side, from each run's final evaluation.
     python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2   # mean ± std over seeds
 
 Reads checkpoints/<phase>/<config>/<note>/results.json; writes reports/<config>/ (ablation.md,
-ablation.csv, ablation.png, per_class.png, report.json) and prints the table.
+ablation.csv, ablation.png, per_class.png, report.json) and prints the table. A results.json that
+exists but cannot be read is an error naming it (rerun that run with --overwrite, or delete it).
 """
 import argparse
 

@@ -6,9 +6,10 @@
 For each chosen class (default: the tail classes and their confusing classes from phase II's
 confusion.json, else the tail classes), writes one PNG with a row per sample:
 image | Grad-CAM overlay | class-specific mask (M >= ts) | class-generic mask (M < tg), to
-visualizations/<config>/<note>/<phase>/, and the same images to TensorBoard
-(run_summary/visualize/<config>/<note>/). ts / tg come from configs/phase_ii/<config>.yaml (or --opts).
-Dataset and model settings come from the phase I run of the same config and note.
+visualizations/<config>/<note>/<phase>/ (then results.json there, listing them, once all are written),
+and the same images to TensorBoard (run_summary/visualize/<config>/<note>/). ts / tg come from
+configs/phase_ii/<config>.yaml (or --opts). Dataset and model settings come from the phase I run of the
+same config and note; the default classes only from phase II outputs made from that phase I checkpoint.
 """
 from utils.cli import phase_parser, run_cli
 

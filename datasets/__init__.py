@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets.base import InMemoryDataset, LTDataset
-from datasets.file_list import FileImageDataset, read_list_file, resolve_list_path, scan_image_folder
+from datasets.file_list import FileImageDataset, read_list_dataset, resolve_list_path, scan_image_folder
 from datasets.imbalance import long_tail_counts, make_long_tail_subset, select_long_tail_indices
 from datasets.loader import BatchLoader, EpochBatches, sequential_batches, shuffled_batches
 from utils.errors import UserError
@@ -121,9 +121,11 @@ def build_datasets(cfg: dict[str, Any], run_dir: Path | None = None) -> DatasetB
         for key in ("train_list", "test_list"):
             if not cfg[key]:
                 raise UserError(f"dataset.{key} is required for dataset name 'list'")
-        train_samples = read_list_file(resolve_list_path(cfg["train_list"], root, "dataset.train_list"), root)
-        test_samples = read_list_file(resolve_list_path(cfg["test_list"], root, "dataset.test_list"), root)
-        num_classes = 1 + max(y for _, y in train_samples + test_samples)
+        num_classes, train_samples, test_samples = read_list_dataset(
+            resolve_list_path(cfg["train_list"], root, "dataset.train_list"),
+            resolve_list_path(cfg["test_list"], root, "dataset.test_list"),
+            root,
+        )
         train = FileImageDataset(train_samples, num_classes, int(cfg["image_size"]), augment=augment)
         test = FileImageDataset(test_samples, num_classes, int(cfg["image_size"]), augment=False)
     elif name == "image-folder":

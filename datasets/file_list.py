@@ -3,7 +3,8 @@
 List file: one ``relative/path label`` per line (blank lines ignored), the path relative to the data
 root. Image folder: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), classes sorted
 by folder name. Images are decoded with PIL and transformed with torchvision (ImageNet statistics).
-Both are validated when built: malformed lines, bad labels and missing images are ``UserError``s.
+Both are validated when built: malformed lines, bad labels (a gap in the training labels, a test
+label that is no training class), missing images and a class without test images are ``UserError``s.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "FileImageDataset",
-    "read_list_file",
+    "read_list_dataset",
     "resolve_list_path",
     "scan_image_folder",
 ]
@@ -67,7 +68,11 @@ class FileImageDataset(LTDataset):
     def transform(self):
         return self._train_tf if self.augment else self._test_tf
 
-    def __getitem__(self, i):
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """``dataset[i]``, or ``dataset[(i, seed)]`` (from ``datasets.loader``): with a seed, the random
+        transform draws from the CPU generator seeded with it, and the caller's generator state is
+        restored afterwards; so the sample is the same in any DataLoader worker, or in none."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         i = int(i)
         if i < 0:
             i += len(self)
@@ -76,8 +81,15 @@ class FileImageDataset(LTDataset):
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except OSError as exc:
-            raise UserError(f"cannot decode image {path}: {exc}") from exc
-        return self.transform(img), int(self.targets[i]), i
+            raise UserError(
+                f"cannot decode image {path} ({exc}): the file is damaged or not an image. "
+                f"Replace it with a readable image, or remove it from the dataset."
+            ) from exc
+        if seed is None:
+            return self.transform(img), int(self.targets[i]), i
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms use the global CPU generator
+            torch.default_generator.manual_seed(int(seed))
+            return self.transform(img), int(self.targets[i]), i
 
 
 def resolve_list_path(path: str | Path, root: str | Path | None, what: str) -> Path:
@@ -91,15 +103,14 @@ def resolve_list_path(path: str | Path, root: str | Path | None, what: str) -> P
     raise UserError(f"{what} file {path} not found (looked relative to the working directory{where})")
 
 
-def read_list_file(list_path: str | Path, root: str | Path | None) -> list[tuple[str, int]]:
-    """Parse and validate a ``relative/path label`` list; returns ``(full path, label)`` pairs."""
-    list_path = Path(list_path)
+def _list_entries(list_path: Path, root: str | Path | None) -> list[tuple[int, str, int]]:
+    """Parse and validate a ``relative/path label`` list; returns ``(line number, full path, label)``."""
     base = Path(root) if root is not None else Path(".")
     try:
         text = list_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read list file {list_path}: {exc}") from exc
-    samples: list[tuple[str, int]] = []
+    entries: list[tuple[int, str, int]] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
@@ -121,10 +132,54 @@ def read_list_file(list_path: str | Path, root: str | Path | None) -> list[tuple
         full = base / rel
         if not os.path.isfile(full):
             raise UserError(f"{list_path}, line {lineno}: image {full} does not exist (check dataset.root)")
-        samples.append((str(full), label))
-    if not samples:
+        entries.append((lineno, str(full), label))
+    if not entries:
         raise UserError(f"list file {list_path} has no entries")
-    return samples
+    return entries
+
+
+def _listing(items: Sequence[object], limit: int = 10) -> str:
+    """``a, b, c`` (the first `limit` items, then how many in all)."""
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"
+
+
+def read_list_dataset(
+    train_list: str | Path, test_list: str | Path, root: str | Path | None
+) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(num_classes, train samples, test samples)`` of a list-file dataset, samples as ``(path, label)``.
+
+    The classes are the training labels, which must be exactly 0..K-1 (a label with no training
+    image would be a class the model cannot learn); the test labels must be exactly the same set.
+    """
+    train_list, test_list = Path(train_list), Path(test_list)
+    train = _list_entries(train_list, root)
+    labels = {label for _, _, label in train}
+    num_classes = 1 + max(labels)
+    absent = sorted(set(range(num_classes)) - labels)
+    if absent:
+        raise UserError(
+            f"The training list {train_list} has labels up to {num_classes - 1} but no image of label(s) "
+            f"{_listing(absent)}; the labels are the class numbers 0..K-1, and a class without training images "
+            f"cannot be learnt. Renumber the labels of both lists to 0..{len(labels) - 1}, or add training images "
+            f"of those classes."
+        )
+    test = _list_entries(test_list, root)
+    for lineno, _, label in test:
+        if label >= num_classes:
+            raise UserError(
+                f"{test_list}, line {lineno}: label {label} is not a training class (the training list {train_list} "
+                f"has labels 0..{num_classes - 1}). Every test label must be one of the training labels: fix the "
+                f"label, remove the line, or add training images of class {label} to {train_list}."
+            )
+    untested = sorted(labels - {label for _, _, label in test})
+    if untested:
+        raise UserError(
+            f"The test list {test_list} has no image of training class(es) {_listing(untested)}, so their accuracy "
+            f"(and the many / medium / few-shot groups) would be undefined. Add test images of those classes, or "
+            f"remove the classes from both lists and renumber the labels."
+        )
+    return num_classes, [(path, label) for _, path, label in train], [(path, label) for _, path, label in test]
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -161,4 +216,13 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
         test += [(str(f), index[d.name]) for f in _images_in(d)]
     if not test:
         raise UserError(f"image-folder dataset: no images under {test_dir}")
+    tested = {label for _, label in test}
+    untested = [c for c in classes if index[c] not in tested]
+    if untested:
+        raise UserError(
+            f"image-folder dataset: {test_dir} has no images of the training class(es) {_listing(untested)} "
+            f"(no folder, or a folder without images: {_listing([str(test_dir / c) for c in untested], 3)}); "
+            f"every class needs test images to be measured. Add the missing folder(s) with images under "
+            f"{test_dir}, or remove the class folder(s) from {train_dir}."
+        )
     return classes, train, test

@@ -1,7 +1,9 @@
 """BatchLoader: batches ``(x, y, idx)`` on a device from any re-iterable of index lists.
 
 In-memory datasets are gathered and augmented in one vectorised ``get_batch`` call per batch (no
-DataLoader, no per-sample loop); file datasets go through a ``torch.utils.data.DataLoader``.
+DataLoader, no per-sample loop); file datasets go through a ``torch.utils.data.DataLoader``, whose
+augmented samples each carry their own seed (:class:`_SeededBatches`), so the images do not depend on
+``num_workers`` nor on the state of the workers' random generators.
 """
 
 from __future__ import annotations
@@ -81,13 +83,58 @@ class EpochBatches:
         return sum(size - size % self.world_size for size in self._global_sizes())
 
 
+class _SeededBatches:
+    """The batch sampler of an augmenting file dataset's DataLoader: each batch as ``[(index, seed), ...]``.
+
+    Row ``k`` of batch ``b`` gets the seed ``derived_seed(batch seed, k)``, and ``FileImageDataset``
+    runs its random transform under it. The seeds are made here, in the main process, and travel
+    with the indices: persistent workers never see later changes to their copy of the dataset, and
+    their own generators depend on ``num_workers``. The batch seed is ``batch_seeds[b]`` when given,
+    else ``derived_seed(s, b)`` with ``s`` drawn from ``generator`` (the global generator if None)
+    once per pass, as the in-memory path draws from that generator. Seeding rows by position, not
+    by dataset index, keeps a sample that occurs twice in one batch (phase III) two different views.
+    """
+
+    def __init__(self, batches: Iterable[Sequence[int]], generator: torch.Generator | None,
+                 batch_seeds: Sequence[int] | None) -> None:
+        self.batches, self.generator, self.batch_seeds = batches, generator, batch_seeds
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        seeds = self.batch_seeds
+        if seeds is None:
+            pass_seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+            seeds = [derived_seed(pass_seed, number) for number in range(len(self))]
+        for batch, seed in zip(self.batches, seeds, strict=True):
+            yield [(int(i), derived_seed(seed, k)) for k, i in enumerate(batch)]
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
+def _worker_message(exc: UserError) -> str | None:
+    """The original message of a UserError that torch re-raised from a DataLoader worker, else None.
+
+    torch re-raises it with the text "Caught UserError in DataLoader worker process N. Original
+    Traceback ..." (on several lines): the worker's formatted traceback, whose last entry is
+    ``utils.errors.UserError: <message>`` (a chained cause is printed before it; the message may
+    span several lines).
+    """
+    text = str(exc)
+    marker = f"\n{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if text.startswith("Caught ") and at >= 0 else None
+
+
 class BatchLoader:
     """Iterate ``(x, y, idx)`` batches on ``device``.
 
     ``batch_sampler`` is any re-iterable of index lists (a list of lists, a ``BatchSampler``, ...).
-    ``generator`` (optional) drives the in-memory augmentation randomness; ``batch_seeds`` (optional,
-    one per batch) gives every batch its own seeded generator instead, so a batch's augmentation does
-    not depend on which batches came before it (nor on how they were shared between processes).
+    ``generator`` (optional) drives the augmentation randomness; ``batch_seeds`` (optional, one per
+    batch) gives every batch its own seed instead, so a batch's augmentation does not depend on
+    which batches came before it (nor on how they were shared between processes). In-memory
+    datasets augment a batch with a generator seeded so; file datasets give each row a seed derived
+    from it (:class:`_SeededBatches`). A UserError raised in a DataLoader worker (a corrupt image)
+    is raised again here with its own message, not torch's worker traceback.
     """
 
     def __init__(
@@ -108,12 +155,18 @@ class BatchLoader:
         self.in_memory = hasattr(dataset, "get_batch")
         self._loader = None
         if not self.in_memory:
+            # only augmenting file datasets draw random numbers; the others take plain indices
+            sampler = batch_sampler
+            if getattr(dataset, "augment", False):
+                sampler = _SeededBatches(batch_sampler, generator, self.batch_seeds)
             self._loader = DataLoader(
                 dataset,
-                batch_sampler=batch_sampler,
+                batch_sampler=sampler,
                 num_workers=self.num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=self.num_workers > 0,
+                # a private generator for the workers' base seed: iterating leaves the global generator alone
+                generator=torch.Generator(),
             )
 
     def __len__(self) -> int:
@@ -132,9 +185,15 @@ class BatchLoader:
                 yield x, y, idx.to(self.device, non_blocking=True)
         else:
             nb = self.device.type == "cuda"
-            for x, y, idx in self._loader:
-                yield (
-                    x.to(self.device, non_blocking=nb),
-                    y.to(self.device, non_blocking=nb),
-                    idx.to(self.device, non_blocking=nb),
-                )
+            try:
+                for x, y, idx in self._loader:
+                    yield (
+                        x.to(self.device, non_blocking=nb),
+                        y.to(self.device, non_blocking=nb),
+                        idx.to(self.device, non_blocking=nb),
+                    )
+            except UserError as exc:
+                message = _worker_message(exc)
+                if message is None:
+                    raise
+                raise type(exc)(message) from None

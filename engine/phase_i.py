@@ -23,7 +23,7 @@ from utils.config import config_name, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
-from utils.run_dir import RunPaths, read_results
+from utils.run_dir import RunPaths, lock_run, read_results
 from utils.seeding import derived_seed, seed_everything
 
 PHASE = "phase_i"
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     check_arch(cfg["model"]["arch"])
     paths = RunPaths(PHASE, config_name(args.config), args.note)
     device = distributed.setup_device(args.device)
+    lock_run(paths)
     accel = Accel.from_config(cfg["accel"], device)
     if cfg["phase"] == "test":
         return _test(cfg, paths, device, accel, getattr(args, "checkpoint", None))

@@ -51,7 +51,7 @@ from utils.config import config_name, dump_config, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
-from utils.run_dir import RunPaths, is_finished, read_results, write_json_atomic
+from utils.run_dir import RunPaths, is_finished, lock_run, read_results, remove_run_folder, write_json_atomic
 from utils.seeding import derived_seed, seed_everything
 
 PHASE = "phase_ii"
@@ -271,11 +271,13 @@ def run(args: argparse.Namespace) -> dict:
     name = config_name(args.config)
     note = args.note
     root = Path(".")
-    features_dir = RunPaths(PHASE, name, note, root).features_dir
+    paths = RunPaths(PHASE, name, note, root)
+    features_dir = paths.features_dir
+    device = distributed.setup_device(args.device)
+    lock_run(paths)
     overwrite = bool(getattr(args, "overwrite", False))
     _check_not_finished(features_dir, overwrite, name, note)
 
-    device = distributed.setup_device(args.device)
     accel = Accel.from_config(cfg["accel"], device)
     ctx = distributed.context()
     seed_everything(cfg["seed"])
@@ -318,8 +320,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Every input checked: now replace any previous (unfinished, or --overwrite) output (rank 0).
     if ctx.is_main:
-        if features_dir.exists():
-            shutil.rmtree(features_dir)
+        remove_run_folder(features_dir, paths)
         features_dir.mkdir(parents=True)
         dump_config(cfg, features_dir / "config.yaml")
     logger = setup_logger(features_dir) if ctx.is_main else silent_logger()
@@ -355,8 +356,8 @@ def run(args: argparse.Namespace) -> dict:
             augmented = bundle.train.with_augment(True)
             for view in range(1, views):
                 view_seed = derived_seed(cfg["seed"], view)
-                seed_everything(view_seed)  # file datasets augment with the global RNG in their workers
-                # in-memory datasets: one seed per batch number, so the views do not depend on the process count
+                # one seed per batch number (per row for file datasets), so the views depend neither on the
+                # process count nor on num_workers
                 loader = BatchLoader(augmented, batches, device, num_workers=workers,
                                      batch_seeds=[derived_seed(view_seed, b) for b in numbers])
                 extract_view(model, loader, view=view, writer=writer, desc=f"phase II (view {view})", **common)

@@ -44,7 +44,7 @@ from utils.cli import script_command
 from utils.config import config_name, load_config
 from utils import distributed
 from utils.errors import UserError
-from utils.run_dir import RunPaths, read_results
+from utils.run_dir import RunPaths, lock_run, read_results
 from utils.seeding import derived_seed, seed_everything
 
 MODES = ("online", "offline")
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     if not (paths.features_dir / "results.json").is_file():
         raise UserError(f"No phase II outputs in {paths.features_dir}. Run phase II first: {phase_ii_command(name, args.note)}")
     device = distributed.setup_device(args.device)
+    lock_run(paths)
     accel = Accel.from_config(cfg["accel"], device)
     ctx = distributed.context()
     if ctx.world_size > f["nt"]:
@@ -205,6 +206,9 @@ def _set_trainable(model: LTModel, unfreeze: bool) -> list[torch.nn.Parameter]:
     return params
 
 
+_IMAGE_STREAM = 1  # IterationDraws.image_seed: derived_seed stream of the file-dataset augmentation
+
+
 class IterationDraws:
     """This rank's sample draws of phase III iteration `i`: `(plan, rng, extra)` where `plan` holds the
     real tail / head indices (under torchrun: every W-th row of the global plan), `extra` the samples
@@ -229,6 +233,11 @@ class IterationDraws:
         plan, _, extra = self(iteration)
         return torch.cat([plan.tail, extra, plan.head]).tolist()
 
+    def image_seed(self, iteration: int) -> int:
+        """The seed of this rank's file-dataset augmentation at iteration `iteration` (each image's seed
+        derives from it; in-memory datasets augment with `rng` instead). A stream apart from `rng`'s."""
+        return derived_seed(derived_seed(derived_seed(self.seed, iteration), 1 + self.rank), _IMAGE_STREAM)
+
 
 class _IterationBatches:
     """Batch sampler over iterations [start, stop): the image indices of each (for a DataLoader)."""
@@ -241,6 +250,10 @@ class _IterationBatches:
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+    def seeds(self) -> list[int]:
+        """Each iteration's image seed: the images of iteration i do not depend on where the run (re)started."""
+        return [self.draws.image_seed(i) for i in range(self.start, self.stop)]
 
 
 class _Head(torch.nn.Module):
@@ -269,7 +282,9 @@ class _OnlineMaps:
     def prefetch(self, draws: IterationDraws, start: int, stop: int, num_workers: int) -> None:
         """Load the images of iterations start..stop-1 through one persistent DataLoader (workers,
         pinned memory), in order; each call then takes the next batch and checks its indices."""
-        self._ahead = iter(BatchLoader(self.train, _IterationBatches(draws, start, stop), self.device, num_workers=num_workers))
+        batches = _IterationBatches(draws, start, stop)
+        self._ahead = iter(BatchLoader(self.train, batches, self.device, num_workers=num_workers,
+                                       batch_seeds=batches.seeds()))
 
     def _images(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ahead is None:  # in-memory: gather + augment on the device now, with the iteration's rng

@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils import distributed
-from utils.config import CONFIG_ROOT, config_name, load_config
+from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, load_config
 from utils.errors import UserError
-from utils.run_dir import RunPaths, is_finished, read_results
+from utils.run_dir import RunPaths, check_run_name, is_finished, read_results
 
 __all__ = ["PHASE_III_STEPS", "Step", "plan_steps", "config_sources", "notes_and_opts", "ensure_fashion_mnist",
            "step_state", "run"]
 
 PREFIX = "[pipeline]"
-CONFIG_PHASES = ("phase_i", "phase_ii", "phase_iii")
 # (mode, generator, label); optional generators are only run where phase III offers them
 PHASE_III_STEPS: tuple[tuple[str, str, str], ...] = (
     ("online", "fsa", "phase III online (fsa)"),
@@ -131,10 +130,7 @@ def notes_and_opts(note: str | None, seeds: list[int] | None) -> list[tuple[str,
         if any(s < 0 for s in seeds):
             raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be >= 0.")
         return [(f"seed{s}", [f"seed={s}"]) for s in seeds]
-    note = note or "default"
-    if "/" in note or note in (".", ".."):
-        raise UserError(f"--note {note!r} is not a valid folder name.")
-    return [(note, [])]
+    return [(check_run_name("default" if note is None else note, "--note"), [])]
 
 
 def ensure_fashion_mnist(dataset_cfg: dict) -> None:
@@ -173,15 +169,12 @@ def ensure_fashion_mnist(dataset_cfg: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # Steps
 # ------------------------------------------------------------------------------------------------
-def _visualization_dir(name: str, note: str) -> Path:
-    return Path("visualizations") / name / note / VISUALIZE_PHASE
-
-
 def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
     """``(state, where)`` with state ``finished`` | ``interrupted`` | ``stale`` | ``new``.
 
     ``stale``: a training run folder with an unfinished results.json but no last.pt (nothing to
-    resume from), or an unfinished phase II output folder; both are started again from scratch."""
+    resume from), an unfinished phase II output folder, or a visualization folder without a complete
+    record (PNGs of an interrupted run); all are started again from scratch."""
     if step.kind == "phase_ii":
         folder = RunPaths("phase_ii", name, note).features_dir
         results = read_results(folder / "results.json")
@@ -189,9 +182,12 @@ def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
             return "finished", str(folder / "results.json")
         return ("stale" if folder.exists() else "new"), str(folder)
     if step.kind == "visualize":
-        folder = _visualization_dir(name, note)
-        pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
-        return ("finished" if pngs else "new"), str(folder)
+        from engine import visualize  # heavy imports, only once a visualize step is looked at
+
+        folder = visualize.output_dir(name, note, VISUALIZE_PHASE)
+        if visualize.is_complete(folder):
+            return "finished", str(folder / "results.json")
+        return ("stale" if folder.exists() else "new"), str(folder)
     paths = RunPaths(step.folder(), name, note)
     if is_finished(paths):
         return "finished", str(paths.results)

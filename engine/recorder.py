@@ -18,7 +18,7 @@ from utils.config import config_differences, dump_config
 from utils.errors import UserError
 from utils import distributed
 from utils.logging import log_scalars, open_summary_writer, setup_logger, silent_logger
-from utils.run_dir import RunPaths, prepare_run, write_json_atomic
+from utils.run_dir import RunPaths, prepare_run, run_started, write_json_atomic
 
 
 SPEED_SETTINGS = "accel."  # may change on --resume (e.g. moving the run to a GPU)
@@ -31,6 +31,8 @@ class RunRecorder:
 
         Only rank 0 of a torchrun job records; on the other ranks every method is a no-op."""
         self.enabled = distributed.context().is_main
+        if self.enabled:
+            run_started(paths)  # set up without error: a run replaced by --overwrite is now removed for good
         self.paths, self.logger, self.payload = paths, logger, payload
         self.step_name, self.total_steps = step_name, total_steps
         state = resumed_state or {}
@@ -109,7 +111,7 @@ def _open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comm
     run_dir = paths.checkpoint_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if mode == "resume":
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = _saved_config(run_dir / "config.yaml", command)
         diffs = [d for d in config_differences(saved, cfg) if not d.startswith(SPEED_SETTINGS)]
         if diffs:
             raise UserError(
@@ -121,6 +123,22 @@ def _open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comm
     logger = setup_logger(run_dir)
     logger.info(f"{paths.phase} {mode} run in {run_dir}")
     return mode, logger
+
+
+def _saved_config(path: Path, command: str) -> dict:
+    """The resolved config an interrupted run saved, which its --resume must match."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(
+            f"--resume needs the interrupted run's config, but {path} is missing or unreadable ({type(exc).__name__}), "
+            f"so the run cannot be checked and continued. Start it again with --overwrite ({command} --overwrite), "
+            f"or use --note NAME for a separate experiment."
+        ) from exc
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} does not hold a config mapping. Start the run again with --overwrite "
+                        f"({command} --overwrite).")
+    return saved
 
 
 def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:

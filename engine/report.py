@@ -3,8 +3,8 @@
     python report.py --config smoke                                  # note 'default'
     python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2
 
-Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run and writes
-``reports/<config>/``:
+Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run (one that exists
+but cannot be read stops the report with an error naming it) and writes ``reports/<config>/``:
 
     ablation.md     the table (also printed), with a note on what the numbers are
     ablation.csv    one line per row; mean and std in separate columns, empty cell = absent / undefined
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from utils.config import config_name
 from utils.errors import UserError
-from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.run_dir import RunPaths, load_results, read_results, write_json_atomic
 
 __all__ = ["ROWS", "METRICS", "REPORT_DIR", "discover_rows", "collect", "build_report", "format_value", "run",
            "report_dir", "is_up_to_date"]
@@ -124,20 +124,45 @@ def discover_rows(config: str, root: Path = Path(".")) -> list[tuple[str, str]]:
     return rows
 
 
+def _rerun_command(phase: str, config: str, note: str) -> str:
+    """The command that writes ``checkpoints/<phase>/<config>/<note>`` again from scratch."""
+    if phase == "phase_i":
+        from engine.phase_i import phase_i_command  # heavy imports, only for this error message
+
+        return f"{phase_i_command(config, note)} --overwrite"
+    from engine.phase_iii import phase_iii_command
+
+    mode, _, generator = phase[len("phase_iii_"):].partition("-")  # folder name: see phase_iii.phase_name
+    return f"{phase_iii_command(mode, config, note, generator or 'fsa')} --overwrite"
+
+
 def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:
-    """Rows with at least one finished run among ``notes``; the others are omitted."""
+    """Rows with at least one finished run among ``notes``; the others are omitted.
+
+    A ``results.json`` that exists but cannot be read is a UserError naming every such file: a table
+    that silently lacks a seed would be taken for the complete result."""
     config = config_name(config)
-    rows = []
+    rows, broken = [], []
     for label, phase in discover_rows(config, root):
         row = Row(label, phase)
         for note in notes:
             path = RunPaths(phase, config, note, Path(root)).results
-            results = read_results(path)
+            try:
+                results = load_results(path)
+            except ValueError as exc:
+                broken.append(f"{path} ({exc}; rewrite it with: {_rerun_command(phase, config, note)})")
+                continue
             if results and results.get("finished") and results.get("mode") != "test":
                 row.runs[note] = results
                 row.sources[note] = str(path)
         if row.runs:
             rows.append(row)
+    if broken:
+        raise UserError(
+            f"cannot read the results.json of {len(broken)} run(s), so the report would silently lack them: "
+            f"{'; '.join(broken)}. Rerun each such run with --overwrite as shown, or delete its run folder if the "
+            f"run should not count, then build the report again."
+        )
     return rows
 
 

@@ -1,6 +1,8 @@
 """visualize.py's work: Grad-CAM overlays and class-specific / class-generic masks as PNG grids.
 
 One batched Grad-CAM call for every chosen sample; rendering is in fsa/visualization.py.
+After the last PNG, ``results.json`` in the output folder records the run (``finished: true`` and the
+PNGs written); the pipeline counts the step as done only when that record and all its PNGs exist.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from engine.phase_i import load_phase_i_model
 from engine.phase_ii import open_phase_i_run
 from fsa.class_split import head_tail_split
 from fsa.gradcam import eval_mode, grad_cam
+from fsa.provenance import check_provenance
 from fsa.visualization import render_grid, to_display_images
 from utils.cli import script_command
 from utils.config import CONFIG_ROOT, apply_schema, config_name, load_config, parse_opts
@@ -24,8 +27,24 @@ from utils import distributed
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import open_summary_writer, setup_logger
-from utils.run_dir import RunPaths
+from utils.run_dir import RESULTS_FILE, RunPaths, read_results, write_json_atomic
 from utils.schema import SCHEMAS, validate_values
+
+
+def output_dir(config: str, note: str, phase: str) -> Path:
+    """Where the PNGs of (config, note) explaining ``phase``'s model go."""
+    return Path("visualizations") / config / note / phase
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished visualize run: a ``results.json`` with ``finished: true``
+    listing PNGs that all exist (a stray PNG from an interrupted run does not count)."""
+    record = read_results(Path(folder) / RESULTS_FILE)
+    if not isinstance(record, dict) or record.get("finished") is not True:
+        return False
+    pngs = record.get("pngs")
+    return (isinstance(pngs, list) and bool(pngs)
+            and all(isinstance(name, str) and (Path(folder) / name).is_file() for name in pngs))
 
 
 def _phase_ii_config(args: argparse.Namespace, name: str) -> dict:
@@ -36,9 +55,16 @@ def _phase_ii_config(args: argparse.Namespace, name: str) -> dict:
     return cfg
 
 
-def _default_classes(features_dir, bundle, hr: float) -> tuple[list[int], str]:
+def _default_classes(features_dir: Path, bundle, hr: float, phase_i_checkpoint: Path,
+                     phase_i_config: Path) -> tuple[list[int], str]:
     path = features_dir / "confusion.json"
     if path.is_file():
+        # the same check phase III makes: confusing classes of another phase I model would mislead
+        try:
+            check_provenance(features_dir, phase_i_checkpoint, phase_i_config)
+        except UserError as exc:
+            raise UserError(f"{str(exc).rstrip('.')}; or pass --classes C [C ...] to choose the classes yourself "
+                            f"(the default ones come from {path}).") from exc
         data = json.loads(path.read_text())
         chosen: list[int] = []
         for tail, donors in data.get("confusing", {}).items():
@@ -82,7 +108,10 @@ def run(args: argparse.Namespace) -> list[Path]:
                             f"({', '.join(f'{i}={n}' for i, n in enumerate(bundle.class_names))}).")
         classes, why = list(dict.fromkeys(args.classes)), "--classes"
     else:
-        classes, why = _default_classes(RunPaths("phase_ii", name, note).features_dir, bundle, cfg["split"]["hr"])
+        # the phase I checkpoint behind the explained model: the loaded one, or the one phase III fine-tunes
+        phase_i_checkpoint = ckpt if args.phase == "phase_i" else p1.paths.best
+        classes, why = _default_classes(RunPaths("phase_ii", name, note).features_dir, bundle, cfg["split"]["hr"],
+                                        phase_i_checkpoint, p1.config_path)
     if not classes:
         raise UserError("no class to show (no tail class with this split.hr); pass --classes C [C ...].")
     logger.info(f"classes {classes} ({why}); {args.samples} samples each from the {args.split} set")
@@ -111,8 +140,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     images = to_display_images(x, getattr(dataset, "mean", IMAGENET_MEAN), getattr(dataset, "std", IMAGENET_STD))
 
     layer_name = layer or model.cam_layer
-    out_dir = Path("visualizations") / name / note / args.phase
+    out_dir = output_dir(name, note, args.phase)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULTS_FILE).unlink(missing_ok=True)  # an interrupted rerun must not look complete
     writer = open_summary_writer(RunPaths("visualize", name, note).summary_dir)
     suffix = "" if layer_name == model.cam_layer else f"_{re.sub(r'[^A-Za-z0-9.-]+', '-', layer_name)}"
     written = []
@@ -133,6 +163,9 @@ def run(args: argparse.Namespace) -> list[Path]:
             written.append(path)
     finally:
         writer.close()
+    write_json_atomic(out_dir / RESULTS_FILE, {  # written last: it marks a complete run
+        "finished": True, "phase": args.phase, "config": name, "note": note, "checkpoint": str(ckpt),
+        "classes": classes, "split": args.split, "layer": layer_name, "pngs": [p.name for p in written]})
     logger.info(f"Grad-CAM layer {layer_name}, ts={ts} tg={tg}, checkpoint {ckpt}: wrote {len(written)} PNG(s) "
                 f"to {out_dir} and TensorBoard images to {RunPaths('visualize', name, note).summary_dir}")
     return written

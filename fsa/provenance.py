@@ -92,7 +92,7 @@ def read_provenance(features_dir: Path | str) -> dict:
     if not path.is_file():
         raise UserError(
             f"No phase II outputs in {features_dir} ({PROVENANCE_FILE} missing). Run phase II first: "
-            f"{phase_ii_command(config, note)}"
+            f"{phase_ii_command(config, note, overwrite=(features_dir / 'results.json').is_file())}"
         )
     try:
         data = json.loads(path.read_text())

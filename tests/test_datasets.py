@@ -345,10 +345,10 @@ def _png(path: Path, value: int, size=(20, 14)) -> None:
 @pytest.fixture
 def ds_list_root(tmp_path):
     root = tmp_path / "data"
-    for i in range(6):
+    for i in range(7):
         _png(root / "imgs" / f"{i}.png", 40 * i)
-    (root / "train.txt").write_text("imgs/0.png 0\nimgs/1.png 0\n\nimgs/2.png 0\nimgs/3.png 1\n")
-    (root / "test.txt").write_text("imgs/4.png 0\nimgs/5.png 2\n")
+    (root / "train.txt").write_text("imgs/0.png 0\nimgs/1.png 0\n\nimgs/2.png 2\nimgs/3.png 1\n")
+    (root / "test.txt").write_text("imgs/4.png 0\nimgs/5.png 2\nimgs/6.png 1\n")
     return root
 
 
@@ -358,7 +358,7 @@ def test_list_dataset_reads(ds_list_root, monkeypatch):
            "test_list": str(ds_list_root / "test.txt"), "image_size": 16}
     b = build_datasets(cfg, None)
     assert b.num_classes == 3 and b.in_channels == 3
-    assert b.train_counts == [3, 1, 0] and len(b.test) == 2
+    assert b.train_counts == [2, 1, 1] and len(b.test) == 3
     x, y, i = b.test[1]
     assert x.shape == (3, 16, 16) and y == 2 and i == 1
     expected = (200 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])

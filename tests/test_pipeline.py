@@ -54,6 +54,7 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
         assert results["finished"] is True, phase
     assert json.loads((cwd / "features/smoke/default/results.json").read_text())["finished"] is True
     assert list((cwd / "visualizations/smoke/default/phase_i").glob("*.png"))
+    assert json.loads((cwd / "visualizations/smoke/default/phase_i/results.json").read_text())["finished"] is True
     for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json"):
         assert (cwd / "reports/smoke" / name).is_file(), name
     # the pipeline's steps used the smoke configs unchanged (no hidden overrides)
@@ -94,7 +95,7 @@ def test_bad_notes_are_user_errors(tmp_path):
     code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--seeds", "0", "0", cwd=tmp_path)
     assert code == 2 and "each seed once" in err
     code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--note", "a/b", cwd=tmp_path)
-    assert code == 2 and "not a valid folder name" in err
+    assert code == 2 and "cannot name a run folder" in err
 
 
 def test_steps_get_the_scripts_arguments_and_a_failure_stops_the_chain(tmp_path, monkeypatch, capsys):
@@ -161,6 +162,25 @@ def test_step_state_decides_skip_resume_or_fresh(tmp_path, monkeypatch):
     assert pipeline.step_state(p2, "c", "n")[0] == "stale"
     (features / "results.json").write_text(json.dumps({"finished": True}))
     assert pipeline.step_state(p2, "c", "n")[0] == "finished"
+
+
+def test_visualize_is_done_only_with_a_complete_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    step = pipeline.Step("visualize", "visualize")
+    folder = Path("visualizations/c/n/phase_i")
+    assert pipeline.step_state(step, "c", "n") == ("new", str(folder))
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"png")
+    assert pipeline.step_state(step, "c", "n")[0] == "stale"  # a stray PNG, no record: interrupted
+    record = folder / "results.json"
+    record.write_text(json.dumps({"finished": False, "pngs": ["a.png"]}))
+    assert pipeline.step_state(step, "c", "n")[0] == "stale"
+    record.write_text(json.dumps({"finished": True, "pngs": ["a.png", "b.png"]}))
+    assert pipeline.step_state(step, "c", "n")[0] == "stale"  # a listed PNG is missing
+    (folder / "b.png").write_bytes(b"png")
+    assert pipeline.step_state(step, "c", "n") == ("finished", str(record))
+    record.write_text("[not json")
+    assert pipeline.step_state(step, "c", "n")[0] == "stale"
 
 
 def test_data_step_only_for_missing_fashion_mnist(monkeypatch, capsys):

@@ -153,3 +153,19 @@ def test_cli(fake_runs, capsys):
     assert "| FSA offline | 67.00 ± 1.41 |" in capsys.readouterr().out
     code, err = run_main_in_process("report.py", "--config", "nothing", cwd=fake_runs)
     assert code == 2 and err.startswith("error: No finished run") and "Traceback" not in err
+
+
+def test_unreadable_results_are_named_never_dropped(fake_runs):
+    (fake_runs / "checkpoints/phase_i" / CONFIG / "seed1/results.json").write_text('{"finished": true, "top1"')
+    (fake_runs / "checkpoints/phase_iii_offline-none" / CONFIG / "seed2/results.json").write_text("[1, 2]")
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, cwd=fake_runs)
+    assert code == 2 and err.startswith("error: cannot read the results.json of 2 run(s)") and "Traceback" not in err
+    assert f"checkpoints/phase_i/{CONFIG}/seed1/results.json (not readable as JSON" in err
+    assert f"python phase_i_train_or_test.py --config {CONFIG} --note seed1 --overwrite" in err
+    assert f"checkpoints/phase_iii_offline-none/{CONFIG}/seed2/results.json (a JSON list, not an object" in err
+    assert (f"python phase_iii_offline_train_or_test.py --config {CONFIG} --note seed2 --opts finetune.generator=none "
+            f"--overwrite") in err
+    assert "delete its run folder" in err
+    assert not (fake_runs / "reports").exists()
+    # a note that was not asked for does not matter
+    build_report(CONFIG, ["seed0"], fake_runs, echo=False)

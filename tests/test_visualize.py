@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import cv2
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import run_main_in_process, run_script
@@ -41,6 +43,9 @@ def test_default_classes_write_four_panel_pngs_and_tensorboard_images(run_dir):
     assert len(tags) == len(pngs) and all(t.startswith("phase_i/") for t in tags)
     event = events.Images(tags[0])[0]
     assert event.width == 4 * 128
+    record = json.loads((run_dir / OUT / "phase_i/results.json").read_text())  # written after the last PNG
+    assert record["finished"] is True and sorted(record["pngs"]) == [p.name for p in pngs]
+    assert set(record["classes"]) == expected
 
 
 def test_chosen_classes_other_layer_and_panel_size(run_dir):
@@ -63,3 +68,20 @@ def test_bad_visualize_input_fails_cleanly(run_dir, tmp_path):
     assert code == 2 and "phase_iii_online" in err and "Traceback" not in err
     code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
     assert code == 2 and "python phase_i_train_or_test.py --config smoke" in err
+
+
+def test_phase_ii_outputs_of_another_phase_i_checkpoint_are_refused(run_dir, tmp_path):
+    for sub in ("checkpoints/phase_i", "features"):
+        shutil.copytree(run_dir / sub, tmp_path / sub)
+    best = tmp_path / "checkpoints/phase_i/smoke/default/best_model.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["model"]["fc.bias"] += 1  # phase I "retrained" after phase II
+    torch.save(payload, best)
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--samples", "1", cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert "different phase I checkpoint" in err and "--overwrite" in err and "--classes" in err
+    assert not (tmp_path / OUT).exists()
+    # explicit classes need no phase II output
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--samples", "1",
+                                    "--classes", "0", cwd=tmp_path)
+    assert code == 0, err

@@ -36,10 +36,15 @@ def load_checkpoint(path: Path, *, produced_by: str) -> dict:
         raise UserError(f"Checkpoint {path} does not exist. It is produced by: {produced_by}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+    except PermissionError as exc:
+        raise UserError(f"Checkpoint {path} cannot be read: permission denied. Make it readable (chmod u+r) "
+                        f"and run again.") from exc
+    # a truncated file fails in torch's zip reader as any of these, depending on where it was cut
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
         raise UserError(
             f"Checkpoint {path} is truncated or corrupt and cannot be read ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Re-create it with: {produced_by}"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Re-create it by running its phase again, replacing the run "
+            f"that holds it: {produced_by} --overwrite"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not an FSA-LT checkpoint (no '{FORMAT}' format tag).")

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import shlex
 import sys
+from pathlib import Path
 from typing import Callable
 
-from utils import distributed
+from utils import distributed, run_dir
+from utils.config import CONFIG_PHASES, CONFIG_ROOT
 from utils.errors import UserError
 
 
@@ -28,28 +32,81 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# the config folder each script reads (visualize.py reads phase II's split settings)
+_SCRIPT_CONFIG_PHASE = {"phase_i_train_or_test.py": "phase_i", "phase_ii_extract_feature.py": "phase_ii",
+                        "visualize.py": "phase_ii"}
+
+
 def script_command(script: str, config: str, note: str, *extra: str) -> str:
-    """The command line a user types to run `script` for a config and note (for error messages)."""
-    parts = ["python", script, "--config", config, *([] if note == "default" else ["--note", note]), *extra]
-    return " ".join(parts)
+    """The command line a user types to run `script` for a config name and note (for error messages).
+
+    Where the user gave this process a config file rather than a shipped name, the command names the
+    matching file (the same file, or its sibling DIR/<phase>/NAME.yaml), so that it runs as written."""
+    phase = _SCRIPT_CONFIG_PHASE.get(script, "phase_iii")
+    parts = ["python", script, "--config", _config_argument(phase, config),
+             *([] if note == "default" else ["--note", note]), *extra]
+    return shlex.join(parts)
+
+
+def _config_argument(phase: str, name: str) -> str:
+    if (CONFIG_ROOT / phase / f"{name}.yaml").is_file():
+        return name
+    given = _given_config()
+    if given is None or not given.endswith((".yaml", ".yml")) or Path(given).stem != name:
+        return name
+    path = Path(given)
+    return str(path.parent.parent / phase / path.name) if path.parent.name in CONFIG_PHASES else given
+
+
+def _given_config() -> str | None:
+    """The --config value of this process's command line, if any."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+_WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main`; a UserError becomes `error: <message>` on stderr and exit code 2.
 
-    Under torchrun every rank runs `main`; rank 0 alone prints the message, and a rank that finished
-    waits for the others before leaving the process group."""
+    A run that fails before it started puts back what its --overwrite moved aside; the process's run
+    locks are released on the way out. Under torchrun every rank runs `main`; rank 0 alone prints the
+    message, and a rank that finished waits for the others before leaving the process group."""
     first_rank = distributed.first_process()
     try:
         main()
         distributed.barrier()
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        run_dir.restore_replaced()
+        if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRORS:
+            raise
         if first_rank:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_message(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        run_dir.restore_replaced()
         print("interrupted. A training run keeps its last checkpoint (last.pt): continue it with --resume. "
               "Phase II and visualize.py have no resume: run them again with --overwrite.", file=sys.stderr)
         sys.exit(130)
+    except BaseException:
+        run_dir.restore_replaced()
+        raise
     finally:
+        run_dir.release_locks()
         distributed.shutdown()
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    # a file system that refuses writes: name the path and what to check, not a traceback
+    where = f" {exc.filename}" if exc.filename else ""
+    return (f"cannot write{where}: {exc.strerror}. Check that the output folders (checkpoints/, run_summary/, "
+            f"features/) are writable and the disk has free space, then run the command again "
+            f"(with --resume where a training run was interrupted).")

@@ -14,10 +14,12 @@ from typing import Any
 import yaml
 
 from utils.errors import UserError
+from utils.run_dir import check_run_name
 from utils.schema import SCHEMAS, Field, validate_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ROOT = REPO_ROOT / "configs"
+CONFIG_PHASES = ("phase_i", "phase_ii", "phase_iii")  # the folders under configs/
 
 
 def available_configs(phase: str) -> list[str]:
@@ -41,8 +43,16 @@ def resolve_config_path(name_or_path: str, phase: str) -> Path:
 
 
 def config_name(name_or_path: str) -> str:
-    """The name a run is filed under: the config's file stem."""
-    return Path(name_or_path).stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path
+    """The name a run is filed under: the config's file stem (checked to be a safe folder name)."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        stem = Path(name_or_path).stem
+        try:
+            return check_run_name(stem, "the config name")
+        except UserError as exc:
+            raise UserError(f"The config file {name_or_path} files its runs under its name '{stem}', which cannot "
+                            f"name a folder: rename the file to letters, digits, '_', '-' and '.' "
+                            f"(e.g. my-experiment.yaml).") from exc
+    return check_run_name(name_or_path, "--config")
 
 
 def _read_yaml(path: Path) -> dict:

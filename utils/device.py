@@ -1,25 +1,37 @@
 """`--device auto|cpu|N` -> torch.device."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from utils.errors import UserError
 
 
-def resolve_device(spec: str) -> torch.device:
+def parse_device(spec: str) -> str | int:
+    """``'auto'``, ``'cpu'`` or the GPU index that ``spec`` (``N`` or ``cuda:N``) names.
+
+    An explicit GPU index must exist on this machine: training silently on the CPU (or failing deep
+    inside CUDA) because of a typo in ``--device`` would waste a run, so it is a UserError here."""
     spec = str(spec).strip().lower()
-    if spec == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
+    if spec in ("auto", "cpu"):
+        return spec
     index = spec[5:] if spec.startswith("cuda:") else spec
     if not index.isdigit():
         raise UserError(f"--device must be 'auto', 'cpu' or a GPU index such as 0; got '{spec}'.")
     if not torch.cuda.is_available():
-        warnings.warn(f"--device {spec}: CUDA is not available on this machine, running on the CPU.", stacklevel=2)
+        raise UserError(f"--device {spec}: this machine has no CUDA GPU (or this PyTorch build cannot use it). "
+                        f"Use --device cpu, or --device auto to take a GPU where there is one.")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise UserError(f"--device {spec}: only {count} GPU{'s' if count != 1 else ''} visible: "
+                        f"{', '.join(map(str, range(count)))}. Pass one of those indices, cpu or auto "
+                        f"(CUDA_VISIBLE_DEVICES decides which GPUs are visible).")
+    return int(index)
+
+
+def resolve_device(spec: str) -> torch.device:
+    choice = parse_device(spec)
+    if choice == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if choice == "cpu":
         return torch.device("cpu")
-    if int(index) >= torch.cuda.device_count():
-        raise UserError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible (indices 0..{torch.cuda.device_count() - 1}).")
-    return torch.device("cuda", int(index))
+    return torch.device("cuda", choice)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.device import resolve_device
+from utils.device import parse_device, resolve_device
 from utils.errors import UserError
 
 T = TypeVar("T")
@@ -63,11 +63,12 @@ def setup_device(spec: str) -> torch.device:
     """``--device`` -> torch.device; under torchrun also joins the process group (once).
 
     With several processes ``--device auto`` (or a GPU index) means ``cuda:LOCAL_RANK`` with NCCL and
-    ``--device cpu`` means gloo on the CPU."""
+    ``--device cpu`` means gloo on the CPU. A GPU index is still checked to exist (no silent fall back
+    to the CPU); LOCAL_RANK, not the index, picks each process's GPU."""
     if not launched_by_torchrun():
         return resolve_device(spec)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = str(spec).strip().lower() != "cpu" and torch.cuda.is_available()
+    use_cuda = parse_device(spec) != "cpu" and torch.cuda.is_available()
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise UserError(

@@ -1,21 +1,54 @@
-"""Where each phase's outputs live, and the rules that keep finished runs safe.
+"""Where each phase's outputs live, and the rules that keep runs safe.
 
 checkpoints/<phase>/<config>/<note>/   checkpoints, config.yaml, log.txt, results.json
 run_summary/<phase>/<config>/<note>/   TensorBoard events
 features/<config>/<note>/              phase II outputs
+
+Safety rules, all here:
+- a config name and a note are each one plain folder name (`check_run_name`), so a run's folders
+  are always exactly the ones above;
+- `remove_run_folder` is the project's only deletion, and it refuses anything but a run folder (or
+  its moved-aside copy) of the run it is given;
+- `--overwrite` moves the old run aside (`.<note>.replaced`), deletes it only once the new run has
+  started (`run_started`), and `restore_replaced` puts it back if the new run fails before that;
+- `lock_run` holds an OS file lock (`.<note>.lock` beside the run folder) for the life of the
+  process (the file goes when it is let go), so a second process on a live run is refused, and
+  `kill -9` leaves no stale lock.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils import distributed
 from utils.errors import UserError
 
 RESULTS_FILE = "results.json"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best_model.pt"
+PHASE_II = "phase_ii"
+MAX_NAME_LENGTH = 100
+# one path component; a leading '.' is reserved for the lock and moved-aside folders
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_run_name(value: str, what: str) -> str:
+    """`value` if it is a safe run name (a single folder name), else a UserError naming the rule."""
+    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH or not _NAME.fullmatch(value):
+        raise UserError(
+            f"{what} {value!r} cannot name a run folder: it must be a single folder name of letters, digits, '_', "
+            f"'-' and '.' (not starting with '.', at most {MAX_NAME_LENGTH} characters), so that a run's outputs "
+            f"stay inside checkpoints/, run_summary/ and features/. Choose e.g. --note seed0."
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -24,6 +57,11 @@ class RunPaths:
     config: str
     note: str
     root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        check_run_name(self.phase, "phase")
+        check_run_name(self.config, "the config name")
+        check_run_name(self.note, "--note")
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -49,17 +87,42 @@ class RunPaths:
     def results(self) -> Path:
         return self.checkpoint_dir / RESULTS_FILE
 
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """The folders a run of this phase writes; the first one holds its state and results."""
+        if self.phase == PHASE_II:
+            return (self.features_dir,)
+        return (self.checkpoint_dir, self.summary_dir)
+
+    @property
+    def lock_file(self) -> Path:
+        main = self.folders[0]
+        return main.parent / f".{main.name}.lock"
+
     def sibling(self, phase: str) -> "RunPaths":
         """The run of another phase for the same config name and note."""
         return RunPaths(phase, self.config, self.note, self.root)
 
 
-def read_results(path: Path) -> dict | None:
-    if not path.is_file():
+def load_results(path: Path) -> dict | None:
+    """The JSON object at `path`; None when there is no file; ValueError saying why when the file
+    exists but is not a readable JSON object."""
+    if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise ValueError(f"not readable as JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_results(path: Path) -> dict | None:
+    """The JSON object at `path`, or None when it is missing or unreadable (then the run counts as not done)."""
+    try:
+        return load_results(path)
+    except ValueError:
         return None
 
 
@@ -68,20 +131,93 @@ def is_finished(paths: RunPaths) -> bool:
     return bool(results and results.get("finished"))
 
 
+# ------------------------------------------------------------------------------------------------
+# Deletion and replacement
+# ------------------------------------------------------------------------------------------------
+def _aside(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.replaced")
+
+
+def remove_run_folder(folder: Path, paths: RunPaths) -> None:
+    """Delete `folder`, which must be one of `paths`' run folders or a moved-aside copy of one.
+
+    The project's only deletion: whatever a caller computes, nothing outside the run it names goes.
+    """
+    allowed = {os.path.abspath(p) for f in paths.folders for p in (f, _aside(f))}
+    if os.path.abspath(folder) not in allowed or Path(folder).is_symlink():
+        raise UserError(f"refusing to delete {folder}: it is not a run folder of {paths.phase}/{paths.config}/"
+                        f"{paths.note}. Nothing was deleted; please report this as a bug.")
+    if Path(folder).exists():
+        shutil.rmtree(folder)
+
+
+_REPLACING: list[RunPaths] = []  # runs of this process whose old folders are moved aside
+
+
+def _started(paths: RunPaths) -> bool:
+    return any((f / name).is_file() for f in paths.folders for name in (LAST_CHECKPOINT, RESULTS_FILE))
+
+
+def move_aside(paths: RunPaths) -> None:
+    """`--overwrite`: move the run's folders aside; `run_started` deletes them, `restore_replaced` restores them."""
+    for folder in paths.folders:
+        if folder.exists():
+            remove_run_folder(_aside(folder), paths)  # a copy from an earlier try that is already replaced
+            folder.rename(_aside(folder))
+    _REPLACING.append(paths)
+
+
+def run_started(paths: RunPaths) -> None:
+    """The new run has started (checked and set up): the run it replaces is now removed for good."""
+    if paths in _REPLACING:
+        _REPLACING.remove(paths)
+        for folder in paths.folders:
+            remove_run_folder(_aside(folder), paths)
+
+
+def _restore(paths: RunPaths) -> None:
+    for folder in paths.folders:
+        if _aside(folder).exists():
+            remove_run_folder(folder, paths)
+            _aside(folder).rename(folder)
+
+
+def restore_replaced() -> None:
+    """Put back every run this process moved aside and has not started replacing (on failure)."""
+    while _REPLACING:
+        _restore(_REPLACING.pop())
+
+
+def recover_replaced(paths: RunPaths) -> bool:
+    """Finish an `--overwrite` that a killed process left half-done; True if the old run came back.
+
+    If the new run had started, the moved-aside copy is deleted; otherwise the old run is restored."""
+    if not any(_aside(f).exists() for f in paths.folders):
+        return False
+    if _started(paths):
+        for folder in paths.folders:
+            remove_run_folder(_aside(folder), paths)
+        return False
+    _restore(paths)
+    return True
+
+
 def prepare_run(paths: RunPaths, *, resume: bool, overwrite: bool, command: str) -> str:
     """Decide how a training run starts: 'fresh', 'resume' or 'finished' (resume of a done run).
 
     A finished run is never replaced without `overwrite`; an interrupted one needs `resume` or
-    `overwrite`, so that no work is thrown away by accident.
+    `overwrite`, so that no work is thrown away by accident. With `overwrite` the old run is moved
+    aside (see `move_aside`), not deleted.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass only one of them.")
+    if recover_replaced(paths):
+        print(f"note: restored the run in {paths.folders[0]} that an interrupted --overwrite had moved aside.",
+              file=sys.stderr)
     ckpt_dir = paths.checkpoint_dir
     has_state = paths.last.is_file() or paths.results.is_file()
     if overwrite:
-        for folder in (ckpt_dir, paths.summary_dir):
-            if folder.exists():
-                shutil.rmtree(folder)
+        move_aside(paths)
         return "fresh"
     if resume:
         if is_finished(paths):
@@ -96,13 +232,88 @@ def prepare_run(paths: RunPaths, *, resume: bool, overwrite: bool, command: str)
         if is_finished(paths):
             raise UserError(
                 f"A finished run already exists in {ckpt_dir}. It is not overwritten silently: pass "
-                f"--overwrite to replace it, or --note NAME to start a separate experiment."
+                f"--overwrite to replace it ({command} --overwrite), or --note NAME to start a separate experiment."
             )
         raise UserError(
-            f"An interrupted run exists in {ckpt_dir}. Pass --resume to continue it, --overwrite to "
-            f"start again from scratch, or --note NAME for a separate experiment."
+            f"An interrupted run exists in {ckpt_dir}. Pass --resume to continue it ({command} --resume), "
+            f"--overwrite to start again from scratch, or --note NAME for a separate experiment."
         )
     return "fresh"
+
+
+# ------------------------------------------------------------------------------------------------
+# One process per run
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _HeldLock:
+    fd: int
+    path: Path
+    made_dirs: list[Path]  # folders created for the lock file, deepest last (removed again if empty)
+
+
+_HELD_LOCKS: dict[str, _HeldLock] = {}
+
+
+def lock_run(paths: RunPaths) -> None:
+    """Hold the run's lock until the process ends (or `release_locks`); a UserError if another process has it.
+
+    An OS lock (flock) dies with its process, so a killed run never leaves a stale lock behind.
+    Under torchrun rank 0 holds it for the job and every rank raises its error: call it after
+    `distributed.setup_device`."""
+    distributed.on_main(lambda: _lock(paths))
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def _lock(paths: RunPaths) -> None:
+    lock = paths.lock_file
+    key = os.path.abspath(lock)
+    if key in _HELD_LOCKS:
+        return
+    made_dirs = _missing_parents(lock.parent)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run lock {lock}: {exc.strerror}. Check that the folder is writable "
+                        f"(permissions, read-only file system, free space).") from exc
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"The run {paths.folders[0]} is in use by {holder}. One process per run: wait for it to finish (or "
+                f"stop it), then --resume; or use --note NAME for a separate experiment."
+            ) from None
+        # the previous holder removes the file as it lets go: lock again unless ours is still the file there
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"process {os.getpid()} on {socket.gethostname()} (since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)})\n").encode(), 0)
+    _HELD_LOCKS[key] = _HeldLock(fd, lock, made_dirs)
+
+
+def release_locks() -> None:
+    """Let go of every run lock of this process, removing the lock files (and the folders made only for them)."""
+    for held in _HELD_LOCKS.values():
+        held.path.unlink(missing_ok=True)  # while still holding it: see the check in _lock
+        os.close(held.fd)
+        for folder in reversed(held.made_dirs):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote there
+                break
+    _HELD_LOCKS.clear()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
