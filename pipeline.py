@@ -2,13 +2,20 @@
 
     python pipeline.py --config smoke
     python pipeline.py --config fashion-mnist-LT_resnet32 --seeds 0 1 2 --device 0
+    python pipeline.py --config smoke --note iters100 --opts finetune.iterations=100 --seeds 0 1
 
-For each note: phase I -> phase II -> phase III online (fsa) -> phase III offline (fsa) ->
-phase III offline (none: the cRT control) -> phase III offline (tailcalib) and online (tailcalibx)
-where available -> visualize; then report.py over all notes (reports/<config>/).
-configs/phase_i, phase_ii and phase_iii/NAME.yaml must all exist. Finished steps are skipped and
-interrupted ones resumed, so rerunning the same command continues where it stopped.
---seeds 0 1 2 runs notes seed0 seed1 seed2 with --opts seed=N (same long-tailed subset).
+For each note: phase I -> phase II -> phase III online (fsa) and its control (none: cRT) ->
+phase III offline (fsa) and its control (none: cRT) -> phase III offline (tailcalib) and online
+(tailcalibx) where available -> visualize; then report.py over all notes (reports/<config>/).
+configs/phase_i, phase_ii and phase_iii/NAME.yaml must all exist. Finished steps are skipped, never
+rerun, and interrupted ones resumed with their own settings, so rerunning the same command continues
+where it stopped.
+--seeds 0 1 2 runs notes seed0 seed1 seed2 (NOTE-seed0 ... with --note NOTE) with --opts seed=N
+(same long-tailed subset).
+--opts KEY=VALUE goes to every phase whose config has KEY (e.g. train.lr: phase I only,
+finetune.iterations: phase III only, seed: all; visualize gets phase II's). An unknown key is an
+error listing the known ones. Because finished steps are not rerun, --opts that would change an
+existing run of the same note is refused: run a variant under a new --note.
 """
 import argparse
 import sys
@@ -20,10 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
                         help="config name: configs/phase_i|phase_ii|phase_iii/NAME.yaml must all exist")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--note", default=None, help="experiment name; outputs go to .../<config>/<note>/ (default: default)")
-    group.add_argument("--seeds", type=int, nargs="+", metavar="N",
-                       help="run the chain for notes seedN with seed=N each, then one report over them")
+    parser.add_argument("--note", default=None,
+                        help="experiment name; outputs go to .../<config>/<note>/ (default: default); "
+                             "with --seeds the notes are NOTE-seedN")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                        help="run the chain for notes seedN (NOTE-seedN) with seed=N each, then one report over them")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, each passed to every phase whose config has KEY (e.g. train.lr=0.05 "
+                             "finetune.iterations=1000); finished steps are not rerun, so use a new --note for a variant")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")
     args = parser.parse_args()
     from engine import pipeline  # imported after argument parsing so --help stays fast

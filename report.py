@@ -1,8 +1,12 @@
 """Ablation report of one config: Phase I baseline, cRT control, FSA offline / online, TailCalib(X)
-and any other phase III run side by side, from each run's final evaluation.
+and any other phase III run side by side, from each run's selected model (best validation score, or
+the final evaluation without a validation split).
 
     python report.py --config smoke
     python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2   # mean ± std over seeds
+
+With two or more notes it also gives each FSA run's paired difference to its same-mode cRT control
+and to phase I (same note = same seed and backbone): per note, mean and a 95% t-interval.
 
 Reads checkpoints/<phase>/<config>/<note>/results.json; writes reports/<config>/ (ablation.md,
 ablation.csv, ablation.png, per_class.png, report.json) and prints the table. A results.json that

@@ -1,7 +1,7 @@
 """Grad-CAM heatmap overlays and class-specific / class-generic masks as PNG grids.
 
     python visualize.py --config cifar10-LT_resnet18 --device 0
-    python visualize.py --config smoke --classes 3 5 --samples 6 --phase phase_iii_online
+    python visualize.py --config smoke --classes 3 5 --samples 6 --phase phase_iii_offline-none
 
 For each chosen class (default: the tail classes and their confusing classes from phase II's
 confusion.json, else the tail classes), writes one PNG with a row per sample:
@@ -10,17 +10,19 @@ visualizations/<config>/<note>/<phase>/ (then results.json there, listing them, 
 and the same images to TensorBoard (run_summary/visualize/<config>/<note>/). ts / tg come from
 configs/phase_ii/<config>.yaml (or --opts). Dataset and model settings come from the phase I run of the
 same config and note; the default classes only from phase II outputs made from that phase I checkpoint.
+--phase names any run folder of the config and note (phase_i or phase_iii_*) except TailCalib /
+TailCalibX ones, whose checkpoint is a classifier on pooled features of phase I's frozen backbone.
 """
 from utils.cli import phase_parser, run_cli
-
-PHASES = ("phase_i", "phase_iii_online", "phase_iii_offline")
 
 
 def main() -> None:
     parser = phase_parser(__doc__, training=False)
-    parser.add_argument("--phase", default="phase_i", choices=PHASES,
-                        help="whose best_model.pt to explain: checkpoints/<phase>/<config>/<note>/best_model.pt")
-    parser.add_argument("--checkpoint", help="explain this checkpoint instead (same payload format as phase I)")
+    parser.add_argument("--phase", default="phase_i",
+                        help="run folder whose best_model.pt to explain: checkpoints/<phase>/<config>/<note>/, "
+                             "phase_i (default) or phase_iii_* (e.g. phase_iii_online, phase_iii_offline-none)")
+    parser.add_argument("--checkpoint", help="explain this checkpoint instead (same payload format as phase I); "
+                                             "--phase then only names the output folder")
     parser.add_argument("--classes", type=int, nargs="+", metavar="C",
                         help="class indices (default: tail classes and their confusing classes)")
     parser.add_argument("--samples", type=int, default=4, help="samples per class (default 4)")

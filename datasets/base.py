@@ -14,25 +14,49 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.transforms import augment_batch
+from utils.errors import UserError
 
-__all__ = ["LTDataset", "InMemoryDataset"]
+__all__ = ["AUGMENT_POLICIES", "LTDataset", "InMemoryDataset", "augment_policy"]
+
+# `dataset.augment`: auto picks per dataset (in memory: crop_flip; files: by image size), none switches
+# phase I's augmentation off, crop_flip is a zero-padded random crop (CIFAR-style), resized_crop
+# ImageNet's random-resized crop (file datasets only)
+AUGMENT_POLICIES = ("auto", "none", "crop_flip", "resized_crop")
+
+
+def augment_policy(value: bool | str) -> str:
+    """A ``dataset.augment`` value as a policy name; the old booleans still work (true = auto, false = none)."""
+    if isinstance(value, bool):
+        return "auto" if value else "none"
+    if value not in AUGMENT_POLICIES:
+        raise UserError(
+            f"dataset.augment must be one of {', '.join(AUGMENT_POLICIES)} (true = auto, false = none); got {value!r}"
+        )
+    return value
 
 
 class LTDataset(Dataset):
-    """Common interface: ``targets``, ``num_classes``, ``augment``, ``with_augment``, ``class_counts``."""
+    """Common interface: ``targets``, ``num_classes``, ``augment``, ``with_augment``, ``class_counts``.
+
+    ``policy`` (``crop_flip`` or ``resized_crop``, fixed when the dataset is built) is how this dataset
+    augments; ``augment`` is whether it does now.
+    """
 
     targets: torch.Tensor
     num_classes: int
     augment: bool
+    policy: str
     class_names: list[str]
 
     def __len__(self) -> int:
         return int(self.targets.numel())
 
-    def with_augment(self, flag: bool) -> "LTDataset":
-        """Shallow copy (data shared) with augmentation switched on/off."""
+    def with_augment(self, flag: bool | str) -> "LTDataset":
+        """Shallow copy (data shared) with augmentation switched on/off. ``flag`` is a bool or a
+        ``dataset.augment`` value (phase I passes the config's), on unless none / false; the policy
+        itself stays the dataset's."""
         other = copy.copy(self)
-        other.augment = bool(flag)
+        other.augment = augment_policy(flag) != "none"
         return other
 
     def class_counts(self) -> list[int]:
@@ -42,10 +66,11 @@ class LTDataset(Dataset):
 class InMemoryDataset(LTDataset):
     """Small image sets held as one ``uint8`` tensor ``images[N,C,H,W]``.
 
-    Augmentation (zero-padded random crop + optional horizontal flip) is done vectorised on a whole
-    batch by :meth:`get_batch`; ``__getitem__`` is a one-item call of the same code.
+    Augmentation (zero-padded random crop + optional horizontal flip: the policy ``crop_flip``) is done
+    vectorised on a whole batch by :meth:`get_batch`; ``__getitem__`` is a one-item call of the same code.
     """
 
+    policy = "crop_flip"
     # per-item tensors sliced together by :meth:`subset` (subclasses may extend)
     _per_item_fields: tuple[str, ...] = ("images", "targets")
 

@@ -2,13 +2,18 @@
 
 List file: one ``relative/path label`` per line (blank lines ignored), the path relative to the data
 root. Image folder: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), classes sorted
-by folder name. Images are decoded with PIL and transformed with torchvision (ImageNet statistics).
-Both are validated when built: malformed lines, bad labels (a gap in the training labels, a test
-label that is no training class), missing images and a class without test images are ``UserError``s.
+by folder name. Both are validated when built: malformed lines, bad labels (a gap in the training
+labels, a test label that is no training class), missing images and a class without test images are
+``UserError``s. Images are decoded with PIL and transformed with torchvision (ImageNet statistics),
+read at ``image_size`` (by default their own size when small, :func:`choose_image_size`) and
+augmented by a policy (:func:`build_transform`): by default ``crop_flip`` for small images and
+``resized_crop`` for large ones.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -18,13 +23,18 @@ from PIL import Image
 from torchvision import transforms as T
 
 from datasets.base import LTDataset
+from datasets.transforms import random_crop_flip
 from utils.errors import UserError
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "SMALL_IMAGE_MAX",
     "FileImageDataset",
+    "auto_policy",
+    "build_transform",
+    "choose_image_size",
     "read_list_dataset",
     "resolve_list_path",
     "scan_image_folder",
@@ -33,40 +43,118 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+SMALL_IMAGE_MAX = 64  # images up to this size are read at their own size and augmented CIFAR-style
+LARGE_IMAGE_SIZE = 224  # the size large images are read at unless dataset.image_size says otherwise
+CROP_PAD = 4  # crop_flip: zero-pad by 4 pixels, then crop back (as the in-memory datasets do)
+MAX_UPSCALE = 2.0  # a larger factor is warned about: slow, and no detail is gained
+
+logger = logging.getLogger("fsa_lt.datasets")  # the run's logger (console + log.txt) shows it
 
 
-def build_transform(image_size: int, train: bool):
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train:
-        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), *norm])
+def _decode_error(path: str, exc: OSError) -> UserError:
+    return UserError(
+        f"cannot decode image {path} ({exc}): the file is damaged or not an image. "
+        f"Replace it with a readable image, or remove it from the dataset."
+    )
+
+
+def auto_policy(image_size: int) -> str:
+    """What ``dataset.augment: auto`` means for file images read at ``image_size``."""
+    return "crop_flip" if image_size <= SMALL_IMAGE_MAX else "resized_crop"
+
+
+def choose_image_size(requested: int | None, first_image: str) -> int:
+    """The size file images are read at: ``requested`` (``dataset.image_size``) when given, else the
+    shorter side of ``first_image`` (the side of its centred square) when that is at most
+    ``SMALL_IMAGE_MAX``, else 224. Warns when the size upscales ``first_image`` more than 2x."""
+    try:
+        with Image.open(first_image) as img:  # reads the header only
+            width, height = img.size
+    except OSError as exc:
+        raise _decode_error(first_image, exc) from exc
+    own = min(width, height)
+    size = int(requested) if requested is not None else own if own <= SMALL_IMAGE_MAX else LARGE_IMAGE_SIZE
+    if size > MAX_UPSCALE * own:
+        logger.warning(
+            f"warning: dataset.image_size={size} upscales the training images {size / own:.1f}x (the first, "
+            f"{first_image}, is {width}x{height}): slow, and no detail is gained; consider dataset.image_size={own}"
+        )
+    return size
+
+
+class _PadCropFlip:
+    """Random zero-padded crop (+ flip) of one uint8 image ``[C,H,W]``: the in-memory datasets' batched
+    code on a batch of one, drawing from the global CPU generator (seeded per sample by the dataset)."""
+
+    def __init__(self, pad: int, flip: bool) -> None:
+        self.pad, self.flip = pad, flip
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return random_crop_flip(image.unsqueeze(0), self.pad, self.flip)[0]
+
+
+def build_transform(policy: str, image_size: int, flip: bool, train: bool) -> T.Compose:
+    """PIL image -> normalised float ``[3, image_size, image_size]``: the training view of ``policy``
+    (crop_flip or resized_crop), or with ``train=False`` its deterministic (evaluation) view, which a
+    run without augmentation also trains on.
+
+    crop_flip (small images) reads the image at its size: shorter side resized to ``image_size``, then the
+    centred square (nothing is cut from a square image); training pads by 4 pixels, crops back at random
+    and flips. resized_crop is ImageNet's: random-resized crop + flip for training, resize to 256/224 of the
+    size + centre crop for evaluation.
+    """
+    if policy == "resized_crop":
+        if train:
+            steps = [T.RandomResizedCrop(image_size), *([T.RandomHorizontalFlip()] if flip else [])]
+        else:
+            steps = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
+        steps.append(T.PILToTensor())
+    elif policy == "crop_flip":
+        steps = [T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()]
+        if train:
+            steps.append(_PadCropFlip(CROP_PAD, flip))
+    else:
+        raise ValueError(f"file datasets augment with crop_flip or resized_crop, not {policy!r}")
+    return T.Compose([*steps, T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class FileImageDataset(LTDataset):
-    """Images on disk given as ``(path, label)`` pairs."""
+    """Images on disk given as ``(path, label)`` pairs, read at ``image_size`` and augmented by ``policy``
+    (``auto`` = :func:`auto_policy` of the size; see :func:`build_transform`)."""
 
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
         num_classes: int,
-        image_size: int = 224,
+        image_size: int = LARGE_IMAGE_SIZE,
         *,
         augment: bool = True,
+        policy: str = "auto",  # auto, crop_flip or resized_crop
+        flip: bool = True,
         class_names: Sequence[str] | None = None,
     ) -> None:
         self.paths = [str(p) for p, _ in samples]
         self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
+        self.policy = auto_policy(self.image_size) if policy == "auto" else policy
         self.augment = bool(augment)
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         self.in_channels = 3
-        self._train_tf = build_transform(self.image_size, train=True)
-        self._test_tf = build_transform(self.image_size, train=False)
+        self._train_tf = build_transform(self.policy, self.image_size, flip, train=True)
+        self._test_tf = build_transform(self.policy, self.image_size, flip, train=False)
 
     @property
     def transform(self):
         return self._train_tf if self.augment else self._test_tf
+
+    def subset(self, positions: Sequence[int] | torch.Tensor) -> "FileImageDataset":
+        """A dataset of the images at ``positions`` (in that order), sharing the transforms."""
+        idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        other = copy.copy(self)
+        other.paths = [self.paths[i] for i in idx.tolist()]
+        other.targets = self.targets.index_select(0, idx)
+        return other
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         """``dataset[i]``, or ``dataset[(i, seed)]`` (from ``datasets.loader``): with a seed, the random
@@ -81,10 +169,7 @@ class FileImageDataset(LTDataset):
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except OSError as exc:
-            raise UserError(
-                f"cannot decode image {path} ({exc}): the file is damaged or not an image. "
-                f"Replace it with a readable image, or remove it from the dataset."
-            ) from exc
+            raise _decode_error(path, exc) from exc
         if seed is None:
             return self.transform(img), int(self.targets[i]), i
         with torch.random.fork_rng(devices=[]):  # torchvision's random transforms use the global CPU generator

@@ -1,6 +1,7 @@
 """The train / evaluate loops every phase shares (single process or one rank of a torchrun job)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -106,3 +107,23 @@ def predict(model: nn.Module, loader: Iterable, *, accel: Accel = NO_ACCEL,
 def evaluate(model: nn.Module, loader: Iterable, train_counts: list[int], hr: float, *, accel: Accel = NO_ACCEL) -> dict:
     logits, targets, _ = predict(model, loader, accel=accel)
     return classification_report(logits.argmax(1), targets, train_counts, hr)
+
+
+@dataclass
+class EvalSets:
+    """The reported test set and, where the run has one, the validation split that selects the model."""
+
+    test: BatchLoader
+    val: BatchLoader | None
+
+    @classmethod
+    def of(cls, bundle, batch_size: int, device: torch.device) -> "EvalSets":
+        """Loaders over `bundle.test` and `bundle.val` (a DatasetBundle)."""
+        val = None if bundle.val is None else eval_loader(bundle.val, batch_size, device)
+        return cls(eval_loader(bundle.test, batch_size, device), val)
+
+    def evaluate(self, model: nn.Module, train_counts: list[int], hr: float, *,
+                 accel: Accel = NO_ACCEL) -> tuple[dict, dict | None]:
+        """(test report, validation report or None)."""
+        val = None if self.val is None else evaluate(model, self.val, train_counts, hr, accel=accel)
+        return evaluate(model, self.test, train_counts, hr, accel=accel), val

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader, EpochBatches
 from engine.accel import Accel
-from engine.loops import eval_loader, evaluate, train_one_epoch
+from engine.loops import EvalSets, eval_loader, evaluate, train_one_epoch
 from engine.losses import build_loss
 from engine.metrics import summary_line
 from engine.optim import build_optimizer, lr_at
@@ -50,6 +50,15 @@ def checkpoint_payload(model: LTModel, cfg: dict, bundle: DatasetBundle, phase: 
         "config": cfg,
         **extra,
     }
+
+
+def selection_of(checkpoint: Path, phase_i: RunPaths) -> dict | None:
+    """How the phase I model at `checkpoint` was chosen (its run's `checkpoint_selection`), for the
+    records of the phases that start from it; None for a file other than the run's best_model.pt."""
+    results = read_results(phase_i.results)
+    if results is None or Path(checkpoint).resolve() != phase_i.best.resolve():
+        return None
+    return results.get("checkpoint_selection")
 
 
 def load_phase_i_model(path: Path, cfg: dict, bundle: DatasetBundle, device: torch.device, produced_by: str) -> tuple[LTModel, dict]:
@@ -112,7 +121,8 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
 
     start_epoch, recorder = start_recording(paths, mode, model, optimizer, logger,
                                             lambda **extra: checkpoint_payload(model, cfg, bundle, **extra),
-                                            step_name="epoch", total_steps=t["epochs"], command=command)
+                                            step_name="epoch", total_steps=t["epochs"], command=command,
+                                            select_on_val=bundle.val is not None)
     # `model` stays the plain module (checkpoints, evaluation); `train_model` is what the loop calls
     train_model: torch.nn.Module = model
     if ctx.enabled:
@@ -125,7 +135,7 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
     augment_rng = torch.Generator()
     # one loader for the whole run, so DataLoader workers persist; set_epoch picks each epoch's batches
     loader = BatchLoader(train_set, sampler, device, num_workers=t["num_workers"], generator=augment_rng)
-    test_loader = eval_loader(bundle.test, cfg["eval"]["batch_size"], device)
+    eval_sets = EvalSets.of(bundle, cfg["eval"]["batch_size"], device)
     for epoch in range(start_epoch, t["epochs"]):
         started = time.perf_counter()
         # every random draw of this epoch derives from (seed, epoch, rank): a resumed run replays it exactly
@@ -140,10 +150,10 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
         train_s = time.perf_counter() - started
         stats.update(lr=lr_at(epoch, t), train_s=train_s, images_per_s=sampler.samples_per_epoch() / max(train_s, 1e-9))
         done = epoch + 1
-        report = None
+        report = val_report = None
         if done % t["eval_every"] == 0 or done == t["epochs"]:
             distributed.sync_buffers(model)  # every rank evaluates the model rank 0 saves
-            report = evaluate(model, test_loader, bundle.train_counts, cfg["eval"]["hr"], accel=accel)
+            report, val_report = eval_sets.evaluate(model, bundle.train_counts, cfg["eval"]["hr"], accel=accel)
         recorder.record(done, stats, report, optimizer, time.perf_counter() - started,
-                        periodic=bool(t["save_every"]) and done % t["save_every"] == 0)
-    return recorder.finish(epochs=t["epochs"], processes=ctx.world_size)
+                        periodic=bool(t["save_every"]) and done % t["save_every"] == 0, val_report=val_report)
+    return recorder.finish(epochs=t["epochs"], processes=ctx.world_size, **bundle.split_sizes())

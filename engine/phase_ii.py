@@ -39,7 +39,7 @@ from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
 from engine.loops import progress
-from engine.phase_i import load_phase_i_model, phase_i_command
+from engine.phase_i import load_phase_i_model, phase_i_command, selection_of
 from fsa.class_split import head_tail_split
 from fsa.confusion import ScoreAccumulator, confusing_classes
 from fsa.decomposition import SplitStatistics
@@ -430,6 +430,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": name,
         "note": note,
         "checkpoint": str(checkpoint),
+        "phase_i_checkpoint_selection": selection_of(checkpoint, p1.paths),
         "device": str(device),
         "processes": ctx.world_size,
         "accel": accel.describe(),

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
-from engine.loops import eval_loader, evaluate
+from engine.loops import EvalSets, evaluate
 from engine.optim import build_optimizer
-from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command
+from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command, selection_of
 from engine.phase_iii_features import FEATURE_GENERATORS, check_generator_mode, run_feature_generator, write_sources
 from engine.recorder import open_run, start_recording, write_test_results
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     store = _open_store(paths.features_dir, name, args.note) if mode == "offline" else None
     model, _ = load_phase_i_model(p2.checkpoint, p1_cfg, bundle, device, phase_i_command(name, args.note))
     accel.prepare_model(model)
-    test_loader = eval_loader(bundle.test, cfg["eval"]["batch_size"], device)
+    eval_sets = EvalSets.of(bundle, cfg["eval"]["batch_size"], device)
     hr = p2.config["split"]["hr"]
     command = phase_iii_command(mode, name, args.note, f["generator"])
     if f["generator"] in FEATURE_GENERATORS:  # TailCalib / TailCalibX: pooled features, own classifier and loop
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     if cfg["phase"] == "test":
         ckpt = Path(args.checkpoint) if getattr(args, "checkpoint", None) else paths.best
         apply_weights(model, load_checkpoint(ckpt, produced_by=command), ckpt)
-        return write_test_results(paths, ckpt, evaluate(model, test_loader, bundle.train_counts, hr, accel=accel))
+        return write_test_results(paths, ckpt, evaluate(model, eval_sets.test, bundle.train_counts, hr, accel=accel))
 
     composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
     generator = build_generator(f["generator"], GeneratorContext(
@@ -148,13 +148,15 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     optimizer = build_optimizer(trainable, f)
     start, recorder = start_recording(paths, run_mode, model, optimizer, logger,
                                       lambda **extra: checkpoint_payload(model, cfg, bundle, phase=paths.phase, **extra),
-                                      step_name="iteration", total_steps=f["iterations"], command=command)
+                                      step_name="iteration", total_steps=f["iterations"], command=command,
+                                      select_on_val=bundle.val is not None)
     logger.info(f"{mode} fine-tuning, generator {f['generator']}, tail classes {p2.tail}, head classes {p2.head}, "
                 f"batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
                 f"{sum(p.numel() for p in trainable)} parameters, device {device}, {ctx.world_size} process(es); "
                 f"{accel.describe()}")
     if start == 0:
-        recorder.record(0, {}, evaluate(model, test_loader, bundle.train_counts, hr, accel=accel), optimizer, 0.0)
+        report, val_report = eval_sets.evaluate(model, bundle.train_counts, hr, accel=accel)
+        recorder.record(0, {}, report, optimizer, 0.0, val_report=val_report)  # the phase I model itself
 
     head: torch.nn.Module = _Head(model)
     if ctx.enabled:
@@ -176,14 +178,16 @@ def run(args: argparse.Namespace, mode: str) -> dict:
         window_loss.append(loss)
         done = iteration + 1
         if done % f["eval_every"] == 0 or done == f["iterations"]:
-            report = evaluate(model, test_loader, bundle.train_counts, hr, accel=accel)
+            report, val_report = eval_sets.evaluate(model, bundle.train_counts, hr, accel=accel)
             # every rank's scaled loss sums to the loss of the global batch
             loss_sum = distributed.all_reduce_sum(torch.stack(window_loss).mean().cpu().double())
             stats = {"loss": float(loss_sum) / ctx.world_size, "lr": f["lr"]}
-            recorder.record(done, stats, report, optimizer, time.perf_counter() - window_started)
+            recorder.record(done, stats, report, optimizer, time.perf_counter() - window_started, val_report=val_report)
             window_loss, window_started = [], time.perf_counter()
     return recorder.finish(mode=mode, generator=f["generator"], iterations=f["iterations"], train_samples=train_set_size,
-                           tail_classes=p2.tail, head_classes=p2.head, processes=ctx.world_size)
+                           tail_classes=p2.tail, head_classes=p2.head, processes=ctx.world_size,
+                           phase_i_checkpoint=str(p2.checkpoint),
+                           phase_i_checkpoint_selection=selection_of(p2.checkpoint, phase_i), **bundle.split_sizes())
 
 
 def _open_store(folder: Path, name: str, note: str) -> FeatureStore:

@@ -38,11 +38,12 @@ Choices (where the release or DESIGN leave room):
   (null = `finetune.lr`); the release uses SGD lr 0.01 without a schedule.
 - seeds: generation, augmentation and shuffling of epoch `e` derive from `(seed, e)`, so a run
   resumed from `last.pt` (epoch granularity) replays exactly what a straight run does.
-- `best_model.pt` is the epoch with the best test top1 (as every run here); `results.json`'s
-  top-level metrics are those of the final epoch.  `history` starts at epoch 1 (a fresh classifier
+- `best_model.pt` is the selected epoch (as every run here): the best validation mean class accuracy
+  with a validation split, else the final epoch; `results.json`'s top-level metrics are the test
+  numbers of that epoch.  `history` starts at epoch 1 (a fresh classifier
   has nothing to evaluate at epoch 0); the phase I classifier on the same test features is in
   `phase_i_reference`.  Also recorded: `generated_per_class` (list by class), `generated_total`,
-  `balanced_to` (the head count), `iterations` (SGD steps), `best_iteration`, `lr`,
+  `balanced_to` (the head count), `iterations` (SGD steps), `selected_iteration`, `lr`,
   `classifier_init`, `neighbours`, `feature_transform`.  Per epoch, `generate_s` is the time to
   (online: extract features and) generate.
 
@@ -69,6 +70,7 @@ from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.optim import build_optimizer
+from engine.phase_i import selection_of
 from engine.recorder import RunRecorder, open_run, write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
@@ -162,7 +164,8 @@ def pooled_features(model: LTModel, dataset, batch_size: int, device: torch.devi
 
 
 class _FeatureSource:
-    """Training features of an epoch and the (fixed) test features, offline or online."""
+    """Training features of an epoch and the (fixed) test features, offline or online; the validation
+    features (runs with a validation split) always come from a forward pass over its images."""
 
     def __init__(self, mode: str, model: LTModel, bundle: DatasetBundle, store: FeatureStore | None, device: torch.device,
                  batch_size: int, num_workers: int, accel: Accel = NO_ACCEL):
@@ -183,6 +186,8 @@ class _FeatureSource:
         else:
             self.test = pooled_features(model, bundle.test.with_augment(False), batch_size, device, num_workers=num_workers,
                                         accel=accel)
+        self.val = None if bundle.val is None else pooled_features(
+            model, bundle.val.with_augment(False), batch_size, device, num_workers=num_workers, accel=accel)
 
     def train(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "offline":
@@ -295,7 +300,8 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
     def payload(**extra) -> dict:
         return {**meta, "fc": {k: v.detach().cpu().clone() for k, v in fc.state_dict().items()}, **progress, **extra}
 
-    recorder = RunRecorder(paths, logger, payload, step_name="epoch", total_steps=tc["epochs"], resumed_state=state)
+    recorder = RunRecorder(paths, logger, payload, step_name="epoch", total_steps=tc["epochs"],
+                           select_on_val=bundle.val is not None, resumed_state=state)
     logger.info(f"{mode} {name}: frozen {model.arch} backbone, pooled features (D={model.feature_dim}) -> "
                 f"L2-normalise -> Tukey lambda {tc['tukey']}; calibration k {tc['k']} ({tc['neighbours']} class means), "
                 f"alpha {tc['alpha']}; every class filled to the head count {balanced_to} (generated per class "
@@ -312,6 +318,7 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
     logger.info("phase I model on the same test features: " + " | ".join(
         f"{k} {'absent' if v is None else f'{v:.2f}'}" for k, v in phase_i_ref.items()))
     test_z = apply_feature_transform(test_raw, transform)
+    val = None if source.val is None else (apply_feature_transform(source.val[0], transform), source.val[1])
 
     data = None
     setup_s = time.perf_counter() - started
@@ -328,19 +335,22 @@ def run_feature_generator(args: argparse.Namespace, mode: str, cfg: dict, paths:
         stats = _train_epoch(fc, optimizer, *data, tc["batch_size"], _seed(seed, _STREAM_SHUFFLE, epoch))
         progress["total_steps"] += stats.pop("steps")
         report = _evaluate(fc, test_z, test_y, train_counts, hr)
+        val_report = None if val is None else _evaluate(fc, *val, train_counts, hr)
         stats.update({"lr": lr, "generate_s": t_gen, "iteration": progress["total_steps"],
                       "train_features": int(data[0].shape[0])})
-        recorder.record(epoch + 1, stats, report, optimizer, time.perf_counter() - t0 + setup_s)
+        recorder.record(epoch + 1, stats, report, optimizer, time.perf_counter() - t0 + setup_s, val_report=val_report)
         setup_s = 0.0
 
     steps_per_epoch = -(-balanced_to * num_classes // tc["batch_size"])
+    selected_epoch = recorder.selection()["epoch"]  # None on the ranks that do not record
     return recorder.finish(
         mode=mode, generator=name, epochs=tc["epochs"], iterations=progress["total_steps"],
-        best_iteration=recorder.best_step * steps_per_epoch,
+        selected_iteration=None if selected_epoch is None else selected_epoch * steps_per_epoch,
         train_samples=len(bundle.train), generated_per_class=expected, generated_total=sum(expected),
         balanced_to=balanced_to, classifier_init=tc["init"], neighbours=tc["neighbours"], lr=lr,
         feature_transform=transform, phase_i_reference=phase_i_ref, tail_classes=p2.tail, head_classes=p2.head,
-        processes=distributed.context().world_size)
+        processes=distributed.context().world_size, phase_i_checkpoint=str(p2.checkpoint),
+        phase_i_checkpoint_selection=selection_of(p2.checkpoint, paths.sibling("phase_i")), **bundle.split_sizes())
 
 
 def _test(args, paths: RunPaths, model: LTModel, bundle: DatasetBundle, store, device, hr, command, mode, batch_size,

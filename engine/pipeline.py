@@ -3,9 +3,10 @@
     python pipeline.py --config smoke
     python pipeline.py --config cifar10-LT_resnet18 --seeds 0 1 2 --device 0
 
-Order, for each note: phase I -> phase II -> phase III online (fsa) -> phase III offline (fsa) ->
-phase III offline (none, the cRT control) -> phase III offline (tailcalib) -> phase III online
-(tailcalibx) -> visualize; then one report over all notes. The TailCalib steps run only where
+Order, for each note: phase I -> phase II -> phase III online (fsa) -> phase III online (none, the
+cRT control of the online mode) -> phase III offline (fsa) -> phase III offline (none, the cRT
+control of the offline mode) -> phase III offline (tailcalib) -> phase III online (tailcalibx) ->
+visualize; then one report over all notes. The TailCalib steps run only where
 ``engine.phase_iii.available_generators()`` offers those generators.
 
 Every step calls its phase runner in this process with the arguments its script would build.
@@ -13,32 +14,45 @@ A step whose finished outputs exist is skipped; an interrupted training run (``l
 finished ``results.json``) is resumed; phase II, which has no resume, restarts an unfinished
 extraction. Rerunning the same command after an interruption therefore continues where it stopped.
 
-``--seeds 0 1 2`` runs the chain for notes ``seed0 seed1 seed2`` with ``seed=N`` passed as
-``--opts`` to phases I, II and III (and visualize); the long-tailed training subset is chosen by
-``dataset.subset_seed``, which stays as configured, so every seed trains on the same subset.
+``--seeds 0 1 2`` runs the chain for notes ``seed0 seed1 seed2`` (``NOTE-seed0 ...`` with ``--note
+NOTE``) with ``seed=N`` passed as ``--opts`` to phases I, II and III (and visualize); the long-tailed
+training subset is chosen by ``dataset.subset_seed``, which stays as configured, so every seed
+trains on the same subset.
+
+``--opts KEY=VALUE ...`` goes to every phase whose config schema has KEY (visualize reads phase
+II's), after ``seed=N`` and before each phase III step's ``finetune.generator``; a key no phase
+knows is refused before any step runs (``route_opts``). Because finished steps are skipped, --opts
+that would change an existing run of the same note is refused too (``check_existing_runs``): a
+variant is a new experiment, i.e. a new ``--note``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from engine.recorder import SPEED_SETTINGS
 from utils import distributed
-from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, load_config
+from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts
 from utils.errors import UserError
 from utils.run_dir import RunPaths, check_run_name, is_finished, read_results
+from utils.schema import schema_keys
 
-__all__ = ["PHASE_III_STEPS", "Step", "plan_steps", "config_sources", "notes_and_opts", "ensure_fashion_mnist",
-           "step_state", "run"]
+__all__ = ["PHASE_III_STEPS", "Step", "plan_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
+           "check_existing_runs", "ensure_fashion_mnist", "step_state", "run"]
 
 PREFIX = "[pipeline]"
 # (mode, generator, label); optional generators are only run where phase III offers them
 PHASE_III_STEPS: tuple[tuple[str, str, str], ...] = (
     ("online", "fsa", "phase III online (fsa)"),
+    ("online", "none", "phase III online (none: cRT control)"),  # each FSA mode against a control of that mode
     ("offline", "fsa", "phase III offline (fsa)"),
     ("offline", "none", "phase III offline (none: cRT control)"),
     ("offline", "tailcalib", "phase III offline (tailcalib)"),
@@ -46,6 +60,7 @@ PHASE_III_STEPS: tuple[tuple[str, str, str], ...] = (
 )
 REQUIRED_GENERATORS = ("fsa", "none")
 VISUALIZE_PHASE = "phase_i"
+PHASE_LABELS = {"phase_i": "phase I", "phase_ii": "phase II and visualize", "phase_iii": "phase III"}
 
 
 def say(message: str) -> None:
@@ -67,6 +82,10 @@ class Step:
 
             return phase_name(self.mode, self.generator)
         return self.kind
+
+    def config_phase(self) -> str:
+        """Whose config (and --opts) the step reads: its own phase's; visualize reads phase II's."""
+        return "phase_ii" if self.kind == "visualize" else self.kind
 
 
 def plan_steps(available: list[str]) -> tuple[list[Step], list[str]]:
@@ -123,14 +142,104 @@ def config_sources(config: str) -> dict[str, str]:
 
 
 def notes_and_opts(note: str | None, seeds: list[int] | None) -> list[tuple[str, list[str]]]:
-    """``[(note, --opts for the phases)]``: one note, or ``seedN`` with ``seed=N`` per seed."""
+    """``[(note, --opts for the phases)]``: one note, or ``seedN`` (``NOTE-seedN`` with a note) with
+    ``seed=N`` per seed."""
     if seeds:
         if len(set(seeds)) != len(seeds):
             raise UserError(f"--seeds {' '.join(map(str, seeds))}: each seed once, please.")
         if any(s < 0 for s in seeds):
             raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be >= 0.")
-        return [(f"seed{s}", [f"seed={s}"]) for s in seeds]
+        prefix = "" if note is None else f"{note}-"
+        return [(check_run_name(f"{prefix}seed{s}", "--note"), [f"seed={s}"]) for s in seeds]
     return [(check_run_name("default" if note is None else note, "--note"), [])]
+
+
+def _opt_key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def route_opts(opts: list[str], *, seeded: bool) -> dict[str, list[str]]:
+    """``--opts`` per config phase (``phase_i``, ``phase_ii``, ``phase_iii``): each ``KEY=VALUE`` goes to
+    every phase whose schema has KEY (a value or a section). A key no phase knows, and a key the
+    pipeline sets itself, is a UserError naming the known keys, raised before any step runs."""
+    parse_opts(opts)  # the phases' own syntax checks (KEY=VALUE, YAML values), before routing by key
+    known = {phase: schema_keys(phase) for phase in CONFIG_PHASES}
+    routed: dict[str, list[str]] = {phase: [] for phase in CONFIG_PHASES}
+    unknown = []
+    for item in opts:
+        key = _opt_key(item)
+        # the steps append their generator last, and seed=N comes first: either would silently win
+        if key == "finetune.generator":
+            raise UserError("--opts finetune.generator: the pipeline runs every generator as its own phase III step "
+                            "(phase_iii_<mode>-<generator>). To fine-tune with one generator only, run "
+                            "phase_iii_online_train_or_test.py or phase_iii_offline_train_or_test.py with "
+                            "--opts finetune.generator=NAME.")
+        if key == "seed" and seeded:
+            raise UserError("--opts seed=...: --seeds already passes seed=N to every phase of each seed's note; "
+                            "drop seed from --opts.")
+        phases = [phase for phase in CONFIG_PHASES
+                  if any(k == key or k.startswith(f"{key}.") for k in known[phase])]
+        if not phases:
+            unknown.append(key)
+        for phase in phases:
+            routed[phase].append(item)
+    if unknown:
+        listing = "; ".join(f"{PHASE_LABELS[phase]}: {', '.join(known[phase])}" for phase in CONFIG_PHASES)
+        raise UserError(f"--opts {', '.join(unknown)}: no phase's config has {'this key' if len(unknown) == 1 else 'these keys'}. "
+                        f"Known keys: {listing}.")
+    return routed
+
+
+def step_opts(step: Step, opts: dict[str, list[str]]) -> list[str]:
+    """The --opts a step's script gets: those of its config phase, then a phase III step's generator."""
+    generator = [f"finetune.generator={step.generator}"] if step.kind == "phase_iii" else []
+    return [*opts[step.config_phase()], *generator]
+
+
+def _saved_config_path(step: Step, name: str, note: str) -> Path | None:
+    """The resolved config an existing run of ``step`` saved (visualize saves none: it reads phase II's)."""
+    if step.kind == "visualize":
+        return None
+    paths = RunPaths(step.folder(), name, note)
+    return (paths.features_dir if step.kind == "phase_ii" else paths.checkpoint_dir) / "config.yaml"
+
+
+def _setting(cfg: dict, key: str) -> object:
+    try:
+        return get_dotted(cfg, key)
+    except (KeyError, TypeError):
+        return "(not set)"
+
+
+def check_existing_runs(steps: list[Step], sources: dict[str, str], name: str,
+                        runs: list[tuple[str, dict[str, list[str]]]], user_opts: dict[str, list[str]]) -> None:
+    """Refuse ``--opts`` that an existing run would ignore: a finished step is skipped, and an
+    interrupted one resumes with the settings it started with, so a key the user sets to another
+    value than such a run has would change nothing. A new --note runs the variant beside it."""
+    conflicts = []
+    for note, opts in runs:
+        for step in steps:
+            # speed settings may differ between runs, as between a run and its --resume
+            keys = [k for k in map(_opt_key, user_opts[step.config_phase()]) if not f"{k}.".startswith(SPEED_SETTINGS)]
+            saved_path = _saved_config_path(step, name, note)
+            if not keys or saved_path is None or step_state(step, name, note)[0] not in ("finished", "interrupted"):
+                continue
+            try:
+                saved = yaml.safe_load(saved_path.read_text())
+            except (OSError, yaml.YAMLError):
+                continue  # the step's own run reports an unreadable config
+            if not isinstance(saved, dict):
+                continue
+            wanted = load_config(sources[step.config_phase()], step.config_phase(), step_opts(step, opts))
+            conflicts += [f"{saved_path.parent}: {key} is {_setting(saved, key)!r}, --opts asks for {_setting(wanted, key)!r}"
+                          for key in keys if _setting(saved, key) != _setting(wanted, key)]
+    if conflicts:
+        lines = "\n  ".join(conflicts)
+        raise UserError(
+            f"--opts would change runs that already exist, but the pipeline does not rerun a finished step and "
+            f"resumes an interrupted one only with its own settings:\n  {lines}\n"
+            f"Run this variant as a new experiment beside them with --note NAME (with --seeds: --note NAME --seeds ..., "
+            f"notes NAME-seedN), or drop these --opts to continue the existing runs.")
 
 
 def ensure_fashion_mnist(dataset_cfg: dict) -> None:
@@ -200,15 +309,12 @@ def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
 
 def _namespace(step: Step, source: str, note: str, device: str, opts: list[str], *, resume: bool,
                overwrite: bool) -> argparse.Namespace:
-    """The arguments the step's script would parse (see the scripts' parsers)."""
+    """The arguments the step's script would parse (see the scripts' parsers); ``opts``: ``step_opts``."""
     common = dict(config=source, device=device, note=note, opts=list(opts))
-    if step.kind == "phase_i":
+    if step.kind in ("phase_i", "phase_iii"):
         return argparse.Namespace(**common, resume=resume, overwrite=overwrite, checkpoint=None)
     if step.kind == "phase_ii":
         return argparse.Namespace(**common, overwrite=overwrite, checkpoint=None)
-    if step.kind == "phase_iii":
-        common["opts"].append(f"finetune.generator={step.generator}")
-        return argparse.Namespace(**common, resume=resume, overwrite=overwrite, checkpoint=None)
     return argparse.Namespace(**common, phase=VISUALIZE_PHASE, checkpoint=None, classes=None, samples=4, layer=None,
                               split="train", panel=128)
 
@@ -231,7 +337,8 @@ def _call(step: Step, ns: argparse.Namespace):
     return visualize.run(ns)
 
 
-def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str, opts: list[str]) -> None:
+def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str,
+              opts: dict[str, list[str]]) -> None:
     name = config_name(sources["phase_i"])
     state, where = step_state(step, name, note)
     if state == "finished":
@@ -239,14 +346,15 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
         return
     resume = state == "interrupted"
     overwrite = state == "stale" and step.kind != "visualize"
+    args = step_opts(step, opts)
+    with_opts = f" with --opts {shlex.join(args)}" if args else ""
     if resume:
-        say(f"{tag} resumed from {where}")
+        say(f"{tag} resumed from {where}{with_opts}")
     elif state == "stale":
-        say(f"{tag} started again from scratch (unfinished, nothing to resume: {where})")
+        say(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where})")
     else:
-        say(f"{tag} started")
-    source = sources["phase_ii"] if step.kind == "visualize" else sources[step.kind]
-    ns = _namespace(step, source, note, device, opts, resume=resume, overwrite=overwrite)
+        say(f"{tag} started{with_opts}")
+    ns = _namespace(step, sources[step.config_phase()], note, device, args, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     try:
         _call(step, ns)
@@ -261,27 +369,33 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run the chain for every note of ``args`` (config, note, seeds, device), then the report."""
+    """Run the chain for every note of ``args`` (config, note, seeds, opts, device), then the report."""
     from engine import report
     from engine.phase_iii import available_generators
 
     sources = config_sources(args.config)
     name = config_name(sources["phase_i"])
-    runs = notes_and_opts(getattr(args, "note", None), getattr(args, "seeds", None))
+    seeds = getattr(args, "seeds", None)
+    user_opts = route_opts(getattr(args, "opts", None) or [], seeded=bool(seeds))
+    # each note's --opts per config phase: seed=N of --seeds, then the user's
+    runs = [(note, {phase: [*base, *user_opts[phase]] for phase in CONFIG_PHASES})
+            for note, base in notes_and_opts(getattr(args, "note", None), seeds)]
     device = getattr(args, "device", "auto") or "auto"
     distributed.setup_device(device)  # under torchrun: join the process group once, for every step
-    # check every config (and the --opts the pipeline adds) before the first hour of training
-    phase_i_cfg = load_config(sources["phase_i"], "phase_i", runs[0][1])
-    phase_iii_cfg = load_config(sources["phase_iii"], "phase_iii", runs[0][1])
-    load_config(sources["phase_ii"], "phase_ii", runs[0][1])
-    for phase, cfg in (("phase_i", phase_i_cfg), ("phase_iii", phase_iii_cfg)):
-        if cfg["phase"] != "train":
-            raise UserError(f"the {phase} config of '{name}' sets phase: {cfg['phase']}, but the pipeline trains. "
+    # check every config (and the --opts) before the first hour of training
+    cfgs = {phase: load_config(sources[phase], phase, runs[0][1][phase]) for phase in CONFIG_PHASES}
+    for phase in ("phase_i", "phase_iii"):
+        if cfgs[phase]["phase"] != "train":
+            raise UserError(f"the {phase} config of '{name}' sets phase: {cfgs[phase]['phase']}, but the pipeline trains. "
                             f"Test a checkpoint with the phase's own script instead.")
     steps, left_out = plan_steps(available_generators())
+    check_existing_runs(steps, sources, name, runs, user_opts)
     notes = [note for note, _ in runs]
     say(f"config '{name}', note(s) {', '.join(notes)}, device {device}: "
         f"{' -> '.join(s.label for s in steps)} -> report")
+    if any(user_opts.values()):
+        say("--opts: " + "; ".join(f"{PHASE_LABELS[phase]}: {shlex.join(user_opts[phase]) or '(none)'}"
+                                    for phase in CONFIG_PHASES))
     for line in left_out:
         say(line)
 
@@ -291,7 +405,7 @@ def run(args: argparse.Namespace) -> dict:
     for note, opts in runs:
         for i, step in enumerate(steps, 1):
             if step.kind == "phase_i" and not data_checked:
-                distributed.on_main(lambda: ensure_fashion_mnist(phase_i_cfg["dataset"]))
+                distributed.on_main(lambda: ensure_fashion_mnist(cfgs["phase_i"]["dataset"]))
                 distributed.barrier()
                 data_checked = True
             _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts)

@@ -24,9 +24,17 @@ from utils.run_dir import RunPaths, prepare_run, run_started, write_json_atomic
 SPEED_SETTINGS = "accel."  # may change on --resume (e.g. moving the run to a GPU)
 
 
+# a balanced score: a validation split held out of the long-tailed training set is long-tailed too
+SELECTION_METRIC = "mean_class_acc"
+
+
 class RunRecorder:
+    """`best_model.pt` is the selected model: the best `SELECTION_METRIC` on the validation split when
+    the run has one (`select_on_val`), else the latest evaluation, so that the final model is used. The
+    reported test numbers are those of the selected model; test images never choose anything."""
+
     def __init__(self, paths: RunPaths, logger: logging.Logger, payload: Callable[..., dict], *, step_name: str,
-                 total_steps: int, resumed_state: dict | None = None):
+                 total_steps: int, select_on_val: bool, resumed_state: dict | None = None):
         """`payload(**extra)` returns the checkpoint dict of the current model (plain values only).
 
         Only rank 0 of a torchrun job records; on the other ranks every method is a no-op."""
@@ -35,57 +43,74 @@ class RunRecorder:
             run_started(paths)  # set up without error: a run replaced by --overwrite is now removed for good
         self.paths, self.logger, self.payload = paths, logger, payload
         self.step_name, self.total_steps = step_name, total_steps
+        self.selection_by = "val" if select_on_val else "final"
         state = resumed_state or {}
-        self.best_top1 = state.get("best_top1", -1.0)
-        self.best_step = state.get("best_step", -1)
+        self.selected: dict = state.get("selected", {})  # step, val score, test report of best_model.pt
         self.history: list[dict] = state.get("history", [])
         self.elapsed = state.get("elapsed_s", 0.0)
-        self.last_report: dict = {}
         self.writer = open_summary_writer(paths.summary_dir) if self.enabled else None
 
     def state(self) -> dict:
-        return {"best_top1": self.best_top1, "best_step": self.best_step, "history": self.history, "elapsed_s": self.elapsed}
+        return {"selected": self.selected, "history": self.history, "elapsed_s": self.elapsed}
 
     def record(self, step: int, stats: dict, report: dict | None, optimizer: torch.optim.Optimizer, seconds: float,
-               periodic: bool = False) -> None:
-        """Book step `step` (1-based, completed): `stats` are training numbers, `report` an evaluation or None."""
+               periodic: bool = False, val_report: dict | None = None) -> None:
+        """Book step `step` (1-based, completed): `stats` are training numbers, `report` a test evaluation
+        or None, `val_report` the validation evaluation that goes with it (runs with a validation split)."""
         if not self.enabled:
             return
+        if report is not None and (val_report is None) == (self.selection_by == "val"):
+            raise ValueError(f"a run selecting by {self.selection_by} got val_report={val_report is not None}")
         self.elapsed += seconds
         entry = {self.step_name: step, **stats}
         if report is not None:
-            self.last_report = report
             entry.update({k: report[k] for k in SCALAR_KEYS})
+            if val_report is not None:
+                entry.update({f"val_{k}": val_report[k] for k in SCALAR_KEYS})
         self.history.append(entry)
         line = f"{self.step_name} {step}/{self.total_steps} " + " ".join(
             f"{k} {v:.4g}" for k, v in stats.items() if isinstance(v, float))
-        self.logger.info(line + (f" | {summary_line(report)}" if report is not None else ""))
+        if val_report is not None:
+            line += f" | val {SELECTION_METRIC} {val_report[SELECTION_METRIC]:.2f}"
+        self.logger.info(line + (f" | test {summary_line(report)}" if report is not None else ""))
         log_scalars(self.writer, "train", stats, step)
         if report is not None:
             log_scalars(self.writer, "test", {k: report[k] for k in SCALAR_KEYS}, step)
-            if report["top1"] > self.best_top1:
-                self.best_top1, self.best_step = report["top1"], step
-                save_checkpoint(self.paths.best, self.payload(**{self.step_name: step}, top1=self.best_top1))
+            if val_report is not None:
+                log_scalars(self.writer, "val", {k: val_report[k] for k in SCALAR_KEYS}, step)
+            score = None if val_report is None else val_report[SELECTION_METRIC]
+            if score is None or not self.selected or score > self.selected["val_score"]:
+                self.selected = {"step": step, "val_score": score, "report": report}
+                save_checkpoint(self.paths.best, self.payload(**{self.step_name: step}))
         save_checkpoint(self.paths.last, self.payload(**{self.step_name: step}, optimizer=optimizer.state_dict(), **self.state()))
         if periodic:
             save_checkpoint(self.paths.checkpoint_dir / f"model_{self.step_name}_{step:04d}.pt", self.payload(**{self.step_name: step}))
         write_json_atomic(self.paths.results, {"finished": False, "phase": self.paths.phase, self.step_name: step,
                                                "history": self.history})
 
+    def selection(self) -> dict:
+        """How `best_model.pt` was chosen: `{"by": "val" | "final", "<step>": N}` (+ the validation score)."""
+        out = {"by": self.selection_by, self.step_name: self.selected.get("step")}
+        if self.selection_by == "val":
+            out[f"val_{SELECTION_METRIC}"] = self.selected.get("val_score")
+        return out
+
     def finish(self, **extra) -> dict:
-        """Write the final results.json (top-level metrics = the last evaluation) and close TensorBoard."""
+        """Write the final results.json (top-level metrics = the selected model's test evaluation) and close TensorBoard."""
         if not self.enabled:
             return {}
         self.writer.close()
+        report = self.selected.get("report", {})
+        chosen = (f"the {self.step_name} of the best validation {SELECTION_METRIC}" if self.selection_by == "val"
+                  else f"the final {self.step_name} (no validation split: nothing is selected)")
         results = {
             "finished": True, "phase": self.paths.phase, "config": self.paths.config, "note": self.paths.note,
-            "evaluated": f"final {self.step_name} (best_top1 is the best of the periodic evaluations on the same test set)",
-            **self.last_report, "best_top1": self.best_top1, f"best_{self.step_name}": self.best_step,
+            "evaluated": f"best_model.pt: {chosen}", "checkpoint_selection": self.selection(), **report,
             "wall_time_s": self.elapsed, **extra, "history": self.history,
         }
         write_json_atomic(self.paths.results, results)
-        self.logger.info(f"finished: {summary_line(self.last_report)} | best top1 {self.best_top1:.2f} "
-                         f"({self.step_name} {self.best_step}) | {self.elapsed:.1f}s")
+        self.logger.info(f"finished: test {summary_line(report)} | best_model.pt = {chosen}, {self.step_name} "
+                         f"{self.selected.get('step')} | {self.elapsed:.1f}s")
         return results
 
 
@@ -151,7 +176,7 @@ def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
 
 def start_recording(paths: RunPaths, run_mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     logger: logging.Logger, payload: Callable[..., dict], *, step_name: str, total_steps: int,
-                    command: str) -> tuple[int, RunRecorder]:
+                    command: str, select_on_val: bool) -> tuple[int, RunRecorder]:
     """(first step to run, recorder); on 'resume', model and optimizer are restored from `last.pt` first."""
     start, state = 0, None
     if run_mode == "resume":
@@ -160,4 +185,5 @@ def start_recording(paths: RunPaths, run_mode: str, model: torch.nn.Module, opti
         optimizer.load_state_dict(state["optimizer"])
         start = state[step_name]
         logger.info(f"resumed after {step_name} {start}")
-    return start, RunRecorder(paths, logger, payload, step_name=step_name, total_steps=total_steps, resumed_state=state)
+    return start, RunRecorder(paths, logger, payload, step_name=step_name, total_steps=total_steps,
+                              select_on_val=select_on_val, resumed_state=state)

@@ -1,4 +1,4 @@
-"""The ablation report of one config: every method's final-evaluation numbers side by side.
+"""The ablation report of one config: every method's selected-model test numbers side by side.
 
     python report.py --config smoke                                  # note 'default'
     python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2
@@ -6,14 +6,17 @@
 Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run (one that exists
 but cannot be read stops the report with an error naming it) and writes ``reports/<config>/``:
 
-    ablation.md     the table (also printed), with a note on what the numbers are
+    ablation.md     the table (also printed), with a note on what the numbers are, then the paired
+                    differences: each FSA run minus its same-mode cRT control and minus phase I, per
+                    note, their mean and 95% t-interval over notes, and whether it excludes 0
     ablation.csv    one line per row; mean and std in separate columns, empty cell = absent / undefined
     ablation.png    grouped bar chart (mean, error bar = sample std over notes)
     per_class.png   per-class accuracy against training-class size (log x), one line per row
-    report.json     everything above, machine-readable, plus the source files
+    report.json     everything above, machine-readable (``paired``), plus the source files
 
-The numbers are the top-level ones of ``results.json``: the **final** evaluation of each run, not
-the best-on-test one (``best_top1``), because there is no validation split to select on.
+The numbers are the top-level ones of ``results.json``: the test evaluation of each run's selected
+model (``checkpoint_selection``): the best validation score where the run has a validation split
+(``dataset.val``), else the final evaluation. Test images never select anything.
 """
 from __future__ import annotations
 
@@ -37,11 +40,24 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("Phase I baseline (CE)", "phase_i"),
     ("cRT control (offline, no fusion)", "phase_iii_offline-none"),
     ("FSA offline", "phase_iii_offline"),
+    ("cRT control (online, no fusion)", "phase_iii_online-none"),
     ("FSA online", "phase_iii_online"),
     ("TailCalib (offline)", "phase_iii_offline-tailcalib"),
     ("TailCalibX (online)", "phase_iii_online-tailcalibx"),
 )
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "head", "tail")
+# (method folder, reference folder): each FSA run against its same-mode control and against phase I
+PAIRED: tuple[tuple[str, str], ...] = (
+    ("phase_iii_offline", "phase_iii_offline-none"),
+    ("phase_iii_offline", "phase_i"),
+    ("phase_iii_online", "phase_iii_online-none"),
+    ("phase_iii_online", "phase_i"),
+)
+PAIRED_METRICS: tuple[str, ...] = ("top1", "tail")
+# two-sided 95% critical values of Student's t for 1..30 degrees of freedom
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
 REPORT_DIR = "reports"
 ABSENT = "—"
 # fixed figure sizes (inches at 100 dpi) so the PNGs have a known size in pixels
@@ -77,6 +93,79 @@ class Stat:
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
+
+
+def t_critical_95(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table to 30, then the
+    Cornish-Fisher expansion around the normal quantile, within 1e-4 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+@dataclass
+class PairedDifference:
+    """``method - reference`` of one metric, note by note (only notes where both have the metric)."""
+
+    method: str
+    reference: str
+    metric: str
+    per_note: dict[str, float]
+
+    @property
+    def n(self) -> int:
+        return len(self.per_note)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.per_note.values()) if self.per_note else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% t-interval of the mean difference (needs two or more notes)."""
+        if self.n < 2:
+            return None
+        half = t_critical_95(self.n - 1) * statistics.stdev(self.per_note.values()) / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    def verdict(self) -> str:
+        """One sentence a reader can quote."""
+        if self.interval is None:
+            return "one note only: no interval; run more seeds (--seeds 0 1 2)"
+        low, high = self.interval
+        if low > 0:
+            return f"higher: the interval excludes 0 (+{low:.2f} to +{high:.2f} points)"
+        if high < 0:
+            return f"lower: the interval excludes 0 ({low:.2f} to {high:.2f} points)"
+        return f"no difference shown: the interval includes 0 at n = {self.n}"
+
+    def as_dict(self) -> dict:
+        interval = self.interval
+        return {"method": self.method, "reference": self.reference, "metric": self.metric, "n": self.n,
+                "per_note": self.per_note, "mean": self.mean,
+                "ci95": None if interval is None else list(interval),
+                "excludes_zero": None if interval is None else (interval[0] > 0 or interval[1] < 0),
+                "verdict": self.verdict()}
+
+
+def paired_differences(rows: list["Row"]) -> list[PairedDifference]:
+    """Every ``PAIRED`` comparison whose two rows share at least one note, for each ``PAIRED_METRICS``."""
+    by_phase = {row.phase: row for row in rows}
+    out = []
+    for method, reference in PAIRED:
+        if method not in by_phase or reference not in by_phase:
+            continue
+        a, b = by_phase[method], by_phase[reference]
+        for metric in PAIRED_METRICS:
+            per_note = {note: float(a.runs[note][metric]) - float(b.runs[note][metric])
+                        for note in a.runs if note in b.runs
+                        and _is_number(a.runs[note].get(metric)) and _is_number(b.runs[note].get(metric))}
+            if per_note:
+                out.append(PairedDifference(a.label, b.label, metric, per_note))
+    return out
 
 
 @dataclass
@@ -193,6 +282,14 @@ def _markdown_table(rows: list[Row], several: bool) -> str:
     return "\n".join(lines)
 
 
+def _selection_text(rows: list[Row]) -> str:
+    ways = {(r.get("checkpoint_selection") or {}).get("by", "final") for row in rows for r in row.runs.values()}
+    texts = {"val": "the evaluation with the best validation mean class accuracy (validation split held out, "
+                    "`dataset.val`)",
+             "final": "the final evaluation (no validation split: nothing selected)"}
+    return "; ".join(f"{texts.get(w, w)}" for w in sorted(ways))
+
+
 def _hr_values(rows: list[Row]) -> list[float]:
     values = {r.get("groups", {}).get("hr") for row in rows for r in row.runs.values()}
     return sorted(v for v in values if _is_number(v))
@@ -212,19 +309,37 @@ def _markdown(config: str, notes: list[str], rows: list[Row]) -> str:
         "",
         _markdown_table(rows, several),
         "",
-        f"Test accuracy (%) at the **final evaluation** of each run (the top-level numbers of its "
-        f"`results.json`), not the best-on-test checkpoint (`best_top1`). Shown: {shown}.",
+        f"Test accuracy (%) of each run's **selected model** (the top-level numbers of its `results.json`): "
+        f"{_selection_text(rows)}; the test images never select anything. Shown: {shown}.",
         "",
         f"Groups from the training counts: many > 100, medium 20..100, few < 20 images per class; head = "
         f"the fewest largest classes holding a share hr of the training samples{hr_text}, tail = the rest. "
         f"{ABSENT} = the group has no class in this training set (absent, not 0).",
     ]
+    parts += _paired_markdown(paired_differences(rows))
     missing = [f"{row.label}: {', '.join(n for n in notes if n not in row.runs)}"
                for row in rows if row.n < len(notes)]
     if missing:
         parts += ["", "No finished run for: " + "; ".join(missing) + "."]
     parts += ["", "Run folders: " + ", ".join(f"{row.label} = `checkpoints/{row.phase}/{config}/<note>`" for row in rows) + "."]
     return "\n".join(parts) + "\n"
+
+
+def _paired_markdown(diffs: list[PairedDifference]) -> list[str]:
+    if not diffs:
+        return []
+    lines = ["", "## Paired differences (percentage points, method − reference, same note = same seed)", "",
+             "| method | reference | metric | per note | mean | 95% t-interval | reading |",
+             "|:---|:---|:---|:---|---:|:---:|:---|"]
+    for d in diffs:
+        per_note = ", ".join(f"{note} {value:+.2f}" for note, value in d.per_note.items())
+        interval = "—" if d.interval is None else f"[{d.interval[0]:+.2f}, {d.interval[1]:+.2f}]"
+        lines.append(f"| {d.method} | {d.reference} | {d.metric} | {per_note} | {d.mean:+.2f} | {interval} | "
+                     f"{d.verdict()} |")
+    lines += ["", "Each difference pairs two runs of the same note (seed, data subset and phase I backbone); the "
+              "interval is mean ± t(0.975, n−1) · sd / √n over the notes where both runs finished. An interval "
+              "that includes 0 means this many seeds cannot tell the two apart."]
+    return lines
 
 
 def _csv(rows: list[Row], notes: list[str]) -> str:
@@ -269,7 +384,7 @@ def _bar_chart(path: Path, config: str, notes: list[str], rows: list[Row]) -> No
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     shown = f"mean ± sample std over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
-    ax.set_title(f"{config}: test accuracy at the final evaluation ({shown})")
+    ax.set_title(f"{config}: test accuracy of the selected models ({shown})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(rows), 3), frameon=False)
     fig.tight_layout()
@@ -299,7 +414,7 @@ def _per_class_chart(path: Path, config: str, notes: list[str], rows: list[Row])
     ax.set_ylabel("per-class test accuracy (%)")
     ax.set_ylim(-2, 102)
     shown = f"mean over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
-    ax.set_title(f"{config}: per-class accuracy, final evaluation ({shown})")
+    ax.set_title(f"{config}: per-class accuracy, selected models ({shown})")
     ax.grid(alpha=0.3, which="both")
     if drawn:
         ax.legend(fontsize=8, loc="lower right")
@@ -328,11 +443,13 @@ def _report_json(config: str, notes: list[str], rows: list[Row], files: dict) ->
     return {
         "config": config,
         "notes": notes,
-        "evaluation": "final",
-        "numbers": "test accuracy (%) of each run's final evaluation (results.json top level), not best-on-test; "
+        "evaluation": "selected",
+        "numbers": "test accuracy (%) of each run's selected model (results.json top level; checkpoint_selection: "
+                   "best validation score, or final without a validation split); "
                    "mean and sample std (ddof 1) over notes; null = absent group or undefined std",
         "metrics": list(METRICS),
         "rows": out_rows,
+        "paired": [d.as_dict() for d in paired_differences(rows)],
         "files": files,
     }
 

@@ -15,19 +15,20 @@ import cv2
 import torch
 
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
-from engine.phase_i import load_phase_i_model
+from engine.phase_i import load_phase_i_model, phase_i_command
 from engine.phase_ii import open_phase_i_run
+from engine.phase_iii import phase_iii_command
+from engine.phase_iii_features import FEATURE_GENERATORS
 from fsa.class_split import head_tail_split
 from fsa.gradcam import eval_mode, grad_cam
 from fsa.provenance import check_provenance
 from fsa.visualization import render_grid, to_display_images
-from utils.cli import script_command
 from utils.config import CONFIG_ROOT, apply_schema, config_name, load_config, parse_opts
 from utils import distributed
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import open_summary_writer, setup_logger
-from utils.run_dir import RESULTS_FILE, RunPaths, read_results, write_json_atomic
+from utils.run_dir import RESULTS_FILE, RunPaths, check_run_name, read_results, write_json_atomic
 from utils.schema import SCHEMAS, validate_values
 
 
@@ -45,6 +46,36 @@ def is_complete(folder: Path) -> bool:
     pngs = record.get("pngs")
     return (isinstance(pngs, list) and bool(pngs)
             and all(isinstance(name, str) and (Path(folder) / name).is_file() for name in pngs))
+
+
+def run_folders(config: str, note: str) -> list[str]:
+    """The run folders ``--phase`` can name for (config, note): ``phase_i`` and every ``phase_iii_*``
+    that holds a ``<config>/<note>/`` run, sorted (``phase_i`` first)."""
+    root = Path("checkpoints")
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir()
+                  if (d.name == "phase_i" or d.name.startswith("phase_iii_")) and (d / config / note).is_dir())
+
+
+def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]:
+    """``(best_model.pt of run folder phase, the command that writes it)``. A UserError lists the run
+    folders that exist when ``phase`` is none of them, and explains TailCalib runs, which hold no backbone."""
+    existing = run_folders(config, note)
+    if phase not in existing and phase != "phase_i":  # no phase I run: open_phase_i_run names the command
+        raise UserError(f"--phase {phase}: there is no run folder checkpoints/{phase}/{config}/{note}/. Run folders of "
+                        f"config '{config}', note '{note}': {', '.join(existing) or '(none)'}.")
+    best = RunPaths(phase, config, note).best
+    if phase == "phase_i":
+        return best, phase_i_command(config, note)
+    mode, _, generator = phase[len("phase_iii_"):].partition("-")  # folder name: see phase_iii.phase_name
+    generator = generator or "fsa"
+    if generator in FEATURE_GENERATORS:
+        raise UserError(
+            f"--phase {phase}: a {generator} run's checkpoint holds a linear classifier on transformed pooled features "
+            f"of phase I's frozen backbone, not backbone weights, so it has no feature maps of its own to explain. Its "
+            f"backbone is phase I's: --phase phase_i shows that backbone's Grad-CAMs (with phase I's classifier).")
+    return best, phase_iii_command(mode, config, note, generator)
 
 
 def _phase_ii_config(args: argparse.Namespace, name: str) -> dict:
@@ -85,6 +116,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError(f"--panel must be at least 32 pixels, got {args.panel}.")
     name, note = config_name(args.config), args.note
     cfg = _phase_ii_config(args, name)
+    if args.checkpoint:
+        check_run_name(args.phase, "--phase")  # with --checkpoint it only names the output folder
+        ckpt, produced_by = Path(args.checkpoint), "a phase I run or a phase III fsa / none run (best_model.pt)"
+    else:
+        ckpt, produced_by = explained_checkpoint(args.phase, name, note)
     if not distributed.first_process():  # a handful of images: rank 0 of a torchrun job draws them alone
         return []
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
@@ -92,11 +128,6 @@ def run(args: argparse.Namespace) -> list[Path]:
     device = resolve_device(args.device)
     p1 = open_phase_i_run(name, note, needed_by="visualize.py")
     bundle = p1.bundle
-    if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-    else:
-        ckpt = RunPaths(args.phase, name, note).best
-    produced_by = script_command(f"{args.phase}_train_or_test.py", name, note)
     model, _ = load_phase_i_model(ckpt, p1.cfg, bundle, device, produced_by)
     model.eval()
 

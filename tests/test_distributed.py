@@ -147,7 +147,7 @@ def test_the_pipeline_under_torchrun_runs_every_phase_on_two_processes(tmp_path)
     proc = run_torchrun("pipeline.py", *SMOKE, cwd=tmp_path)
     assert proc.stdout.count("[pipeline] done in") == 1  # rank 0 talks, the other rank is silent
     runs = sorted((tmp_path / "checkpoints").glob("*/smoke/default/results.json"))
-    assert len(runs) == 6  # phase I; phase III online, offline, cRT control, TailCalib, TailCalibX
+    assert len(runs) == 7  # phase I; phase III online, offline, both cRT controls, TailCalib, TailCalibX
     for path in runs:
         results = json.loads(path.read_text())
         assert results["finished"] and results["processes"] == 2 and results["num_test_samples"] == 240, path

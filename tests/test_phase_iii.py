@@ -129,7 +129,7 @@ def test_fine_tuning_improves_tail_accuracy(smoke_ii, mode):
     after = results(smoke_ii, f"phase_iii_{mode}")
     assert after["finished"] and after["mode"] == mode and after["generator"] == "fsa"
     # iteration 0 = the phase I model that phase II used: best_model.pt
-    best = next(h for h in before["history"] if h["epoch"] == before["best_epoch"])
+    best = next(h for h in before["history"] if h["epoch"] == before["checkpoint_selection"]["epoch"])
     assert after["history"][0]["tail"] == pytest.approx(best["tail"])
     assert after["tail"] > best["tail"] + 20, (best["tail"], after["tail"])
     # last.pt: best_model.pt may be iteration 0 (the phase I model itself) when fine-tuning lowers top-1

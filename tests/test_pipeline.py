@@ -32,8 +32,8 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
     out = proc.stdout
     steps = progress(out)
     finished = [line for line in steps if line.endswith(" s") and " finished in " in line]
-    labels = ["phase I:", "phase II:", "phase III online (fsa):", "phase III offline (fsa):",
-              "phase III offline (none: cRT control):", "visualize:"]
+    labels = ["phase I:", "phase II:", "phase III online (fsa):", "phase III online (none: cRT control):",
+              "phase III offline (fsa):", "phase III offline (none: cRT control):", "visualize:"]
     for label in labels:
         assert any(label in line for line in finished), (label, steps)
     # order of the chain
@@ -49,9 +49,17 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
         assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d\d \| — \|", out, re.M), row  # smoke: many-shot absent
     assert "final evaluation" in out
     # the outputs of every step
-    for phase in ("phase_i", "phase_iii_online", "phase_iii_offline", "phase_iii_offline-none"):
+    for phase in ("phase_i", "phase_iii_online", "phase_iii_online-none", "phase_iii_offline", "phase_iii_offline-none"):
         results = json.loads((cwd / "checkpoints" / phase / "smoke/default/results.json").read_text())
         assert results["finished"] is True, phase
+    # each mode's control: the same iterations and tail / head split as that mode's FSA run, no fusion
+    for mode in ("online", "offline"):
+        fsa, control = (json.loads((cwd / f"checkpoints/{phase}/smoke/default/results.json").read_text())
+                        for phase in (f"phase_iii_{mode}", f"phase_iii_{mode}-none"))
+        assert control["generator"] == "none" and control["mode"] == fsa["mode"] == mode
+        for key in ("iterations", "tail_classes", "head_classes"):
+            assert control[key] == fsa[key], (mode, key)
+    assert re.search(r"phase III online \(none: cRT control\): started with --opts finetune\.generator=none$", out, re.M)
     assert json.loads((cwd / "features/smoke/default/results.json").read_text())["finished"] is True
     assert list((cwd / "visualizations/smoke/default/phase_i").glob("*.png"))
     assert json.loads((cwd / "visualizations/smoke/default/phase_i/results.json").read_text())["finished"] is True
@@ -75,6 +83,16 @@ def test_rerun_skips_every_step(smoke_pipeline):
     assert "| FSA online |" in proc.stdout  # the table is still shown
     assert results.stat().st_mtime_ns == before
     assert elapsed < max(first_s / 2, 20), (elapsed, first_s)
+
+
+def test_visualize_explains_a_phase_iii_run_folder(smoke_pipeline):
+    cwd, _, _ = smoke_pipeline
+    code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--phase",
+                                    "phase_iii_offline-none", "--classes", "0", "--samples", "1", cwd=cwd)
+    assert code == 0, err
+    record = json.loads((cwd / "visualizations/smoke/default/phase_iii_offline-none/results.json").read_text())
+    assert record["finished"] is True and len(record["pngs"]) == 1
+    assert record["checkpoint"] == "checkpoints/phase_iii_offline-none/smoke/default/best_model.pt"
 
 
 def test_missing_phase_config_is_a_user_error(tmp_path):
@@ -109,36 +127,91 @@ def test_steps_get_the_scripts_arguments_and_a_failure_stops_the_chain(tmp_path,
 
     monkeypatch.setattr(pipeline, "_call", fake_call)
     with pytest.raises(UserError, match="the cRT step says no"):
-        pipeline.run(argparse.Namespace(config="smoke", note=None, seeds=[3, 4], device="cpu"))
+        pipeline.run(argparse.Namespace(config="smoke", note=None, seeds=[3, 4], device="cpu",
+                                        opts=["train.epochs=2", "finetune.iterations=5", "split.ts=0.7"]))
     assert [step.label for step, _ in called] == ["phase I", "phase II", "phase III online (fsa)",
-                                                  "phase III offline (fsa)", "phase III offline (none: cRT control)"]
-    p1, p2, online, offline, crt = (ns for _, ns in called)
-    assert vars(p1) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3"], "resume": False,
+                                                  "phase III online (none: cRT control)"]
+    p1, p2, online, crt = (ns for _, ns in called)
+    assert vars(p1) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3", "train.epochs=2"],
+                        "resume": False, "overwrite": False, "checkpoint": None}
+    assert vars(p2) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3", "split.ts=0.7"],
                         "overwrite": False, "checkpoint": None}
-    assert vars(p2) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3"], "overwrite": False,
-                        "checkpoint": None}
-    assert online.opts == ["seed=3", "finetune.generator=fsa"] and online.resume is False
-    assert crt.opts == ["seed=3", "finetune.generator=none"]
+    assert online.opts == ["seed=3", "finetune.iterations=5", "finetune.generator=fsa"] and online.resume is False
+    assert crt.opts == ["seed=3", "finetune.iterations=5", "finetune.generator=none"]
     out = capsys.readouterr().out
-    assert "smoke/seed3 5/" in out and "phase III offline (none: cRT control): failed after" in out
+    assert "phase I: started with --opts seed=3 train.epochs=2" in out
+    assert "--opts: phase I: train.epochs=2; phase II and visualize: split.ts=0.7; phase III: finetune.iterations=5" in out
+    assert "smoke/seed3 4/" in out and "phase III online (none: cRT control): failed after" in out
     assert "smoke/seed4" not in out and not (tmp_path / "reports").exists()
+
+
+def test_opts_reach_the_phases_whose_config_has_the_key():
+    routed = pipeline.route_opts(["train.lr=0.05", "finetune.iterations=7", "split.ts=0.7", "seed=1",
+                                  "dataset.synthetic={num_classes: 4}"], seeded=False)
+    assert routed == {"phase_i": ["train.lr=0.05", "seed=1", "dataset.synthetic={num_classes: 4}"],
+                      "phase_ii": ["split.ts=0.7", "seed=1"],
+                      "phase_iii": ["finetune.iterations=7", "seed=1"]}
+    assert pipeline.route_opts([], seeded=True) == {"phase_i": [], "phase_ii": [], "phase_iii": []}
+    with pytest.raises(UserError, match="seed") as seeded:
+        pipeline.route_opts(["seed=1"], seeded=True)
+    assert "--seeds" in str(seeded.value)
+    with pytest.raises(UserError, match="its own phase III step"):
+        pipeline.route_opts(["finetune.generator=fsa"], seeded=False)
+    with pytest.raises(UserError, match="not of the form"):
+        pipeline.route_opts(["train.lr"], seeded=False)
+    opts = {"phase_i": ["a=1"], "phase_ii": ["b=2"], "phase_iii": ["c=3"]}
+    assert pipeline.step_opts(pipeline.Step("phase_iii", "x", "online", "none"), opts) == ["c=3", "finetune.generator=none"]
+    assert pipeline.step_opts(pipeline.Step("visualize", "visualize"), opts) == ["b=2"]
+    assert pipeline.step_opts(pipeline.Step("phase_i", "phase I"), opts) == ["a=1"]
+
+
+def test_unknown_opts_key_lists_the_known_ones_and_nothing_runs(tmp_path):
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--opts", "train.lr=0.1", "train.lrr=0.1", cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert "--opts train.lrr: no phase's config has this key" in err
+    assert "train.lr," in err and "finetune.iterations," in err and "split.ts," in err
+    assert not any(tmp_path.iterdir())  # no step ran, not even the data check
+
+
+def test_opts_that_an_existing_run_would_ignore_are_refused(tmp_path, monkeypatch):
+    """A finished step is skipped, so --opts changing it would be silently lost: refused, pointing to --note."""
+    from utils.config import dump_config, load_config
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("checkpoints/phase_i/smoke/default")
+    run_dir.mkdir(parents=True)
+    dump_config(load_config("smoke", "phase_i"), run_dir / "config.yaml")  # epochs 20
+    (run_dir / "results.json").write_text(json.dumps({"finished": True}))
+    called = []
+    monkeypatch.setattr(pipeline, "_call", lambda step, ns: called.append(step))
+    with pytest.raises(UserError) as refused:
+        pipeline.run(argparse.Namespace(config="smoke", note=None, seeds=None, device="cpu", opts=["train.epochs=5"]))
+    assert f"{run_dir}: train.epochs is 20, --opts asks for 5" in str(refused.value)
+    assert "--note NAME" in str(refused.value) and called == []
+    # the same value, a speed setting, or a key of a phase without a run: nothing to refuse
+    opts = {"phase_i": ["train.epochs=20", "accel.amp=bf16"], "phase_iii": ["finetune.iterations=5"]}
+    pipeline.check_existing_runs([pipeline.Step("phase_i", "phase I"), pipeline.Step("phase_iii", "x", "online", "fsa")],
+                                 {"phase_i": "smoke", "phase_iii": "smoke"}, "smoke", [("default", opts)], opts)
 
 
 def test_seed_notes_and_opts():
     assert pipeline.notes_and_opts(None, None) == [("default", [])]
     assert pipeline.notes_and_opts("mine", None) == [("mine", [])]
     assert pipeline.notes_and_opts(None, [0, 1, 2]) == [("seed0", ["seed=0"]), ("seed1", ["seed=1"]), ("seed2", ["seed=2"])]
+    assert pipeline.notes_and_opts("lr05", [0, 1]) == [("lr05-seed0", ["seed=0"]), ("lr05-seed1", ["seed=1"])]
 
 
 def test_plan_leaves_out_unavailable_generators():
     steps, left_out = pipeline.plan_steps(["fsa", "none"])
-    assert [s.label for s in steps] == ["phase I", "phase II", "phase III online (fsa)", "phase III offline (fsa)",
+    assert [s.label for s in steps] == ["phase I", "phase II", "phase III online (fsa)",
+                                        "phase III online (none: cRT control)", "phase III offline (fsa)",
                                         "phase III offline (none: cRT control)", "visualize"]
-    assert [s.folder() for s in steps[2:5]] == ["phase_iii_online", "phase_iii_offline", "phase_iii_offline-none"]
+    assert [s.folder() for s in steps[2:6]] == ["phase_iii_online", "phase_iii_online-none", "phase_iii_offline",
+                                                "phase_iii_offline-none"]
     assert len(left_out) == 2 and "tailcalib" in left_out[0] and "tailcalibx" in left_out[1]
     steps, left_out = pipeline.plan_steps(["fsa", "none", "tailcalib", "tailcalibx"])
     assert not left_out
-    assert [s.folder() for s in steps[5:7]] == ["phase_iii_offline-tailcalib", "phase_iii_online-tailcalibx"]
+    assert [s.folder() for s in steps[6:8]] == ["phase_iii_offline-tailcalib", "phase_iii_online-tailcalibx"]
     with pytest.raises(UserError):
         pipeline.plan_steps(["fsa"])
 

@@ -21,7 +21,7 @@ def write_results(root: Path, phase: str, note: str, *, top1, many=None, medium=
     folder = root / "checkpoints" / phase / CONFIG / note
     folder.mkdir(parents=True, exist_ok=True)
     data = {"finished": finished, "phase": phase, "config": CONFIG, "note": note, "top1": top1, "many": many,
-            "medium": medium, "few": few, "head": head, "tail": tail, "best_top1": 99.0,
+            "medium": medium, "few": few, "head": head, "tail": tail,
             "per_class": list(per_class), "train_counts": COUNTS, "groups": {"hr": 0.9}}
     (folder / "results.json").write_text(json.dumps(data))
     return folder / "results.json"
@@ -51,8 +51,10 @@ def fake_runs(tmp_path) -> Path:
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The rows of the main table (the first one; the paired differences follow in a table of their own)."""
     rows = {}
-    for line in markdown.splitlines():
+    main_table = markdown.split("\n\n## ")[0]
+    for line in main_table.splitlines():
         if line.startswith("| ") and not line.startswith("| method"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells[1:]
@@ -79,7 +81,7 @@ def test_markdown_numbers_are_mean_and_sample_std_over_notes(fake_runs, capsys):
     assert "FSA online" not in markdown and "TailCalib (offline)" not in markdown
     assert "0.00 ± 0.00" not in rows["Phase I baseline (CE)"][1]
     # what the numbers are, and the notes
-    assert "final evaluation" in markdown and "best-on-test" in markdown
+    assert "selected model" in markdown and "final evaluation (no validation split" in markdown
     assert "`seed0`, `seed1`, `seed2`" in markdown
     assert "FSA offline: seed2" in markdown  # which note is missing where
 
@@ -106,7 +108,7 @@ def test_json_and_pngs(fake_runs):
     data = build_report(CONFIG, NOTES, fake_runs, echo=False)
     out = fake_runs / "reports" / CONFIG
     saved = json.loads((out / "report.json").read_text())
-    assert saved["notes"] == NOTES and saved["evaluation"] == "final"
+    assert saved["notes"] == NOTES and saved["evaluation"] == "selected"
     p1 = saved["rows"][0]
     assert p1["label"] == "Phase I baseline (CE)" and p1["n"] == 3
     assert p1["metrics"]["top1"]["mean"] == pytest.approx(62.0) and p1["metrics"]["top1"]["std"] == pytest.approx(2.0)
@@ -169,3 +171,44 @@ def test_unreadable_results_are_named_never_dropped(fake_runs):
     assert not (fake_runs / "reports").exists()
     # a note that was not asked for does not matter
     build_report(CONFIG, ["seed0"], fake_runs, echo=False)
+
+
+def test_paired_differences_and_t_intervals_against_a_hand_computation(tmp_path):
+    # phase I 60/62/64, FSA online 61/64/68 -> differences 1, 2, 4: mean 7/3, sd sqrt(7/3), se sd/sqrt(3),
+    # half-width t(0.975, 2) = 4.302653 x se = 3.794603 -> [-1.461270, 6.127936]: includes 0
+    # online control 58/60/63 -> FSA - control = 3, 4, 5: mean 4, sd 1, half 4.302653 / sqrt(3) = 2.484138
+    for note, p1, fsa, control in zip(NOTES, (60.0, 62.0, 64.0), (61.0, 64.0, 68.0), (58.0, 60.0, 63.0)):
+        write_results(tmp_path, "phase_i", note, top1=p1, tail=10.0)
+        write_results(tmp_path, "phase_iii_online", note, top1=fsa, tail=10.0)
+        write_results(tmp_path, "phase_iii_online-none", note, top1=control, tail=None)
+    write_results(tmp_path, "phase_iii_online", "seed3", top1=99.0)  # no phase I run or control to pair with
+    data = build_report(CONFIG, [*NOTES, "seed3"], tmp_path, echo=False)
+    paired = {(d["method"], d["reference"], d["metric"]): d for d in data["paired"]}
+    vs_phase_i = paired[("FSA online", "Phase I baseline (CE)", "top1")]
+    assert vs_phase_i["per_note"] == {"seed0": 1.0, "seed1": 2.0, "seed2": 4.0}
+    assert vs_phase_i["mean"] == pytest.approx(7 / 3)
+    assert vs_phase_i["ci95"] == pytest.approx([-1.461270, 6.127936], abs=2e-4)
+    assert vs_phase_i["excludes_zero"] is False and "includes 0" in vs_phase_i["verdict"]
+    vs_control = paired[("FSA online", "cRT control (online, no fusion)", "top1")]
+    assert vs_control["ci95"] == pytest.approx([4 - 2.484138, 4 + 2.484138], abs=2e-4)
+    assert vs_control["excludes_zero"] is True and vs_control["verdict"].startswith("higher")
+    assert paired[("FSA online", "Phase I baseline (CE)", "tail")]["per_note"] == {n: 0.0 for n in NOTES}
+    assert ("FSA online", "cRT control (online, no fusion)", "tail") not in paired  # the control has no tail value
+    markdown = (tmp_path / "reports" / CONFIG / "ablation.md").read_text()
+    assert "## Paired differences" in markdown and "[+1.52, +6.48]" in markdown
+
+
+def test_t_critical_values():
+    from engine.report import t_critical_95
+
+    assert t_critical_95(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_critical_95(30) == pytest.approx(2.0423, abs=1e-4)
+    for df, exact in ((31, 2.039513), (60, 2.000298), (200, 1.971896)):
+        assert t_critical_95(df) == pytest.approx(exact, abs=2e-4)
+
+
+def test_a_single_note_has_no_interval(tmp_path):
+    write_results(tmp_path, "phase_i", "default", top1=60.0)
+    write_results(tmp_path, "phase_iii_offline", "default", top1=63.0)
+    (d,) = [d for d in build_report(CONFIG, ["default"], tmp_path, echo=False)["paired"] if d["metric"] == "top1"]
+    assert d["per_note"] == {"default": 3.0} and d["ci95"] is None and "no interval" in d["verdict"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import run_main_in_process, run_script
+from tests.helpers import copy_phase_i, run_main_in_process, run_script
 from tests.test_phase_ii import smoke_phase_ii
 
 OUT = "visualizations/smoke/default"
@@ -66,8 +66,32 @@ def test_bad_visualize_input_fails_cleanly(run_dir, tmp_path):
     code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--phase", "phase_iii_online",
                                     cwd=run_dir)
     assert code == 2 and "phase_iii_online" in err and "Traceback" not in err
+    assert "Run folders of config 'smoke', note 'default': phase_i." in err
     code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", cwd=tmp_path)
     assert code == 2 and "python phase_i_train_or_test.py --config smoke" in err
+
+
+def test_phase_names_an_existing_run_folder(run_dir, tmp_path):
+    """--phase takes any phase III run folder (tests/test_pipeline.py explains a real one); the rest is refused."""
+    copy_phase_i(run_dir, tmp_path)
+    for phase in ("phase_iii_offline-none", "phase_iii_online-tailcalibx"):
+        (tmp_path / "checkpoints" / phase / "smoke/default").mkdir(parents=True)  # runs without a best_model.pt yet
+
+    def visualize(phase: str) -> str:
+        code, err = run_main_in_process("visualize.py", "--config", "smoke", "--device", "cpu", "--phase", phase,
+                                        "--classes", "0", cwd=tmp_path)
+        assert code == 2 and "Traceback" not in err
+        return err
+
+    err = visualize("phase_iii_online")
+    assert "no run folder checkpoints/phase_iii_online/smoke/default/" in err
+    assert "phase_i, phase_iii_offline-none, phase_iii_online-tailcalibx." in err
+    err = visualize("phase_iii_online-tailcalibx")
+    assert "not backbone weights" in err and "--phase phase_i" in err
+    err = visualize("phase_iii_offline-none")
+    assert "does not exist" in err
+    assert "python phase_iii_offline_train_or_test.py --config smoke --opts finetune.generator=none" in err
+    assert not (tmp_path / "visualizations").exists()
 
 
 def test_phase_ii_outputs_of_another_phase_i_checkpoint_are_refused(run_dir, tmp_path):

@@ -63,6 +63,8 @@ def F(default: Any, *types: type, choices: tuple | None = None, nullable: bool =
 
 
 DATASET_NAMES = ("synthetic-LT", "fashion-mnist-LT", "cifar10-LT", "cifar100-LT", "list", "image-folder")
+# datasets.base.AUGMENT_POLICIES; the old booleans stay valid (true = auto, false = none)
+AUGMENT_POLICIES = ("auto", "none", "crop_flip", "resized_crop")
 
 DATASET = {
     "name": F("synthetic-LT", str, choices=DATASET_NAMES),
@@ -72,10 +74,18 @@ DATASET = {
     "profile": F("exp", choices=("exp", "step")),
     "step_fraction": F(0.5, float),
     "subset_seed": F(0),
-    "augment": F(True),
+    "augment": F("auto", bool, str),
+    "flip": F(True),
     "train_list": F(None, str, nullable=True),
     "test_list": F(None, str, nullable=True),
-    "image_size": F(224),
+    # file datasets: null = the images' own size when at most 64 pixels, else 224
+    "image_size": F(None, int, nullable=True),
+    # the split that selects checkpoints and hyper-parameters (datasets/validation.py); none: select nothing
+    "val": {
+        "source": F("none", choices=("none", "train", "test")),
+        "fraction": F(0.1, float),
+        "seed": F(0),
+    },
     "synthetic": {
         "num_classes": F(6),
         "image_size": F(32),
@@ -181,7 +191,11 @@ def validate_values(cfg: dict, phase: str) -> None:
         _require(d["imbalance"] >= 1, f"dataset.imbalance must be >= 1 (n_max / n_min), got {d['imbalance']}.")
         _require(0 < d["step_fraction"] < 1, f"dataset.step_fraction must be in (0, 1), got {d['step_fraction']}.")
         _require(d["synthetic"]["num_classes"] >= 2, "dataset.synthetic.num_classes must be at least 2.")
-        _require(d["image_size"] > 0, "dataset.image_size must be positive.")
+        _require(isinstance(d["augment"], bool) or d["augment"] in AUGMENT_POLICIES,
+                 f"dataset.augment must be one of {', '.join(AUGMENT_POLICIES)} (true = auto, false = none); "
+                 f"got {d['augment']!r}.")
+        _require(d["image_size"] is None or d["image_size"] > 0,
+                 "dataset.image_size must be positive (or null: the images' own size up to 64, else 224).")
         _require(t["lr"] > 0, f"train.lr must be > 0, got {t['lr']}.")
         _require(t["epochs"] >= 1, f"train.epochs must be >= 1, got {t['epochs']}.")
         _require(t["batch_size"] >= 1, f"train.batch_size must be >= 1, got {t['batch_size']}.")
@@ -206,3 +220,14 @@ def validate_values(cfg: dict, phase: str) -> None:
                  f"finetune.nt must be >= 1 and finetune.na >= 0 (batch = 2*nt*(1+na)), got nt={f['nt']}, na={f['na']}.")
         _require(f["eval_every"] >= 1, "finetune.eval_every must be >= 1.")
         _require(cfg["tailcalib"]["k"] >= 1, "tailcalib.k must be >= 1.")
+
+
+def schema_keys(phase: str) -> list[str]:
+    """Every settable key of a phase's schema, dotted (``train.lr``), in schema order."""
+    def walk(schema: dict, prefix: str) -> list[str]:
+        keys: list[str] = []
+        for key, spec in schema.items():
+            keys += walk(spec, f"{prefix}{key}.") if isinstance(spec, dict) else [f"{prefix}{key}"]
+        return keys
+
+    return walk(SCHEMAS[phase], "")
