@@ -30,6 +30,7 @@ from engine.accel import NO_ACCEL, Accel
 from engine.loops import EvalSets, evaluate
 from engine.optim import build_optimizer
 from engine.phase_i import checkpoint_payload, load_phase_i_model, phase_i_command, selection_of
+from engine.phase_iii_runs import phase_iii_command, phase_name
 from engine.phase_iii_features import FEATURE_GENERATORS, check_generator_mode, run_feature_generator, write_sources
 from engine.recorder import open_run, start_recording, write_test_results
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
@@ -40,7 +41,6 @@ from fsa.gradcam import features_and_cams
 from fsa.provenance import check_provenance, phase_ii_command, read_provenance
 from models import LTModel
 from utils.checkpoint import apply_weights, load_checkpoint
-from utils.cli import script_command
 from utils.config import config_name, load_config
 from utils import distributed
 from utils.errors import UserError
@@ -53,18 +53,6 @@ MODES = ("online", "offline")
 def available_generators() -> list[str]:
     """Every value `finetune.generator` accepts (map-level generators and feature-level ones)."""
     return list(GENERATORS) + list(FEATURE_GENERATORS)
-
-
-def phase_name(mode: str, generator: str) -> str:
-    """Run folder phase: `phase_iii_online`, `phase_iii_offline`, or with a non-default generator
-    `phase_iii_offline-none`, so that the ablation's runs of one config and note sit side by side."""
-    base = f"phase_iii_{mode}"
-    return base if generator == "fsa" else f"{base}-{generator}"
-
-
-def phase_iii_command(mode: str, config: str, note: str, generator: str) -> str:
-    extra = [] if generator == "fsa" else ["--opts", f"finetune.generator={generator}"]
-    return script_command(f"phase_iii_{mode}_train_or_test.py", config, note, *extra)
 
 
 @dataclass

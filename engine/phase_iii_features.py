@@ -71,6 +71,7 @@ from engine.accel import NO_ACCEL, Accel
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.optim import build_optimizer
 from engine.phase_i import selection_of
+from engine.phase_iii_runs import phase_iii_command
 from engine.recorder import RunRecorder, open_run, write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
@@ -94,7 +95,6 @@ def check_generator_mode(generator: str, mode: str, config: str, note: str) -> N
     wanted = FEATURE_GENERATORS.get(generator)
     if wanted is None or wanted == mode:
         return
-    from engine.phase_iii import phase_iii_command  # engine.phase_iii imports this module
 
     other = next(g for g, m in FEATURE_GENERATORS.items() if m == mode)
     what = ("trains once on phase II's stored pooled features" if wanted == "offline"

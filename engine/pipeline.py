@@ -78,7 +78,7 @@ class Step:
     def folder(self) -> str:
         """Run folder name under checkpoints/ (phase II: features/, visualize: visualizations/)."""
         if self.kind == "phase_iii":
-            from engine.phase_iii import phase_name
+            from engine.phase_iii_runs import phase_name
 
             return phase_name(self.mode, self.generator)
         return self.kind

@@ -219,10 +219,10 @@ def _rerun_command(phase: str, config: str, note: str) -> str:
         from engine.phase_i import phase_i_command  # heavy imports, only for this error message
 
         return f"{phase_i_command(config, note)} --overwrite"
-    from engine.phase_iii import phase_iii_command
+    from engine.phase_iii_runs import parse_phase_name, phase_iii_command
 
-    mode, _, generator = phase[len("phase_iii_"):].partition("-")  # folder name: see phase_iii.phase_name
-    return f"{phase_iii_command(mode, config, note, generator or 'fsa')} --overwrite"
+    mode, generator = parse_phase_name(phase)
+    return f"{phase_iii_command(mode, config, note, generator)} --overwrite"
 
 
 def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:

@@ -17,7 +17,7 @@ import torch
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
 from engine.phase_i import load_phase_i_model, phase_i_command
 from engine.phase_ii import open_phase_i_run
-from engine.phase_iii import phase_iii_command
+from engine.phase_iii_runs import parse_phase_name, phase_iii_command
 from engine.phase_iii_features import FEATURE_GENERATORS
 from fsa.class_split import head_tail_split
 from fsa.gradcam import eval_mode, grad_cam
@@ -68,8 +68,7 @@ def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]
     best = RunPaths(phase, config, note).best
     if phase == "phase_i":
         return best, phase_i_command(config, note)
-    mode, _, generator = phase[len("phase_iii_"):].partition("-")  # folder name: see phase_iii.phase_name
-    generator = generator or "fsa"
+    mode, generator = parse_phase_name(phase)
     if generator in FEATURE_GENERATORS:
         raise UserError(
             f"--phase {phase}: a {generator} run's checkpoint holds a linear classifier on transformed pooled features "

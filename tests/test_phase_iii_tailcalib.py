@@ -84,7 +84,8 @@ def _per_class_percent(preds: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 def test_generators_are_listed():
-    from engine.phase_iii import available_generators, phase_name
+    from engine.phase_iii import available_generators
+    from engine.phase_iii_runs import phase_name
 
     assert {"tailcalib", "tailcalibx"} <= set(available_generators())
     assert phase_name("offline", "tailcalib") == "phase_iii_offline-tailcalib"
