@@ -2,14 +2,14 @@
 
     python phase_i_train_or_test.py --config cifar10-LT_resnet18 --device 0
 """
-from utils.cli import run_cli, training_parser
+from utils.cli import RunSpec, run_cli, training_parser
 
 
 def main() -> None:
     args = training_parser(__doc__).parse_args()
     from engine import phase_i  # imported after argument parsing so --help stays fast
 
-    phase_i.run(args)
+    phase_i.run(RunSpec.from_args(args))
 
 
 if __name__ == "__main__":

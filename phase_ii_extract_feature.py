@@ -6,7 +6,7 @@ confusing classes of the tail classes, and the offline feature store.
 Dataset and model come from the phase I run with the same --config and --note
 (checkpoints/phase_i/<config>/<note>/); outputs go to features/<config>/<note>/.
 """
-from utils.cli import phase_parser, run_cli
+from utils.cli import RunSpec, phase_parser, run_cli
 
 
 def main() -> None:
@@ -16,7 +16,7 @@ def main() -> None:
     args = parser.parse_args()
     from engine import phase_ii  # imported after argument parsing so --help stays fast
 
-    phase_ii.run(args)
+    phase_ii.run(RunSpec.from_args(args))
 
 
 if __name__ == "__main__":

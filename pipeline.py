@@ -4,10 +4,10 @@
     python pipeline.py --config fashion-mnist-LT_resnet32 --seeds 0 1 2 --device 0
     python pipeline.py --config smoke --note iters100 --opts finetune.iterations=100 --seeds 0 1
 
-For each note: phase I -> phase II -> phase III online (fsa) and its control (none: cRT) ->
-phase III offline (fsa) and its control (none: cRT) -> phase III offline (tailcalib) and online
-(tailcalibx) where available -> visualize; then report.py over all notes (reports/<config>/).
-configs/phase_i, phase_ii and phase_iii/NAME.yaml must all exist. Finished steps are skipped, never
+For each note: phase I -> phase II -> every phase III method of the method table (engine/methods.py:
+cRT control and FSA offline, cRT control and FSA online, TailCalib, TailCalibX) -> visualize; then
+report.py over all notes (reports/<config>/). configs/phase_i/NAME.yaml must exist; a missing
+configs/phase_ii or phase_iii/NAME.yaml means that phase's defaults. Finished steps are skipped, never
 rerun, and interrupted ones resumed with their own settings, so rerunning the same command continues
 where it stopped.
 --seeds 0 1 2 runs notes seed0 seed1 seed2 (NOTE-seed0 ... with --note NOTE) with --opts seed=N
@@ -26,7 +26,7 @@ from utils.cli import run_cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True,
-                        help="config name: configs/phase_i|phase_ii|phase_iii/NAME.yaml must all exist")
+                        help="config name: configs/phase_i/NAME.yaml (phase_ii / phase_iii NAME.yaml optional)")
     parser.add_argument("--note", default=None,
                         help="experiment name; outputs go to .../<config>/<note>/ (default: default); "
                              "with --seeds the notes are NOTE-seedN")
@@ -39,8 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     from engine import pipeline  # imported after argument parsing so --help stays fast
 
+    spec = pipeline.PipelineSpec(config=args.config, note=args.note, seeds=tuple(args.seeds) if args.seeds else None,
+                                 opts=tuple(args.opts), device=args.device)
     try:
-        pipeline.run(args)
+        pipeline.run(spec)
     except KeyboardInterrupt:
         print("interrupted: run the same pipeline command again to resume where it stopped", file=sys.stderr)
         sys.exit(130)

@@ -23,9 +23,9 @@ def main() -> None:
     parser.add_argument("--notes", nargs="+", default=["default"], metavar="NOTE",
                         help="notes to aggregate (default: default); several give mean ± sample std")
     args = parser.parse_args()
-    from engine import report  # imported after argument parsing so --help stays fast
+    from analysis import report  # imported after argument parsing so --help stays fast
 
-    report.run(args)
+    report.run(args.config, list(args.notes))
 
 
 if __name__ == "__main__":

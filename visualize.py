@@ -13,29 +13,29 @@ same config and note; the default classes only from phase II outputs made from t
 --phase names any run folder of the config and note (phase_i or phase_iii_*) except TailCalib /
 TailCalibX ones, whose checkpoint is a classifier on pooled features of phase I's frozen backbone.
 """
-from utils.cli import phase_parser, run_cli
+from utils.cli import VisualizeSpec, phase_parser, run_cli
 
 
 def main() -> None:
     parser = phase_parser(__doc__, training=False)
-    parser.add_argument("--phase", default="phase_i",
+    parser.add_argument("--phase", default=VisualizeSpec.phase,
                         help="run folder whose best_model.pt to explain: checkpoints/<phase>/<config>/<note>/, "
                              "phase_i (default) or phase_iii_* (e.g. phase_iii_online, phase_iii_offline-none)")
     parser.add_argument("--checkpoint", help="explain this checkpoint instead (same payload format as phase I); "
                                              "--phase then only names the output folder")
     parser.add_argument("--classes", type=int, nargs="+", metavar="C",
                         help="class indices (default: tail classes and their confusing classes)")
-    parser.add_argument("--samples", type=int, default=4, help="samples per class (default 4)")
+    parser.add_argument("--samples", type=int, default=VisualizeSpec.samples, help="samples per class (default 4)")
     parser.add_argument("--layer", help="Grad-CAM layer (any module name; default gradcam.layer, i.e. the CAM layer)")
-    parser.add_argument("--split", default="train", choices=("train", "test"), help="which images (default train)")
-    parser.add_argument("--panel", type=int, default=128, help="panel size in pixels (default 128)")
-    run(parser.parse_args())
+    parser.add_argument("--split", default=VisualizeSpec.split, choices=("train", "test"), help="which images (default train)")
+    parser.add_argument("--panel", type=int, default=VisualizeSpec.panel, help="panel size in pixels (default 128)")
+    run(VisualizeSpec.from_args(parser.parse_args()))
 
 
-def run(args) -> list:
+def run(spec: VisualizeSpec) -> list:
     from engine.visualize import run as write_visualizations  # heavy imports only after parsing
 
-    return write_visualizations(args)
+    return write_visualizations(spec)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,21 @@
 Times, on one device, the same model architecture (same initial weights) and the same training images
 (best of `--repeats`, runs interleaved):
 
-  project   what phase_i_train_or_test.py does per epoch: `EpochBatches` (seeded, `set_epoch`),
-            `BatchLoader` over the in-memory training set with augmentation ON (zero-padded random crop
-            + flip + normalisation, vectorised on the device), `engine.loops.train_one_epoch` (per-step
-            lr, forward, cross-entropy, zero_grad, backward, SGD step, loss / accuracy accumulated on the
-            device)
+  project   what phase_i_train_or_test.py does per epoch: phase I's own task
+            (`engine.phase_i.BackboneTraining`: `EpochBatches` seeded per epoch, one persistent
+            `BatchLoader` over the in-memory training set with augmentation ON -- zero-padded random crop
+            + flip + normalisation, vectorised on the device -- the configured loss and per-step lr)
+            through the shared loop `engine.loops.fit` (forward, loss, zero_grad, backward, SGD step,
+            loss / accuracy accumulated on the device, one sync per epoch); its evaluation and
+            checkpointing are left out (a no-op recorder)
   bare      the floor any loader could reach: the training images preloaded ONCE as a normalised float
             tensor on the device (no augmentation at all), a random permutation cut into batches,
             `model(x)`, loss, zero_grad, backward, step
 
 and prints images/s of each and the ratio project / bare (target >= 0.9). Each timed run covers the
 first `--batches` batches of an epoch (default: the whole epoch), so that a CPU run stays short.
-`--amp bf16` runs both paths with bfloat16 autocast around forward + loss: the project's path through
-`train_one_epoch(..., accel=Accel(device, "bf16"))` (the `accel.amp` config option). The model is a CIFAR ResNet-32
+`--amp bf16` runs both paths with bfloat16 autocast around forward + loss: the project's path with
+`--opts accel.amp=bf16` in its config (`engine.accel.Accel`). The model is a CIFAR ResNet-32
 by default (timing does not depend on the weights). Data: synthetic-LT (default, 10 classes of 32x32
 shapes, imbalance 10, ~3,300 images) or Fashion-MNIST-LT (imbalance 100, 14,886 images, when the IDX
 files are available).
@@ -41,26 +43,69 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import dataset_cfg, device_name, sync  # noqa: E402
 
 from datasets import build_datasets  # noqa: E402
-from datasets.loader import BatchLoader, EpochBatches  # noqa: E402
 from engine.accel import Accel  # noqa: E402
-from engine.loops import train_one_epoch  # noqa: E402
+from engine.loops import fit  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.phase_i import BackboneTraining  # noqa: E402
 from models import build_model  # noqa: E402
+from utils.config import load_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 
 TARGET = 0.9  # project images/s >= 0.9 x bare loop
 
 
-def project_epoch(model, train_set, criterion, optimizer, batch_size, max_batches, seed, device, lr, amp) -> tuple[float, int]:
-    """One (possibly truncated) phase I epoch through the project's loader and loop; (seconds, images)."""
+class _Truncated:
+    """The first `count` batches of phase I's (persistent) epoch loader."""
+
+    def __init__(self, loader, count: int):
+        self.loader, self.count = loader, min(count, len(loader))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.count:
+                return
+            yield batch
+
+
+class TimedEpochs(BackboneTraining):
+    """Phase I's task with each epoch cut to its first `max_batches` batches and the evaluation left out."""
+
+    max_batches = 0
+
+    def batches(self, unit: int):
+        return _Truncated(self.loader, self.max_batches)
+
+    def evaluate(self):
+        return {}, None
+
+
+class NoRecorder:
+    """fit's recorder, minus the log line, TensorBoard, checkpoints and results.json."""
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+
+def project_cfg(arch: str, batch_size: int, lr: float, amp: str | None) -> dict:
+    """A phase I config of the project's path: the bare loop's optimiser, a constant lr, augmentation on."""
+    return load_config("smoke", "phase_i", [f"model.arch={arch}", f"train.batch_size={batch_size}", f"train.lr={lr}",
+                                            "train.momentum=0.9", "train.weight_decay=0.0005", "train.schedule=constant",
+                                            "train.warmup_epochs=0", "dataset.augment=true", f"accel.amp={amp or 'none'}"])
+
+
+def project_epoch(task: TimedEpochs, optimizer, max_batches, epoch, device) -> tuple[float, int]:
+    """Epoch `epoch` of phase I (its first `max_batches` batches) through the project's task and loop;
+    (seconds, images)."""
+    task.max_batches, task.total = max_batches, epoch + 1
     sync(device)
     start = time.perf_counter()
-    sampler = EpochBatches(len(train_set), batch_size, seed=0)
-    sampler.set_epoch(seed)
-    batches = list(sampler)[:max_batches]
-    loader = BatchLoader(train_set, batches, device, generator=torch.Generator().manual_seed(seed))
-    train_one_epoch(model, loader, criterion, optimizer, lambda i: lr, accel=Accel(device, amp or "none"))
+    fit(task, optimizer, NoRecorder(), start=epoch)
     sync(device)
-    return time.perf_counter() - start, sum(len(b) for b in batches)
+    task.sampler.set_epoch(epoch)
+    return time.perf_counter() - start, sum(len(b) for b in list(task.sampler)[:max_batches])
 
 
 def bare_epoch(model, x_all, y_all, criterion, optimizer, batch_size, max_batches, seed, device, amp_ctx) -> tuple[float, int]:
@@ -117,7 +162,11 @@ def main() -> None:
     models, optimizers = {}, {}
     for key in ("project", "bare"):
         models[key] = copy.deepcopy(base_model).to(device)
-        optimizers[key] = torch.optim.SGD(models[key].parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    cfg = project_cfg(args.arch, args.batch_size, lr, amp)
+    optimizers["project"] = build_optimizer(models["project"].parameters(), cfg["train"])
+    optimizers["bare"] = torch.optim.SGD(models["bare"].parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    accel = Accel.from_config(cfg["accel"], device)
+    task = TimedEpochs(cfg, bundle, models["project"], models["project"], device, accel)
     criterion = nn.CrossEntropyLoss()
 
     # the bare loop's data: every training image once, normalised, on the device (preloading not timed)
@@ -129,25 +178,24 @@ def main() -> None:
 
     amp_note = ""
     if args.amp:
-        amp_note = ", bf16 autocast (project: accel=Accel(amp='bf16'))"
+        amp_note = ", bf16 autocast (project: accel.amp=bf16)"
     print(f"{args.data}: {n} training images {tuple(train_set.images.shape[1:])}, {bundle.num_classes} classes, "
           f"{args.arch}, batch {args.batch_size}, {max_batches} batches per run, device {device} "
           f"({device_name(device, args.threads)}){amp_note}, best of {args.repeats}")
 
     # warm-up (allocator, cudnn autotuning, lazy init): a few batches of each
-    project_epoch(models["project"], train_set, criterion, optimizers["project"], args.batch_size, 3, 999, device, lr, amp)
+    project_epoch(task, optimizers["project"], 3, 999, device)
     bare_epoch(models["bare"], x_all, y_all, criterion, optimizers["bare"], args.batch_size, 3, 999, device, amp_ctx)
 
     runs = {"project": [], "bare": []}
     for r in range(args.repeats):
-        s, imgs = project_epoch(models["project"], train_set, criterion, optimizers["project"], args.batch_size,
-                                max_batches, r, device, lr, amp)
+        s, imgs = project_epoch(task, optimizers["project"], max_batches, r, device)
         runs["project"].append(imgs / s)
         s, imgs = bare_epoch(models["bare"], x_all, y_all, criterion, optimizers["bare"], args.batch_size, max_batches,
                              r, device, amp_ctx)
         runs["bare"].append(imgs / s)
 
-    labels = {"project": "project (BatchLoader + augment + train_one_epoch)", "bare": "bare loop (preloaded, no augment)"}
+    labels = {"project": "project (BackboneTraining + fit, augment on)", "bare": "bare loop (preloaded, no augment)"}
     bare = max(runs["bare"])
     print(f"device: {device_name(device, args.threads)}")
     print(f"{'path':<52}{'images/s':>10}{'x bare':>9}   all runs (images/s)")

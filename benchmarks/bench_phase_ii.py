@@ -3,8 +3,10 @@
 Times, on one device and the same batches (best of `--repeats`, runs interleaved):
 
   forward      plain eval forward `model(x)` under no_grad (batch gathering + normalisation included)
-  phase II     what phase_ii_extract_feature.py does per batch: forward, closed-form Grad-CAM of the
-               true class, score-matrix and split-statistics accumulation, float16 store write
+  phase II     what phase_ii_extract_feature.py does per batch (`engine.phase_ii.extract_view` with a
+               `fsa.gradcam.CamExtractor`, through `engine.loops.ordered_map`): forward, closed-form
+               Grad-CAM of the true class, score-matrix and split-statistics accumulation, float16 store
+               write
   autograd     the same with gradcam.method=autograd at the CAM layer (autograd through the head)
   layer2       Grad-CAM at a non-CAM layer (`layer2`): forward + backward through the last stage,
                plus the no-grad forward for the CAM-layer maps that the store needs
@@ -34,10 +36,11 @@ from benchmarks.common import dataset_cfg  # noqa: E402
 
 from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader, sequential_batches  # noqa: E402
-from engine.phase_ii import ExtractionTimer, extract_view, resolve_cam_method  # noqa: E402
+from engine.phase_ii import ExtractionTimer, extract_view  # noqa: E402
 from fsa.confusion import ScoreAccumulator  # noqa: E402
 from fsa.decomposition import SplitStatistics  # noqa: E402
 from fsa.feature_store import FeatureStoreWriter, format_bytes  # noqa: E402
+from fsa.gradcam import CamExtractor  # noqa: E402
 from models import build_model  # noqa: E402
 
 
@@ -49,13 +52,14 @@ def plain_forward(model, loader) -> float:
     return time.perf_counter() - start
 
 
-def extraction(model, loader, num_classes, n, fmap_shape, layer, method, folder: Path, device) -> tuple[float, float, float, int]:
+def extraction(extractor: CamExtractor, train, batch_size, num_classes, n, fmap_shape, folder: Path,
+               device) -> tuple[float, float, float, int]:
     timer = ExtractionTimer(device)
     scores = ScoreAccumulator(num_classes, device)
     stats = SplitStatistics(num_classes, 0.8, 0.2, device)
     start = time.perf_counter()
     writer = FeatureStoreWriter(folder, num_samples=n, fmap_shape=fmap_shape, views=1, num_test=0)
-    extract_view(model, loader, layer=layer, method=method, writer=writer, scores=scores, stats=stats, timer=timer,
+    extract_view(extractor, train, batch_size, device, view=0, writer=writer, scores=scores, stats=stats, timer=timer,
                  desc="bench")
     scores.matrix()
     stats.result()
@@ -87,19 +91,19 @@ def main() -> None:
           f"{args.arch}, CAM-layer maps {list(fmap_shape)}, batch {args.batch_size}, device {device}, "
           f"{args.threads} thread(s), best of {args.repeats}")
 
-    closed = resolve_cam_method(model, None, "closed_form")
-    auto_head = resolve_cam_method(model, None, "autograd")
-    other = resolve_cam_method(model, "layer2", "auto")
+    closed = CamExtractor(model, None, "closed_form")
+    auto_head = CamExtractor(model, None, "autograd")
+    other = CamExtractor(model, "layer2", "auto")
     runs = {"forward": [], "phase II (closed form)": [], "autograd (CAM layer)": [], "autograd (layer2)": []}
     detail = {}
     plain_forward(model, BatchLoader(train, batches[:2], device))  # warm-up
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             runs["forward"].append(plain_forward(model, loader))
-            for key, (layer, method) in (("phase II (closed form)", closed), ("autograd (CAM layer)", auto_head),
-                                         ("autograd (layer2)", other)):
-                total, compute, write, nbytes = extraction(model, loader, bundle.num_classes, n, fmap_shape, layer, method,
-                                                           Path(tmp) / f"{key[:5]}{r}", device)
+            for key, extractor in (("phase II (closed form)", closed), ("autograd (CAM layer)", auto_head),
+                                   ("autograd (layer2)", other)):
+                total, compute, write, nbytes = extraction(extractor, train, args.batch_size, bundle.num_classes, n,
+                                                           fmap_shape, Path(tmp) / f"{key[:5]}{r}", device)
                 runs[key].append(total)
                 if total <= min(runs[key]):
                     detail[key] = (compute, write, nbytes)

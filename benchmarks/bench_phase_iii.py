@@ -1,21 +1,23 @@
 """Benchmark: phase III iteration time, online and offline, vs. a plain forward over the same images.
 
-Builds phase III the way `engine.phase_iii.run` does -- `TailHeadComposer`, the `fsa` generator
-(`build_generator("fsa", GeneratorContext(...))`), the backbone frozen with `_set_trainable(model, False)`
-(eval mode, only `fc` trainable), SGD over `fc` -- and times, on one device, iterations 0..N-1 of the same
-plan (best of `--repeats`, runs interleaved):
+Builds phase III the way `engine.phase_iii_maps.run` does -- `TailHeadComposer`, the `fsa` generator
+(`FusionGenerator(GeneratorContext(...))`), the iteration draws (`IterationDraws`), the backbone frozen
+with `_set_trainable(model, False)` (eval mode, only `fc` trainable), SGD over `fc` -- and times, on one
+device, iterations 0..N-1 of the same plan through the shared loop `engine.loops.fit` (best of
+`--repeats`, runs interleaved):
 
   forward   the images an online iteration fetches (`Nt` tail + `Nt*Na` donors + `Nt*(1+Na)` head
             = `2*Nt*(1+Na)` rows), gathered with the same `BatchLoader` (augmentation on) and pushed
             through a plain eval `model(x)` under no_grad: the floor for the online step
-  online    `_train_step` with `_OnlineMaps` (one forward + closed-form CAMs over those images,
-            fusion, head forward/backward, SGD step), plus the per-iteration `composer.plan` and reseed
-  offline   the same `_train_step` with `_OfflineMaps` reading phase II's float16 store (memory-mapped)
+  online    `batch_loss` with `_OnlineMaps` (one forward + closed-form CAMs over those images,
+            fusion, head forward) and fit's backward / SGD step, plus the per-iteration draws and reseed
+  offline   the same `batch_loss` with `_OfflineMaps` reading phase II's float16 store (memory-mapped)
 
 and prints per-iteration milliseconds, online / forward (target <= 2x) and offline / online. The split,
 the confusing classes and the store come from phase II's pieces run on the same (random-weight) model
-first: `features_and_cams` (closed-form CAMs), a `ScoreAccumulator` and a `FeatureStoreWriter` into a
-temporary folder (view 0 only, as with the default store.views=0), then `head_tail_split(hr=0.9)` and
+first: `engine.phase_ii.extract_view` with a closed-form `CamExtractor`, a `ScoreAccumulator` and a
+`FeatureStoreWriter` into a temporary folder (view 0 only, as with the default store.views=0), then
+`head_tail_split(hr=0.9)` and
 `confusing_classes(nf=3)` (timing does not depend on the weights).
 Data: synthetic-LT (default, 10 classes of 32x32 shapes, imbalance 10, ~3,300 images) or
 Fashion-MNIST-LT (imbalance 100, 14,886 images, when the IDX files are available).
@@ -40,18 +42,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import dataset_cfg, device_name, sync  # noqa: E402
 
 from datasets import build_datasets  # noqa: E402
-from datasets.loader import BatchLoader, sequential_batches  # noqa: E402
+from datasets.loader import BatchLoader  # noqa: E402
+from engine.loops import StepResult, TrainingTask, fit  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.phase_iii import _OfflineMaps, _OnlineMaps, _set_trainable, _train_step  # noqa: E402
+from engine.phase_ii import extract_view  # noqa: E402
+from engine.phase_iii_maps import IterationDraws, _OfflineMaps, _OnlineMaps, _set_trainable, batch_loss  # noqa: E402
 from fsa.batch_composition import TailHeadComposer  # noqa: E402
 from fsa.class_split import head_tail_split  # noqa: E402
 from fsa.confusion import ScoreAccumulator, confusing_classes, confusing_table  # noqa: E402
 from fsa.feature_store import FeatureStore, FeatureStoreWriter, format_bytes  # noqa: E402
-from fsa.generators import GeneratorContext, build_generator  # noqa: E402
-from fsa.gradcam import features_and_cams  # noqa: E402
+from fsa.generators import FusionGenerator, GeneratorContext  # noqa: E402
+from fsa.gradcam import CamExtractor  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
-from utils.seeding import seed_everything  # noqa: E402
+from utils.seeding import seed_everything, stream_seed  # noqa: E402
 
 TARGET = 2.0  # online iteration <= 2 x a plain forward over the same images
 SEED, HR, NF, TS, TG = 0, 0.9, 3, 0.8, 0.2
@@ -59,43 +63,58 @@ SEED, HR, NF, TS, TG = 0, 0.9, 3, 0.8, 0.2
 
 def write_store(model, train, num_classes, folder: Path, device, batch_size) -> tuple[torch.Tensor, dict]:
     """What phase II writes for view 0 (un-augmented; the default store.views=0), by its own pieces:
-    one eval forward + closed-form CAMs per batch (`features_and_cams`), the score matrix
-    (`ScoreAccumulator`) and float16 rows through `FeatureStoreWriter`."""
+    `extract_view` with a closed-form `CamExtractor` (one eval forward + CAMs per batch), the score
+    matrix (`ScoreAccumulator`) and float16 rows through `FeatureStoreWriter`."""
     with torch.no_grad():
         fmap_shape = tuple(model.features(train.get_batch(torch.arange(1), device)).shape[1:])
     scores = ScoreAccumulator(num_classes, device)
     writer = FeatureStoreWriter(folder, num_samples=len(train), fmap_shape=fmap_shape, views=1, num_test=0)
-    for x, y, idx in BatchLoader(train, sequential_batches(len(train), batch_size), device):
-        fmap, cam, logits = features_and_cams(model, x, y)
-        scores.update(logits, y)
-        start = int(idx[0])
-        writer.write(0, start, fmap.to(torch.float16).cpu(), cam.to(torch.float16).cpu(), fmap.float().mean(dim=(2, 3)).cpu())
-        writer.write_labels(start, y.cpu(), idx.cpu())
+    extract_view(CamExtractor(model, None, "closed_form"), train, batch_size, device, view=0, writer=writer,
+                 scores=scores, desc="bench store")
     return scores.matrix().cpu(), writer.close()
 
 
-def phase_iii_steps(model, optimizer, generator, composer, fetch, iterations, device) -> float:
-    """Iterations 0..N-1 as the loop of engine.phase_iii.run runs them (evaluation left out)."""
+class TimedIterations(TrainingTask):
+    """A map method's side of the loop (`engine.phase_iii_maps.MapTraining`: reseed, the iteration's
+    draws, `batch_loss`) with its evaluation left out: the run's iterations are booked once, at the end."""
+
+    step_name = "iteration"
+    progress_over_units = True
+
+    def __init__(self, model, generator, draws: IterationDraws, fetch, iterations: int):
+        self.model, self.generator, self.draws, self.fetch = model, generator, draws, fetch
+        self.total = self.eval_every = self.record_every = iterations
+
+    def begin(self, unit: int) -> None:
+        seed_everything(stream_seed(SEED, unit))
+
+    def batches(self, unit: int) -> list:
+        return [self.draws(unit)]
+
+    def step(self, batch) -> StepResult:
+        plan, rng, extra = batch
+        loss, logits, targets = batch_loss(self.model, self.generator, plan, rng, self.fetch, extra=extra)
+        return StepResult(loss, 1, logits, targets)
+
+    def evaluate(self):
+        return {}, None
+
+
+class NoRecorder:
+    """fit's recorder, minus the log line, TensorBoard, checkpoints and results.json."""
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+
+def phase_iii_steps(model, optimizer, generator, draws, fetch, iterations, device) -> float:
+    """Iterations 0..N-1 as the phase III loop runs them (evaluation left out; the window's loss and
+    accuracy are read once at the end, one sync)."""
     sync(device)
     start = time.perf_counter()
-    losses = []
-    for iteration in range(iterations):
-        seed_everything(SEED * 7_919 + iteration)
-        plan, rng = composer.plan(iteration)
-        losses.append(_train_step(model, optimizer, generator, plan, rng, fetch))
-    torch.stack(losses).sum().item()  # the loss values exist (one sync, as run() does at eval time)
+    fit(TimedIterations(model, generator, draws, fetch, iterations), optimizer, NoRecorder())
     sync(device)
     return time.perf_counter() - start
-
-
-def fetched_indices(generator, composer, iterations) -> list[list[int]]:
-    """The training indices each iteration's fetch reads, drawn exactly as `_train_step` draws them."""
-    out = []
-    for iteration in range(iterations):
-        plan, rng = composer.plan(iteration)
-        extra = generator.extra_indices(generator.ctx.labels[plan.tail], rng)
-        out.append(torch.cat([plan.tail, extra, plan.head]).tolist())
-    return out
 
 
 def plain_forward(model, train_aug, index_lists, device) -> float:
@@ -138,13 +157,14 @@ def main() -> None:
         table = confusing_table(confusing_classes(matrix, tail, NF), bundle.num_classes, NF)
 
         composer = TailHeadComposer(bundle.train.targets, tail, head, args.nt, args.na, SEED)
-        generator = build_generator("fsa", GeneratorContext(labels=bundle.train.targets, confusing=table, composer=composer,
-                                                            na=args.na, ts=TS, tg=TG))
+        generator = FusionGenerator(GeneratorContext(labels=bundle.train.targets, confusing=table, composer=composer,
+                                                     na=args.na, ts=TS, tg=TG))
+        draws = IterationDraws(composer, generator, SEED)
         trainable = _set_trainable(model, False)
         optimizer = build_optimizer(trainable, {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
                                                 "weight_decay": 5e-4})
         fetches = {"online": _OnlineMaps(model, bundle, device, with_grad=False), "offline": _OfflineMaps(store, device)}
-        index_lists = fetched_indices(generator, composer, args.iterations)
+        index_lists = [draws.images(i) for i in range(args.iterations)]  # what each iteration's fetch reads
         rows = len(index_lists[0])
         print(f"{args.data}: {len(train)} training images {tuple(train.images.shape[1:])}, {bundle.num_classes} classes, "
               f"{args.arch}, CAM-layer maps {meta['fmap_shape']}, tail classes {tail}, head {head}; nt {args.nt}, "
@@ -157,13 +177,13 @@ def main() -> None:
         warm = min(3, args.iterations)
         plain_forward(model, train_aug, index_lists[:warm], device)
         for fetch in fetches.values():
-            phase_iii_steps(model, optimizer, generator, composer, fetch, warm, device)
+            phase_iii_steps(model, optimizer, generator, draws, fetch, warm, device)
 
         runs = {"forward": [], "online": [], "offline": []}
         for _ in range(args.repeats):
             runs["forward"].append(plain_forward(model, train_aug, index_lists, device))
             for key, fetch in fetches.items():
-                runs[key].append(phase_iii_steps(model, optimizer, generator, composer, fetch, args.iterations, device))
+                runs[key].append(phase_iii_steps(model, optimizer, generator, draws, fetch, args.iterations, device))
 
     labels = {"forward": "plain eval forward (same images)", "online": "phase III online iteration",
               "offline": "phase III offline iteration"}

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,13 @@ from datasets.file_list import (
 from datasets.imbalance import long_tail_counts, make_long_tail_subset, select_long_tail_indices
 from datasets.loader import BatchLoader, EpochBatches, sequential_batches, shuffled_batches
 from datasets.validation import split_validation
+from utils.config import deep_merge
 from utils.errors import UserError
+from utils.schema import DATASET, DATASET_NAMES, defaults
 
 __all__ = [
     "AUGMENT_POLICIES",
     "AVAILABLE_DATASETS",
-    "DEFAULT_DATASET_CFG",
     "DatasetBundle",
     "LTDataset",
     "InMemoryDataset",
@@ -40,25 +40,8 @@ __all__ = [
     "shuffled_batches",
 ]
 
-AVAILABLE_DATASETS = ("synthetic-LT", "fashion-mnist-LT", "cifar10-LT", "cifar100-LT", "list", "image-folder")
+AVAILABLE_DATASETS = DATASET_NAMES
 FILE_DATASETS = ("list", "image-folder")  # the others are in memory
-
-DEFAULT_DATASET_CFG: dict[str, Any] = {
-    "name": "synthetic-LT",
-    "root": None,
-    "download": True,
-    "imbalance": 100.0,
-    "profile": "exp",
-    "step_fraction": 0.5,
-    "subset_seed": 0,
-    "augment": "auto",
-    "flip": True,
-    "train_list": None,
-    "test_list": None,
-    "image_size": None,
-    "val": {"source": "none", "fraction": 0.1, "seed": 0},
-    "synthetic": {"num_classes": 6, "image_size": 32, "train_per_class": 200, "test_per_class": 40, "seed": 0},
-}
 
 
 @dataclass
@@ -80,14 +63,8 @@ class DatasetBundle:
 
 
 def _merged(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` over the defaults (missing keys are tolerated, e.g. in tests)."""
-    out = copy.deepcopy(DEFAULT_DATASET_CFG)
-    for k, v in (cfg or {}).items():
-        if k in ("synthetic", "val") and isinstance(v, dict):
-            out[k].update(v)
-        else:
-            out[k] = v
-    return out
+    """``cfg`` over the schema's defaults (missing keys are tolerated, e.g. in tests)."""
+    return deep_merge(defaults(DATASET), cfg or {})
 
 
 def _long_tail(train: InMemoryDataset, cfg: dict[str, Any], run_dir: Path | None) -> InMemoryDataset:

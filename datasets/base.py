@@ -15,13 +15,9 @@ from torch.utils.data import Dataset
 
 from datasets.transforms import augment_batch
 from utils.errors import UserError
+from utils.schema import AUGMENT_POLICIES
 
 __all__ = ["AUGMENT_POLICIES", "LTDataset", "InMemoryDataset", "augment_policy"]
-
-# `dataset.augment`: auto picks per dataset (in memory: crop_flip; files: by image size), none switches
-# phase I's augmentation off, crop_flip is a zero-padded random crop (CIFAR-style), resized_crop
-# ImageNet's random-resized crop (file datasets only)
-AUGMENT_POLICIES = ("auto", "none", "crop_flip", "resized_crop")
 
 
 def augment_policy(value: bool | str) -> str:

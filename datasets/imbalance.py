@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from utils.errors import UserError
+from utils.run_dir import write_json_atomic
 
 __all__ = [
     "PROFILES",
@@ -83,15 +83,6 @@ def select_long_tail_indices(targets: Sequence[int] | np.ndarray, counts: Sequen
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def make_long_tail_subset(
     targets: Sequence[int] | np.ndarray,
     num_classes: int,
@@ -129,7 +120,7 @@ def make_long_tail_subset(
 
     indices = select_long_tail_indices(targets, counts, seed)
     if path is not None:
-        _atomic_write_json(path, {**meta, "counts": counts, "indices": indices.tolist()})
+        write_json_atomic(path, {**meta, "counts": counts, "indices": indices.tolist()}, indent=None)
     return indices, counts
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.errors import UserError
-from utils.seeding import derived_seed
+from utils.seeding import stream_seed
 
 __all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "EpochBatches"]
 
@@ -69,7 +69,7 @@ class EpochBatches:
         return [self.batch_size] * full + ([rest] if rest >= self.world_size else [])
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch)))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
         for b, size in enumerate(self._global_sizes()):
             part = size // self.world_size
             start = b * self.batch_size + self.rank * part
@@ -86,11 +86,11 @@ class EpochBatches:
 class _SeededBatches:
     """The batch sampler of an augmenting file dataset's DataLoader: each batch as ``[(index, seed), ...]``.
 
-    Row ``k`` of batch ``b`` gets the seed ``derived_seed(batch seed, k)``, and ``FileImageDataset``
+    Row ``k`` of batch ``b`` gets the seed ``stream_seed(batch seed, k)``, and ``FileImageDataset``
     runs its random transform under it. The seeds are made here, in the main process, and travel
     with the indices: persistent workers never see later changes to their copy of the dataset, and
     their own generators depend on ``num_workers``. The batch seed is ``batch_seeds[b]`` when given,
-    else ``derived_seed(s, b)`` with ``s`` drawn from ``generator`` (the global generator if None)
+    else ``stream_seed(s, b)`` with ``s`` drawn from ``generator`` (the global generator if None)
     once per pass, as the in-memory path draws from that generator. Seeding rows by position, not
     by dataset index, keeps a sample that occurs twice in one batch (phase III) two different views.
     """
@@ -103,9 +103,9 @@ class _SeededBatches:
         seeds = self.batch_seeds
         if seeds is None:
             pass_seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
-            seeds = [derived_seed(pass_seed, number) for number in range(len(self))]
+            seeds = [stream_seed(pass_seed, number) for number in range(len(self))]
         for batch, seed in zip(self.batches, seeds, strict=True):
-            yield [(int(i), derived_seed(seed, k)) for k, i in enumerate(batch)]
+            yield [(int(i), stream_seed(seed, k)) for k, i in enumerate(batch)]
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]

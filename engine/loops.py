@@ -1,6 +1,8 @@
-"""The train / evaluate loops every phase shares (single process or one rank of a torchrun job)."""
+"""The train / evaluate loops every method shares (single process or one rank of a torchrun job):
+:func:`fit` with a method's :class:`TrainingTask`, and the evaluation helpers."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -12,7 +14,9 @@ from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
 from engine.metrics import classification_report
 from engine.optim import set_lr
+from fsa.gradcam import eval_mode
 from utils import distributed
+from utils.seeding import stream_seed
 
 
 def progress(loader: Iterable, desc: str) -> Iterable:
@@ -21,91 +25,190 @@ def progress(loader: Iterable, desc: str) -> Iterable:
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, **quiet)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_for_step: Callable[[int], float],
-    *,
-    accel: Accel = NO_ACCEL,
-    scaler: torch.amp.GradScaler | None = None,
-    desc: str = "train",
-) -> dict:
-    """One pass over `loader`; `lr_for_step(i)` gives the learning rate of batch i.
+@dataclass
+class StepResult:
+    """One optimisation step of a method, as the loop needs it."""
 
-    `model` may be wrapped in DistributedDataParallel; the returned loss / accuracy are over the
-    samples of every rank."""
-    model.train()
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.long)
-    seen = torch.zeros((), dtype=torch.long)
-    for step, (x, y, _) in enumerate(progress(loader, desc)):
-        set_lr(optimizer, lr_for_step(step))
-        with accel.autocast():
-            logits = model(accel.inputs(x))
-            loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        # accumulate on the device; one sync at the end instead of one per batch
-        total_loss = total_loss.to(loss.device) + loss.detach().double() * len(y)
-        correct = correct.to(y.device) + (logits.argmax(1) == y).sum()
-        seen = seen.to(y.device) + len(y)
-    totals = distributed.all_reduce_sum(torch.stack([total_loss.cpu(), correct.cpu().double(), seen.cpu().double()]))
-    n = max(float(totals[2]), 1.0)
-    return {"loss": float(totals[0]) / n, "train_acc": float(totals[1]) / n * 100}
+    loss: torch.Tensor                  # what is back-propagated: this process's share of the batch objective
+    weight: float                       # weight of `loss` in the window's mean training loss (rows, or 1)
+    logits: torch.Tensor | None = None  # this process's rows, for the training accuracy
+    targets: torch.Tensor | None = None
 
 
-def eval_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> BatchLoader:
-    """Sequential, un-augmented batches of this rank's contiguous share of `dataset` (all of it in a
-    single process); :func:`predict` gathers the shares back."""
-    share = distributed.shard_range(len(dataset))
-    batches = [list(share[i:i + batch_size]) for i in range(0, len(share), batch_size)]
-    return BatchLoader(dataset.with_augment(False), batches, device, num_workers=num_workers)
+class TrainingTask:
+    """A method's side of :func:`fit`: its batches, its step function, its evaluation.
+
+    A unit is an epoch or an iteration (``step_name``); ``fit`` runs units ``start..total-1``, books
+    (log line, TensorBoard, ``last.pt``) every ``record_every`` units and at the end, and evaluates
+    at the booked units that are multiples of ``eval_every`` and at the end."""
+
+    step_name = "epoch"
+    total = 1
+    eval_every = 1
+    record_every = 1
+    save_every = 0              # periodic model_<step>_NNNN.pt every this many units (0: none)
+    evaluate_first = False      # evaluate (and book step 0) before the first step of a fresh run
+    progress_over_units = False  # one tqdm bar over the units (iterations) instead of one per unit
+
+    def begin(self, unit: int) -> None:
+        """Before unit `unit`: reseed, regenerate (every draw a pure function of seed and unit)."""
+
+    def batches(self, unit: int) -> Iterable:
+        raise NotImplementedError
+
+    def lr(self, unit: int, batch: int, batches: int) -> float | None:
+        """The learning rate of batch `batch` of unit `unit` (None: leave the optimizer's)."""
+        return None
+
+    def step(self, batch) -> StepResult:
+        raise NotImplementedError
+
+    def unit_stats(self, unit: int, seconds: float) -> dict:
+        """Extra training numbers of unit `unit` (`seconds`: its training time, evaluation excluded)."""
+        return {}
+
+    def evaluate(self) -> tuple[dict, dict | None]:
+        """(test report, validation report or None) of the current model."""
+        raise NotImplementedError
+
+
+class _Window:
+    """Training loss / accuracy since the last booking, accumulated on the device (one sync per booking)."""
+
+    def __init__(self):
+        self.totals: torch.Tensor | None = None  # loss * weight, weight, correct, rows
+
+    def add(self, out: StepResult) -> None:
+        loss = out.loss.detach().double() * out.weight
+        zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+        correct = rows = zero
+        if out.logits is not None:
+            correct = (out.logits.detach().argmax(1) == out.targets).sum().double()
+            rows = zero + len(out.targets)
+        step = torch.stack([loss, zero + out.weight, correct, rows])
+        self.totals = step if self.totals is None else self.totals.to(step.device) + step
+
+    def result(self) -> dict:
+        totals = torch.zeros(4, dtype=torch.float64) if self.totals is None else self.totals.cpu()
+        loss, weight, correct, rows = distributed.all_reduce_sum(totals).tolist()
+        out = {"loss": loss / max(weight, 1e-12)}
+        if rows:
+            out["train_acc"] = correct / rows * 100
+        return out
+
+
+def fit(task: TrainingTask, optimizer: torch.optim.Optimizer, recorder, *, start: int = 0,
+        scaler: torch.amp.GradScaler | None = None, started: float | None = None) -> None:
+    """The training loop of every method (single process or one rank of a torchrun job).
+
+    `recorder` is the run's :class:`engine.recorder.RunRecorder`; `start` the first unit (a resumed
+    run's); `scaler` the fp16 GradScaler or None; `started` the time the first booking's seconds count
+    from (default now; a method's set-up before the loop may count too)."""
+    if start == 0 and task.evaluate_first:
+        report, val_report = task.evaluate()
+        recorder.record(0, {}, report, 0.0, val_report=val_report)
+    window, since = _Window(), time.perf_counter() if started is None else started
+    units = range(start, task.total)
+    for unit in progress(units, task.step_name) if task.progress_over_units else units:
+        unit_started = time.perf_counter()
+        task.begin(unit)
+        batches = task.batches(unit)
+        steps = max(len(batches), 1)
+        shown = batches if task.progress_over_units else progress(batches, f"{task.step_name} {unit + 1}/{task.total}")
+        for i, batch in enumerate(shown):
+            lr = task.lr(unit, i, steps)
+            if lr is not None:
+                set_lr(optimizer, lr)
+            out = task.step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                out.loss.backward()
+                optimizer.step()
+            window.add(out)
+        done = unit + 1
+        stats = task.unit_stats(unit, time.perf_counter() - unit_started)
+        if done % task.record_every and done != task.total:
+            continue
+        report = val_report = None
+        if done % task.eval_every == 0 or done == task.total:
+            report, val_report = task.evaluate()
+        recorder.record(done, {**window.result(), **stats}, report, time.perf_counter() - since,
+                        periodic=bool(task.save_every) and done % task.save_every == 0, val_report=val_report)
+        window, since = _Window(), time.perf_counter()
+
+
+Rows = dict[str, torch.Tensor]
+
+
+def ordered_map(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Rows], dataset, batch_size: int,
+                device: torch.device, *, seed: int | None = None, num_workers: int = 0,
+                consume: Callable[[Rows], None] | None = None, desc: str = "map") -> Rows | None:
+    """`fn(x, y, idx) -> {name: rows}` over every sample of `dataset` in sequential batches: the one
+    distributed map behind evaluation, phase II's extraction and pooled features.
+
+    Under torchrun rank r computes the batches r, r+W, ... (``utils.distributed.interleaved_batches``),
+    so per-batch results -- and per-batch augmentation seeds, ``stream_seed(seed, batch)`` when `seed`
+    is given -- do not depend on the number of processes. With `consume`, rank 0 receives every batch's
+    rows in single-process batch order, one gather round at a time (memory: one round; the other ranks
+    call nothing) and None is returned. Without it, every rank receives all rows, ordered by the
+    dataset index that `fn` returns as ``"index"``, and a sample computed twice is an error."""
+    batches, numbers = distributed.interleaved_batches(len(dataset), batch_size)
+    seeds = None if seed is None else [stream_seed(seed, b) for b in numbers]
+    loader = BatchLoader(dataset, batches, device, num_workers=num_workers, batch_seeds=seeds)
+    ctx = distributed.context()
+    empty = None
+    if ctx.enabled:  # what a rank whose batches ran out contributes to a round: fn's rows, zero of them
+        probe_x, probe_y, probe_idx = next(iter(BatchLoader(dataset, [[0]], device)))
+        empty = {k: v[:0] for k, v in fn(probe_x, probe_y, probe_idx).items()}
+    collected: dict[str, list[torch.Tensor]] = {}
+    items = iter(loader)
+    for _ in progress(range(distributed.interleaved_rounds(len(dataset), batch_size)), desc):
+        item = next(items, None)
+        rows = fn(*item) if item is not None else empty
+        if consume is None:
+            for name, t in rows.items():
+                collected.setdefault(name, []).append(t)
+            continue
+        gathered = {name: distributed.gather_parts(t) for name, t in rows.items()}
+        if next(iter(gathered.values())) is None:  # not rank 0: its rows were sent
+            continue
+        for r in range(len(next(iter(gathered.values())))):
+            consume({name: parts[r] for name, parts in gathered.items()})
+    if consume is not None:
+        return None
+    out = {name: distributed.all_gather_rows(torch.cat(parts)) for name, parts in collected.items()}
+    if ctx.enabled:
+        order = torch.argsort(out["index"])
+        out = {name: t[order] for name, t in out.items()}
+        index = out["index"]
+        if len(index) > 1 and bool((index[1:] == index[:-1]).any()):
+            raise RuntimeError("distributed map: a sample was computed by two processes")
+    return out
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, *, accel: Accel = NO_ACCEL,
-            desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, targets, indices) over the loader, in eval mode; the model's mode is restored.
+def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, *, accel: Accel = NO_ACCEL,
+            num_workers: int = 0, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, indices) of every un-augmented sample of `dataset`, in eval mode (each module's
+    mode is restored); under torchrun every rank receives all rows (:func:`ordered_map`)."""
+    def logits_of(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Rows:
+        with accel.autocast():
+            out = model(accel.inputs(x))
+        return {"logits": out.float().cpu(), "target": y.cpu(), "index": idx.cpu()}
 
-    Under torchrun every rank passes its own share (see :func:`eval_loader`) and receives everybody's
-    rows, ordered by index; a sample given to two ranks would be an error, not counted twice."""
-    was_training = model.training
-    model.eval()
-    logits, targets, indices = [], [], []
-    try:
-        for x, y, idx in progress(loader, desc):
-            with accel.autocast():
-                out = model(accel.inputs(x))
-            logits.append(out.float().cpu())
-            targets.append(y.cpu())
-            indices.append(idx.cpu())
-    finally:
-        model.train(was_training)
-    num_classes = getattr(model, "num_classes", 0)
-    logits_t = torch.cat(logits) if logits else torch.zeros(0, num_classes)
-    targets_t = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-    indices_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-    if distributed.context().enabled:
-        logits_t = distributed.all_gather_rows(logits_t)
-        targets_t = distributed.all_gather_rows(targets_t)
-        indices_t = distributed.all_gather_rows(indices_t)
-        order = torch.argsort(indices_t)
-        logits_t, targets_t, indices_t = logits_t[order], targets_t[order], indices_t[order]
-        if len(indices_t) > 1 and bool((indices_t[1:] == indices_t[:-1]).any()):
-            raise RuntimeError("evaluation shards overlap: a test sample was predicted by two processes")
-    return logits_t, targets_t, indices_t
+    with eval_mode(model):
+        rows = ordered_map(logits_of, dataset.with_augment(False), batch_size, device, num_workers=num_workers,
+                           desc=desc)
+    return rows["logits"], rows["target"], rows["index"]
 
 
-def evaluate(model: nn.Module, loader: Iterable, train_counts: list[int], hr: float, *, accel: Accel = NO_ACCEL) -> dict:
-    logits, targets, _ = predict(model, loader, accel=accel)
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, train_counts: list[int], hr: float, *,
+             accel: Accel = NO_ACCEL) -> dict:
+    logits, targets, _ = predict(model, dataset, batch_size, device, accel=accel)
     return classification_report(logits.argmax(1), targets, train_counts, hr)
 
 
@@ -113,17 +216,22 @@ def evaluate(model: nn.Module, loader: Iterable, train_counts: list[int], hr: fl
 class EvalSets:
     """The reported test set and, where the run has one, the validation split that selects the model."""
 
-    test: BatchLoader
-    val: BatchLoader | None
+    test: object          # an LTDataset
+    val: object | None
+    batch_size: int
+    device: torch.device
 
     @classmethod
     def of(cls, bundle, batch_size: int, device: torch.device) -> "EvalSets":
-        """Loaders over `bundle.test` and `bundle.val` (a DatasetBundle)."""
-        val = None if bundle.val is None else eval_loader(bundle.val, batch_size, device)
-        return cls(eval_loader(bundle.test, batch_size, device), val)
+        """`bundle.test` and `bundle.val` (a DatasetBundle)."""
+        return cls(bundle.test, bundle.val, batch_size, device)
 
     def evaluate(self, model: nn.Module, train_counts: list[int], hr: float, *,
                  accel: Accel = NO_ACCEL) -> tuple[dict, dict | None]:
         """(test report, validation report or None)."""
-        val = None if self.val is None else evaluate(model, self.val, train_counts, hr, accel=accel)
-        return evaluate(model, self.test, train_counts, hr, accel=accel), val
+        val = None if self.val is None else evaluate(model, self.val, self.batch_size, self.device, train_counts, hr,
+                                                     accel=accel)
+        return evaluate(model, self.test, self.batch_size, self.device, train_counts, hr, accel=accel), val
+
+    def test_report(self, model: nn.Module, train_counts: list[int], hr: float, *, accel: Accel = NO_ACCEL) -> dict:
+        return evaluate(model, self.test, self.batch_size, self.device, train_counts, hr, accel=accel)

@@ -1,5 +1,11 @@
-"""Losses for long-tailed training: CE, focal, class-balanced CE, balanced softmax."""
+"""Losses for long-tailed training: CE, focal, class-balanced CE, balanced softmax.
+
+`LOSSES` is the one list of `train.loss` values: the config schema takes its choices from it, so a
+new loss is one entry here (plus a schema key for any option of its own).
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +45,17 @@ def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
     return (weights / weights.sum() * len(counts)).float()
 
 
+# name -> factory(counts, *, focal_gamma, cb_beta): counts are the training images per class
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "ce": lambda counts, **_: nn.CrossEntropyLoss(),
+    "focal": lambda counts, *, focal_gamma, **_: FocalLoss(focal_gamma),
+    "class_balanced": lambda counts, *, cb_beta, **_: nn.CrossEntropyLoss(weight=class_balanced_weights(counts, cb_beta)),
+    "balanced_softmax": lambda counts, **_: BalancedSoftmaxLoss(counts),
+}
+
+
 def build_loss(name: str, counts: list[int], *, focal_gamma: float = 1.0, cb_beta: float = 0.9999) -> nn.Module:
-    if name == "ce":
-        return nn.CrossEntropyLoss()
-    if name == "focal":
-        return FocalLoss(focal_gamma)
-    if name == "class_balanced":
-        return nn.CrossEntropyLoss(weight=class_balanced_weights(counts, cb_beta))
-    if name == "balanced_softmax":
-        return BalancedSoftmaxLoss(counts)
-    raise ValueError(f"unknown loss {name}")
+    """The `LOSSES` entry `name` for a training set with `counts` images per class."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name}; available: {', '.join(LOSSES)}")
+    return LOSSES[name](counts, focal_gamma=focal_gamma, cb_beta=cb_beta)

@@ -1,7 +1,8 @@
 """Phase II: batched Grad-CAM over the long-tailed training set, the class-specific / class-generic
 split statistics, the confusing classes of every tail class, and the offline feature store.
 
-Inputs: the phase I run with the same config name and note (``checkpoints/phase_i/<config>/<note>/``:
+Every file is written through ``engine.artifacts`` (which later phases read it with). Inputs: the
+phase I run with the same config name and note (``checkpoints/phase_i/<config>/<note>/``:
 its ``config.yaml`` gives dataset and model, its ``train_subset.json`` the long-tailed subset, its
 ``best_model.pt`` the weights unless ``--checkpoint`` names another file).
 
@@ -12,132 +13,49 @@ Outputs in ``features/<config>/<note>/`` (formats: see :func:`run` and ``fsa/fea
     split.json              {hr, head, tail, train_counts, class_names}
     split_statistics.json   {ts, tg, specific, generic, count, per_class: {...}}
     store/                  the feature store (unless store.enabled: false)
-    provenance.json         sha256 of the phase I checkpoint and config.yaml (fsa/provenance.py)
+    provenance.json         sha256 of the phase I checkpoint and config.yaml (engine/artifacts.py)
     config.yaml, log.txt, results.json {finished, timings, num_samples, store_bytes, ...}
 
-One forward pass per batch: for the CAM layer of a GAP + linear head the CAM is closed-form
-(no backward). ``gradcam.method: autograd`` differentiates the head with autograd on the same
-forward; a non-CAM ``gradcam.layer`` uses :func:`fsa.gradcam.grad_cam` (forward + backward) plus a
+CAMs come from :class:`fsa.gradcam.CamExtractor`: one forward pass per batch for the CAM layer of a
+GAP + linear head (closed form, no backward); ``gradcam.method: autograd`` differentiates the head
+with autograd on the same forward; a non-CAM ``gradcam.layer`` costs a forward + backward plus a
 no-grad forward for the CAM-layer maps, and its CAMs are resized to the CAM-layer resolution.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
-from engine.loops import progress
-from engine.phase_i import load_phase_i_model, phase_i_command, selection_of
+from engine.artifacts import STORE_DIR, make_provenance, open_phase_i_run, phase_ii_command, write_phase_ii, write_provenance
+from engine.loops import ordered_map
 from fsa.class_split import head_tail_split
 from fsa.confusion import ScoreAccumulator, confusing_classes
 from fsa.decomposition import SplitStatistics
 from fsa.feature_store import FeatureStoreWriter, format_bytes, store_nbytes
-from fsa.gradcam import eval_mode, features_and_cams, grad_cam, normalize_cams
-from fsa.provenance import make_provenance, phase_ii_command, write_provenance
-from models import LTModel
+from fsa.gradcam import CamExtractor, eval_mode
+from utils.cli import RunSpec
 from utils.config import config_name, dump_config, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
 from utils.run_dir import RunPaths, is_finished, lock_run, read_results, remove_run_folder, write_json_atomic
-from utils.seeding import derived_seed, seed_everything
+from utils.seeding import seed_everything, stream_seed
 
 PHASE = "phase_ii"
-STORE_DIR = "store"
 
-__all__ = ["PHASE", "PhaseIRun", "open_phase_i_run", "resolve_cam_method", "batch_features_cams",
-           "ExtractionTimer", "extract_view", "extract_test_pooled", "run", "phase_ii_command", "load_confusion"]
+__all__ = ["PHASE", "ExtractionTimer", "extract_view", "extract_test_pooled", "run"]
 
 
 # ------------------------------------------------------------------------------------------------
-# The phase I run a later stage builds on
+# Feature maps + CAMs of the training set
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class PhaseIRun:
-    paths: RunPaths          # phase I paths (checkpoint_dir = the phase I run folder)
-    config_path: Path        # checkpoints/phase_i/<config>/<note>/config.yaml
-    cfg: dict                # the resolved phase I config
-    bundle: DatasetBundle    # built with run_dir = the phase I run, so its train_subset.json is reused
-
-
-def open_phase_i_run(config: str, note: str, root: Path = Path("."), *, needed_by: str = "phase II") -> PhaseIRun:
-    """Find the phase I run of (config, note) and rebuild its datasets; UserError naming the phase I
-    command when it does not exist."""
-    paths = RunPaths("phase_i", config, note, Path(root))
-    config_path = paths.checkpoint_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(
-            f"{needed_by} needs the phase I run of config '{config}' (note '{note}'), but "
-            f"{config_path} does not exist. Run phase I first: {phase_i_command(config, note)}"
-        )
-    cfg = load_config(str(config_path), "phase_i")
-    bundle = build_datasets(cfg["dataset"], paths.checkpoint_dir)
-    return PhaseIRun(paths=paths, config_path=config_path, cfg=cfg, bundle=bundle)
-
-
-# ------------------------------------------------------------------------------------------------
-# Feature maps + CAMs of one batch
-# ------------------------------------------------------------------------------------------------
-def resolve_cam_method(model: LTModel, layer: str | None, method: str) -> tuple[str, str]:
-    """``(layer, method)`` with ``auto`` resolved as :func:`grad_cam` does; checks the layer name."""
-    cam_layer = model.cam_layer
-    layer = layer or cam_layer
-    names = {name for name, _ in model.named_modules()}
-    if layer not in names:
-        # let grad_cam phrase the error (it lists the valid layers)
-        grad_cam(model, torch.zeros(1, model.in_channels, 8, 8), torch.zeros(1, dtype=torch.long), layer=layer)
-    if method == "auto":
-        method = "closed_form" if layer == cam_layer and isinstance(getattr(model, "fc", None), torch.nn.Linear) else "autograd"
-    if method == "closed_form" and layer != cam_layer:
-        raise UserError(
-            f"gradcam.method closed_form only applies to the CAM layer ('{cam_layer}'), not '{layer}'; "
-            f"use gradcam.method=autograd (or auto) for other layers."
-        )
-    return layer, method
-
-
-def batch_features_cams(model: LTModel, x: Tensor, y: Tensor, layer: str, method: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(fmap [B,C,H,W] at the CAM layer, cam [B,H,W] in [0,1], logits [B,K])`` in eval mode.
-
-    ``layer``/``method`` as returned by :func:`resolve_cam_method`. The CAM always has the
-    CAM-layer resolution (a CAM of another layer is resized bilinearly and re-normalised).
-    """
-    if method == "closed_form":
-        return features_and_cams(model, x, y)
-    with eval_mode(model):
-        if layer == model.cam_layer:
-            # Grad-CAM at the CAM layer: one backbone forward without graph, autograd through the head only.
-            with torch.no_grad():
-                fmap = model.features(x)
-            with torch.enable_grad():
-                leaf = fmap.detach().requires_grad_(True)
-                logits = model.head(leaf)
-                score = logits.gather(1, y.long().view(-1, 1)).sum()
-                (grad,) = torch.autograd.grad(score, leaf)
-            weights = grad.mean(dim=(2, 3))
-            cam = normalize_cams(F.relu(torch.einsum("bc,bchw->bhw", weights.float(), fmap.float())))
-            return fmap, cam, logits.detach()
-        cam = grad_cam(model, x, y, layer=layer, method="autograd")
-        with torch.no_grad():
-            fmap = model.features(x)
-            logits = model.head(fmap)
-    if cam.shape[-2:] != fmap.shape[-2:]:
-        cam = normalize_cams(F.interpolate(cam[:, None], size=fmap.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
-    return fmap, cam, logits
-
-
 class ExtractionTimer:
     """Wall-clock seconds of compute (forward + CAM + statistics) and of store writes."""
 
@@ -178,84 +96,64 @@ def _write_rows(writer: FeatureStoreWriter, view: int, fmap16: Tensor, cam16: Te
         writer.write_labels(start, y, idx)
 
 
-def extract_view(model: LTModel, loader, *, layer: str, method: str, view: int = 0,
-                 writer: FeatureStoreWriter | None = None, scores: ScoreAccumulator | None = None,
-                 stats: SplitStatistics | None = None, timer: ExtractionTimer | None = None,
-                 accel: Accel = NO_ACCEL, rounds: int | None = None, empty: tuple[Tensor, Tensor, Tensor] | None = None,
-                 store: bool | None = None, desc: str = "phase II") -> None:
-    """One pass over ``loader`` (batches ``(x, y, idx)``): CAMs of the true class, score / split
-    statistics (when given) and store rows of ``view`` (when a writer is given).
+def extract_view(extractor: CamExtractor, dataset, batch_size: int, device: torch.device, *, view: int = 0,
+                 seed: int | None = None, writer: FeatureStoreWriter | None = None,
+                 scores: ScoreAccumulator | None = None, stats: SplitStatistics | None = None,
+                 timer: ExtractionTimer | None = None, accel: Accel = NO_ACCEL, store: bool | None = None,
+                 num_workers: int = 0, desc: str = "phase II") -> None:
+    """One pass over `dataset` (augmented batch b seeded ``stream_seed(seed, b)``): CAMs of the true
+    class, score / split statistics (when given) and store rows of ``view`` (when a writer is given).
 
-    Single process: the loader covers the training set in order. Under torchrun each rank's loader
-    holds the interleaved batches r, r+W, ... (:func:`utils.distributed.interleaved_batches`); every
-    round, rank 0 gathers the W batches of the round and books them in batch order, so statistics and
-    store are those of a single process. ``rounds`` (every rank the same), ``empty`` (zero-row
-    ``(fmap, cam, logits)``, for a rank whose batches ran out) and ``store`` (whether rank 0 writes
-    store rows, hence whether maps are gathered; default: ``writer is not None``) are then required."""
+    Through :func:`engine.loops.ordered_map`: under torchrun the ranks share the batches and rank 0
+    books them in single-process order, so statistics and store are those of a single process.
+    ``store`` (whether rank 0 writes store rows, hence whether maps are gathered; default: ``writer
+    is not None``) must be the same on every rank."""
     timer = timer or ExtractionTimer(torch.device("cpu"))
     store = writer is not None if store is None else store
-    batches = iter(loader)
-    for _ in progress(range(len(loader) if rounds is None else rounds), desc):
-        item = next(batches, None)
+
+    def maps_of(x: Tensor, y: Tensor, idx: Tensor) -> dict[str, Tensor]:
         with timer.measure("compute"):
-            if item is not None:
-                x, y, idx = item
-                with accel.autocast():
-                    fmap, cam, logits = batch_features_cams(model, accel.inputs(x), y, layer, method)
-                fmap, cam, logits = fmap.float(), cam.float(), logits.float()
-            else:
-                assert empty is not None, "a rank without batches needs the zero-row template"
-                fmap, cam, logits = empty
-                y = idx = torch.zeros(0, dtype=torch.long, device=fmap.device)
-            rows = {"cam": cam, "logits": logits, "y": y, "idx": idx}
+            with accel.autocast():
+                fmap, cam, logits = extractor(accel.inputs(x), y)
+            rows = {"cam": cam.float(), "logits": logits.float(), "y": y, "idx": idx}
             if store:
+                fmap = fmap.float()
                 rows.update(fmap16=fmap.to(torch.float16), pooled=fmap.mean(dim=(2, 3)))
-        with timer.measure("write"):  # (under torchrun: gathering to rank 0, then writing)
-            gathered = {name: distributed.gather_parts(t) for name, t in rows.items()}
-            if gathered["cam"] is None:  # not rank 0: its rows were sent
-                continue
-            for r in range(len(gathered["cam"])):
-                part = {name: parts[r] for name, parts in gathered.items()}
-                if scores is not None:
-                    scores.update(part["logits"], part["y"])
-                if stats is not None:
-                    stats.update(part["cam"], part["y"])
-                if writer is not None:
-                    _write_rows(writer, view, part["fmap16"].cpu(), part["cam"].to(torch.float16).cpu(),
-                                part["pooled"].cpu(), part["y"].cpu(), part["idx"].cpu())
+        return rows
+
+    def book(part: dict[str, Tensor]) -> None:
+        with timer.measure("write"):
+            if scores is not None:
+                scores.update(part["logits"], part["y"])
+            if stats is not None:
+                stats.update(part["cam"], part["y"])
+            if writer is not None:
+                _write_rows(writer, view, part["fmap16"].cpu(), part["cam"].to(torch.float16).cpu(),
+                            part["pooled"].cpu(), part["y"].cpu(), part["idx"].cpu())
+
+    ordered_map(maps_of, dataset, batch_size, device, seed=seed, num_workers=num_workers, consume=book, desc=desc)
 
 
 @torch.no_grad()
-def extract_test_pooled(model: LTModel, loader, writer: FeatureStoreWriter | None, *, feature_dim: int,
-                        accel: Accel = NO_ACCEL, rounds: int | None = None) -> None:
-    """Pooled features of the (un-augmented) test images into the store; interleaved and gathered to
-    rank 0 as :func:`extract_view` does (``writer`` is None on the other ranks)."""
-    batches = iter(loader)
+def extract_test_pooled(model, dataset, batch_size: int, device: torch.device, writer: FeatureStoreWriter | None, *,
+                        accel: Accel = NO_ACCEL, num_workers: int = 0) -> None:
+    """Pooled features of the (un-augmented) test images into the store (rank 0 writes)."""
+    def pooled_of(x: Tensor, y: Tensor, idx: Tensor) -> dict[str, Tensor]:
+        with accel.autocast():
+            return {"pooled": model.pool(model.features(accel.inputs(x))).float(), "y": y, "idx": idx}
+
+    def book(part: dict[str, Tensor]) -> None:
+        if len(part["idx"]):
+            writer.write_test(int(part["idx"][0]), part["pooled"].cpu(), part["y"].cpu())
+
     with eval_mode(model):
-        for _ in progress(range(len(loader) if rounds is None else rounds), "phase II test features"):
-            item = next(batches, None)
-            if item is not None:
-                x, y, idx = item
-                with accel.autocast():
-                    pooled = model.pool(model.features(accel.inputs(x))).float()
-            else:
-                pooled = torch.zeros(0, feature_dim, device=loader.device)
-                y = idx = torch.zeros(0, dtype=torch.long, device=loader.device)
-            parts = [distributed.gather_parts(t) for t in (pooled, y, idx)]
-            if parts[0] is None:
-                continue
-            for p_pooled, p_y, p_idx in zip(*parts):
-                if len(p_idx):
-                    writer.write_test(int(p_idx[0]), p_pooled.cpu(), p_y.cpu())
+        ordered_map(pooled_of, dataset.with_augment(False), batch_size, device, num_workers=num_workers,
+                    consume=book, desc="phase II test features")
 
 
 # ------------------------------------------------------------------------------------------------
 # The phase II run
 # ------------------------------------------------------------------------------------------------
-def _none_if_nan(values: list[float]) -> list[float | None]:
-    return [None if (v is None or math.isnan(v)) else float(v) for v in values]
-
-
 def _check_not_finished(features_dir: Path, overwrite: bool, config: str, note: str) -> None:
     results = read_results(features_dir / "results.json")
     if results and results.get("finished") and not overwrite:
@@ -266,17 +164,16 @@ def _check_not_finished(features_dir: Path, overwrite: bool, config: str, note: 
         )
 
 
-def run(args: argparse.Namespace) -> dict:
-    cfg = load_config(args.config, PHASE, args.opts)
-    name = config_name(args.config)
-    note = args.note
+def run(spec: RunSpec) -> dict:
+    cfg = load_config(spec.config, PHASE, list(spec.opts))
+    name = config_name(spec.config)
+    note = spec.note
     root = Path(".")
     paths = RunPaths(PHASE, name, note, root)
     features_dir = paths.features_dir
-    device = distributed.setup_device(args.device)
+    device = distributed.setup_device(spec.device)
     lock_run(paths)
-    overwrite = bool(getattr(args, "overwrite", False))
-    _check_not_finished(features_dir, overwrite, name, note)
+    _check_not_finished(features_dir, spec.overwrite, name, note)
 
     accel = Accel.from_config(cfg["accel"], device)
     ctx = distributed.context()
@@ -291,11 +188,12 @@ def run(args: argparse.Namespace) -> dict:
             f"'{bundle.name}'): a class has only {num_classes - 1} other classes to be confused with. "
             f"Set e.g. --opts confusion.nf={max(1, min(3, num_classes - 1))}."
         )
-    checkpoint = Path(args.checkpoint) if getattr(args, "checkpoint", None) else p1.paths.best
-    model, _payload = load_phase_i_model(checkpoint, p1.cfg, bundle, device, phase_i_command(name, note))
+    checkpoint = Path(spec.checkpoint) if spec.checkpoint else p1.paths.best
+    model = p1.load_model(device, checkpoint)
     model.eval()
     accel.prepare_model(model)
-    layer, method = resolve_cam_method(model, cfg["gradcam"]["layer"], cfg["gradcam"]["method"])
+    extractor = CamExtractor(model, cfg["gradcam"]["layer"], cfg["gradcam"]["method"])
+    layer, method = extractor.layer, extractor.method
 
     train_set = bundle.train.with_augment(False)
     n = len(train_set)
@@ -303,8 +201,7 @@ def run(args: argparse.Namespace) -> dict:
     probe_x, probe_y, _ = next(iter(BatchLoader(train_set, [[0]], device)))
     with torch.no_grad(), eval_mode(model):
         fmap_shape = tuple(model.features(probe_x).shape[1:])
-    probe = batch_features_cams(model, probe_x, probe_y, layer, method)  # fails early on a bad layer/head
-    empty = tuple(t[:0].float() for t in probe)  # what a rank whose batches ran out contributes
+    extractor(probe_x, probe_y)  # fails early on a bad layer / head
 
     store_cfg = cfg["store"]
     views = 1 + store_cfg["views"]
@@ -328,9 +225,9 @@ def run(args: argparse.Namespace) -> dict:
                 f"{checkpoint}, dataset {bundle.name} ({n} train / {len(bundle.test)} test images, {num_classes} "
                 f"classes); {accel.describe()}")
     logger.info(f"Grad-CAM: layer {layer} ({method}), CAM-layer maps {list(fmap_shape)}, batch size {bs}")
-    if not getattr(args, "checkpoint", None) and not is_finished(p1.paths):
+    if not spec.checkpoint and not is_finished(p1.paths):
         logger.info(f"warning: the phase I run in {p1.paths.checkpoint_dir} has not finished; using its best_model.pt "
-                    f"so far (finish it with: {phase_i_command(name, note)} --resume)")
+                    f"so far (finish it with: {p1.command('--resume')})")
 
     started = time.perf_counter()
     timer = ExtractionTimer(device)
@@ -344,28 +241,20 @@ def run(args: argparse.Namespace) -> dict:
         logger.info(f"feature store: {views} view(s) x {n} samples x {list(fmap_shape)} float16 -> "
                     f"{format_bytes(expected_bytes)} in {features_dir / STORE_DIR}")
     test_s = 0.0
-    # batch b of a single process is batch b of this rank's interleaved share (utils.distributed)
-    batches, numbers = distributed.interleaved_batches(n, bs)
-    common = {"layer": layer, "method": method, "timer": timer, "accel": accel, "empty": empty,
-              "rounds": distributed.interleaved_rounds(n, bs), "store": store_cfg["enabled"]}
-    workers = store_cfg["num_workers"]
+    common = {"timer": timer, "accel": accel, "store": store_cfg["enabled"], "writer": writer,
+              "num_workers": store_cfg["num_workers"]}
     try:
-        loader = BatchLoader(train_set, batches, device, num_workers=workers)
-        extract_view(model, loader, view=0, writer=writer, scores=scores, stats=stats, desc="phase II (view 0)", **common)
+        extract_view(extractor, train_set, bs, device, view=0, scores=scores, stats=stats, desc="phase II (view 0)",
+                     **common)
         if store_cfg["enabled"]:
             augmented = bundle.train.with_augment(True)
             for view in range(1, views):
-                view_seed = derived_seed(cfg["seed"], view)
                 # one seed per batch number (per row for file datasets), so the views depend neither on the
                 # process count nor on num_workers
-                loader = BatchLoader(augmented, batches, device, num_workers=workers,
-                                     batch_seeds=[derived_seed(view_seed, b) for b in numbers])
-                extract_view(model, loader, view=view, writer=writer, desc=f"phase II (view {view})", **common)
+                extract_view(extractor, augmented, bs, device, view=view, seed=stream_seed(cfg["seed"], view),
+                             desc=f"phase II (view {view})", **common)
             t0 = time.perf_counter()
-            test_batches, _ = distributed.interleaved_batches(len(bundle.test), bs)
-            test_loader = BatchLoader(bundle.test.with_augment(False), test_batches, device, num_workers=workers)
-            extract_test_pooled(model, test_loader, writer, feature_dim=model.feature_dim, accel=accel,
-                                rounds=distributed.interleaved_rounds(len(bundle.test), bs))
+            extract_test_pooled(model, bundle.test, bs, device, writer, accel=accel, num_workers=store_cfg["num_workers"])
             test_s = time.perf_counter() - t0
             if writer is not None:
                 store_meta = writer.close({"cam_layer": layer, "cam_method": method, "arch": model.arch,
@@ -382,43 +271,22 @@ def run(args: argparse.Namespace) -> dict:
     # --- confusion, split, statistics -----------------------------------------------------------
     matrix = scores.matrix().cpu()
     counts = bundle.train_counts
-    hr = cfg["split"]["hr"]
+    hr = p1.hr  # one head / tail share for every phase: phase I's eval.hr
     head, tail = head_tail_split(counts, hr)
     confusing = confusing_classes(matrix, tail, nf)
     names = bundle.class_names
-    torch.save(matrix, features_dir / "score_matrix.pt")
-    write_json_atomic(features_dir / "confusion.json", {
-        "nf": nf,
-        "rows": "true class (S[t, j] = mean softmax score of class j over the training samples of class t)",
-        "tail": tail,
-        "confusing": {str(t): c for t, c in confusing.items()},
-        "confusing_names": {names[t]: [names[j] for j in c] for t, c in confusing.items()},
-        "score_matrix": [[float(v) for v in row] for row in matrix.tolist()],
-        "class_names": names,
-    })
-    write_json_atomic(features_dir / "split.json", {
-        "hr": hr, "head": head, "tail": tail, "train_counts": list(counts), "class_names": names,
-    })
     st = stats.result()
-    specific = _none_if_nan(st["specific"].cpu().tolist())
-    generic = _none_if_nan(st["generic"].cpu().tolist())
-    count = [int(c) for c in st["count"].cpu().tolist()]
-    total = max(sum(count), 1)
-    write_json_atomic(features_dir / "split_statistics.json", {
-        "ts": ts, "tg": tg, "cam_layer": layer, "cam_method": method, "cam_shape": list(fmap_shape[1:]),
-        "specific": specific, "generic": generic, "count": count,
-        "mean_specific": sum((s or 0.0) * c for s, c in zip(specific, count)) / total,
-        "mean_generic": sum((g or 0.0) * c for g, c in zip(generic, count)) / total,
-        "per_class": {names[i]: {"class": i, "specific": specific[i], "generic": generic[i], "count": count[i]}
-                      for i in range(num_classes)},
-        "class_names": names,
-    })
+    write_phase_ii(features_dir, matrix=matrix, nf=nf, hr=hr, head=head, tail=tail, confusing=confusing,
+                   counts=counts, names=names, statistics=st, ts=ts, tg=tg,
+                   cam={"layer": layer, "method": method, "shape": fmap_shape[1:]})
     for t, c in confusing.items():
         logger.info(f"tail class {t} ({names[t]}, {counts[t]} images): confusing {[names[j] for j in c]}")
     if not tail:
-        logger.info(f"no tail class: with split.hr={hr} every class is head; phase III has nothing to augment")
-    logger.info(f"split ts={ts} tg={tg}: mean class-specific share {sum((s or 0) for s in specific) / num_classes:.3f}, "
-                f"class-generic share {sum((g or 0) for g in generic) / num_classes:.3f}")
+        logger.info(f"no tail class: with phase I's eval.hr={hr} every class is head; phase III has nothing to augment")
+    specific = [v for v in st["specific"].cpu().tolist() if v == v]
+    generic = [v for v in st["generic"].cpu().tolist() if v == v]
+    logger.info(f"split ts={ts} tg={tg}: mean class-specific share {sum(specific) / num_classes:.3f}, "
+                f"class-generic share {sum(generic) / num_classes:.3f}")
 
     write_provenance(features_dir, make_provenance(
         config=name, note=note, checkpoint_path=checkpoint, phase_i_config_path=p1.config_path,
@@ -430,7 +298,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": name,
         "note": note,
         "checkpoint": str(checkpoint),
-        "phase_i_checkpoint_selection": selection_of(checkpoint, p1.paths),
+        "phase_i_checkpoint_selection": p1.selection_of(checkpoint),
         "device": str(device),
         "processes": ctx.world_size,
         "accel": accel.describe(),
@@ -455,12 +323,6 @@ def run(args: argparse.Namespace) -> dict:
         "confusing": {str(t): c for t, c in confusing.items()},
     }
     write_json_atomic(features_dir / "results.json", results)
-    logger.info(f"phase II finished in {total_s:.1f}s (forward+CAM {timer.compute_s:.1f}s, store writes "
+    logger.info(f"phase II finished in {total_s:.1f}s (forward+CAM {timer.compute_s:.1f}s, statistics + store writes "
                 f"{timer.write_s:.1f}s) -> {features_dir}")
     return results
-
-
-def load_confusion(features_dir: Path) -> dict[int, list[int]]:
-    """``{tail class: [confusing classes]}`` from ``confusion.json`` (keys back to ints)."""
-    data = json.loads((Path(features_dir) / "confusion.json").read_text())
-    return {int(k): [int(c) for c in v] for k, v in data["confusing"].items()}

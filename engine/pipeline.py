@@ -3,13 +3,11 @@
     python pipeline.py --config smoke
     python pipeline.py --config cifar10-LT_resnet18 --seeds 0 1 2 --device 0
 
-Order, for each note: phase I -> phase II -> phase III online (fsa) -> phase III online (none, the
-cRT control of the online mode) -> phase III offline (fsa) -> phase III offline (none, the cRT
-control of the offline mode) -> phase III offline (tailcalib) -> phase III online (tailcalibx) ->
-visualize; then one report over all notes. The TailCalib steps run only where
-``engine.phase_iii.available_generators()`` offers those generators.
+Order, for each note: phase I -> phase II -> every phase III method of the method table
+(``engine.methods.METHODS``, in table order: each FSA mode after its cRT control, then TailCalib and
+TailCalibX) -> visualize; then one report over all notes.
 
-Every step calls its phase runner in this process with the arguments its script would build.
+Every step calls its phase runner in this process with the spec its script would build.
 A step whose finished outputs exist is skipped; an interrupted training run (``last.pt`` without a
 finished ``results.json``) is resumed; phase II, which has no resume, restarts an unfinished
 extraction. Rerunning the same command after an interruption therefore continues where it stopped.
@@ -27,38 +25,27 @@ variant is a new experiment, i.e. a new ``--note``.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from datasets.fashion_mnist import ensure_fashion_mnist
+from engine.methods import BASELINE, METHODS, Method
 from engine.recorder import SPEED_SETTINGS
 from utils import distributed
+from utils.cli import RunSpec, VisualizeSpec
 from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts
 from utils.errors import UserError
 from utils.run_dir import RunPaths, check_run_name, is_finished, read_results
 from utils.schema import schema_keys
 
-__all__ = ["PHASE_III_STEPS", "Step", "plan_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
-           "check_existing_runs", "ensure_fashion_mnist", "step_state", "run"]
+__all__ = ["Step", "plan_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
+           "check_existing_runs", "step_state", "run"]
 
 PREFIX = "[pipeline]"
-# (mode, generator, label); optional generators are only run where phase III offers them
-PHASE_III_STEPS: tuple[tuple[str, str, str], ...] = (
-    ("online", "fsa", "phase III online (fsa)"),
-    ("online", "none", "phase III online (none: cRT control)"),  # each FSA mode against a control of that mode
-    ("offline", "fsa", "phase III offline (fsa)"),
-    ("offline", "none", "phase III offline (none: cRT control)"),
-    ("offline", "tailcalib", "phase III offline (tailcalib)"),
-    ("online", "tailcalibx", "phase III online (tailcalibx)"),
-)
-REQUIRED_GENERATORS = ("fsa", "none")
 VISUALIZE_PHASE = "phase_i"
 PHASE_LABELS = {"phase_i": "phase I", "phase_ii": "phase II and visualize", "phase_iii": "phase III"}
 
@@ -70,75 +57,52 @@ def say(message: str) -> None:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str                   # phase_i | phase_ii | phase_iii | visualize
+    kind: str                    # phase_i | phase_ii | phase_iii | visualize
     label: str
-    mode: str | None = None     # phase III: online | offline
-    generator: str | None = None
+    method: Method | None = None  # phase I and III: the method-table entry the step trains
 
     def folder(self) -> str:
         """Run folder name under checkpoints/ (phase II: features/, visualize: visualizations/)."""
-        if self.kind == "phase_iii":
-            from engine.phase_iii_runs import phase_name
-
-            return phase_name(self.mode, self.generator)
-        return self.kind
+        return self.method.folder if self.method is not None else self.kind
 
     def config_phase(self) -> str:
         """Whose config (and --opts) the step reads: its own phase's; visualize reads phase II's."""
         return "phase_ii" if self.kind == "visualize" else self.kind
 
 
-def plan_steps(available: list[str]) -> tuple[list[Step], list[str]]:
-    """The steps of one note, and the lines explaining each phase III step left out."""
-    missing = [g for g in REQUIRED_GENERATORS if g not in available]
-    if missing:
-        raise UserError(f"phase III does not offer the generator(s) {', '.join(missing)} the pipeline needs "
-                        f"(available: {', '.join(available)}).")
-    steps = [Step("phase_i", "phase I"), Step("phase_ii", "phase II")]
-    left_out = []
-    for mode, generator, label in PHASE_III_STEPS:
-        if generator in available:
-            steps.append(Step("phase_iii", label, mode, generator))
-        else:
-            left_out.append(f"{label}: not run, generator '{generator}' is not available in this version "
-                            f"(available: {', '.join(available)})")
-    steps.append(Step("visualize", "visualize"))
-    return steps, left_out
+def plan_steps() -> list[Step]:
+    """The steps of one note: phase I, phase II, every phase III method in table order, visualize."""
+    steps = [Step("phase_i", "phase I", METHODS.get(BASELINE)), Step("phase_ii", "phase II")]
+    steps += [Step("phase_iii", f"phase III {m.label}", m) for m in METHODS.stage("phase_iii")]
+    return [*steps, Step("visualize", "visualize")]
 
 
 # ------------------------------------------------------------------------------------------------
 # Configs, notes, data
 # ------------------------------------------------------------------------------------------------
 def config_sources(config: str) -> dict[str, str]:
-    """What to pass as ``--config`` to each phase: the shipped ``configs/<phase>/NAME.yaml`` for a
-    name; for a path ``DIR/phase_i/NAME.yaml`` its siblings ``DIR/phase_ii/NAME.yaml`` and
-    ``DIR/phase_iii/NAME.yaml``. A missing file is a UserError naming it."""
-    if config.endswith((".yaml", ".yml")):
-        first = Path(config)
-        if not first.is_file():
-            raise UserError(f"--config {config}: no such file. Pass a config name (configs/<phase>/NAME.yaml) "
-                            f"or the path of a phase I config whose folder is named phase_i.")
-        if first.parent.name != "phase_i":
-            raise UserError(
-                f"--config {config}: the pipeline needs one config per phase. Pass a config name, or the path "
-                f"DIR/phase_i/NAME.yaml of a tree that also holds DIR/phase_ii/NAME.yaml and DIR/phase_iii/NAME.yaml.")
-        files = {phase: first.parent.parent / phase / first.name for phase in CONFIG_PHASES}
-        display = {phase: str(path) for phase, path in files.items()}
-    else:
-        files = {phase: CONFIG_ROOT / phase / f"{config}.yaml" for phase in CONFIG_PHASES}
-        display = {phase: f"configs/{phase}/{config}.yaml" for phase in CONFIG_PHASES}
-    missing = [phase for phase in CONFIG_PHASES if not files[phase].is_file()]
-    if missing:
-        names = " and ".join(display[p] for p in missing)
+    """What to pass as ``--config`` to each phase: the config name for a name (a phase II / III config
+    that does not exist means that phase's defaults); for a path ``DIR/phase_i/NAME.yaml`` its siblings
+    ``DIR/phase_ii/NAME.yaml`` and ``DIR/phase_iii/NAME.yaml`` where they exist, else the name NAME
+    (whose shipped config or defaults apply). A missing phase I config is a UserError naming it."""
+    if not config.endswith((".yaml", ".yml")):
+        if not (CONFIG_ROOT / "phase_i" / f"{config}.yaml").is_file():
+            load_config(config, "phase_i")  # its error lists the available configs
+        return {phase: config for phase in CONFIG_PHASES}
+    first = Path(config)
+    if not first.is_file():
+        raise UserError(f"--config {config}: no such file. Pass a config name (configs/phase_i/NAME.yaml) "
+                        f"or the path of a phase I config whose folder is named phase_i.")
+    if first.parent.name != "phase_i":
         raise UserError(
-            f"the pipeline runs phases I, II and III with the same config name, but {names} "
-            f"{'is' if len(missing) == 1 else 'are'} missing. Create {'it' if len(missing) == 1 else 'them'} "
-            f"(a phase II / III config holds only that phase's settings; copy configs/phase_ii/smoke.yaml or "
-            f"configs/phase_iii/smoke.yaml as a start) or run the phases one by one."
-        )
-    if config.endswith((".yaml", ".yml")):
-        return {phase: str(path) for phase, path in files.items()}
-    return {phase: config for phase in CONFIG_PHASES}
+            f"--config {config}: the pipeline needs the phase I config, in a folder named phase_i. Pass a config "
+            f"name, or the path DIR/phase_i/NAME.yaml of a tree whose DIR/phase_ii/NAME.yaml and "
+            f"DIR/phase_iii/NAME.yaml (optional) hold the other phases' settings.")
+    sources = {"phase_i": config}
+    for phase in CONFIG_PHASES[1:]:
+        sibling = first.parent.parent / phase / first.name
+        sources[phase] = str(sibling) if sibling.is_file() else first.stem
+    return sources
 
 
 def notes_and_opts(note: str | None, seeds: list[int] | None) -> list[tuple[str, list[str]]]:
@@ -192,7 +156,7 @@ def route_opts(opts: list[str], *, seeded: bool) -> dict[str, list[str]]:
 
 def step_opts(step: Step, opts: dict[str, list[str]]) -> list[str]:
     """The --opts a step's script gets: those of its config phase, then a phase III step's generator."""
-    generator = [f"finetune.generator={step.generator}"] if step.kind == "phase_iii" else []
+    generator = [f"finetune.generator={step.method.generator}"] if step.kind == "phase_iii" else []
     return [*opts[step.config_phase()], *generator]
 
 
@@ -242,39 +206,6 @@ def check_existing_runs(steps: list[Step], sources: dict[str, str], name: str,
             f"notes NAME-seedN), or drop these --opts to continue the existing runs.")
 
 
-def ensure_fashion_mnist(dataset_cfg: dict) -> None:
-    """Data step: Fashion-MNIST from Debian's package when its IDX files are nowhere to be found.
-
-    Uses the dataset's own search (``find_fashion_mnist``). Installs ``dataset-fashion-mnist`` with
-    apt-get only where apt-get exists and we are root; otherwise (or if that fails) the dataset
-    falls back to its torchvision download or its own clear error."""
-    if dataset_cfg.get("name") != "fashion-mnist-LT":
-        return
-    from datasets.fashion_mnist import find_fashion_mnist
-
-    root = dataset_cfg.get("root")
-    if find_fashion_mnist(root) is not None:
-        return
-    apt = shutil.which("apt-get")
-    is_root = getattr(os, "geteuid", lambda: -1)() == 0
-    if apt is None or not is_root:
-        why = "apt-get is not available" if apt is None else "not running as root"
-        say(f"data: Fashion-MNIST IDX files not found and {why}; the dataset will try its own download")
-        return
-    say("data: Fashion-MNIST IDX files not found; installing Debian's dataset-fashion-mnist (apt-get)")
-    started = time.perf_counter()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in ([apt, "update"], [apt, "install", "-y", "dataset-fashion-mnist"]):
-        proc = subprocess.run(command, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            say(f"data: '{' '.join(command[1:])}' failed ({tail[0]}); the dataset will try its own download")
-            return
-    found = find_fashion_mnist(root) is not None
-    say(f"data: dataset-fashion-mnist installed in {time.perf_counter() - started:.1f} s"
-        + ("" if found else "; IDX files still not found, the dataset will try its own download"))
-
-
 # ------------------------------------------------------------------------------------------------
 # Steps
 # ------------------------------------------------------------------------------------------------
@@ -307,34 +238,30 @@ def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
     return "new", str(paths.checkpoint_dir)
 
 
-def _namespace(step: Step, source: str, note: str, device: str, opts: list[str], *, resume: bool,
-               overwrite: bool) -> argparse.Namespace:
-    """The arguments the step's script would parse (see the scripts' parsers); ``opts``: ``step_opts``."""
-    common = dict(config=source, device=device, note=note, opts=list(opts))
-    if step.kind in ("phase_i", "phase_iii"):
-        return argparse.Namespace(**common, resume=resume, overwrite=overwrite, checkpoint=None)
-    if step.kind == "phase_ii":
-        return argparse.Namespace(**common, overwrite=overwrite, checkpoint=None)
-    return argparse.Namespace(**common, phase=VISUALIZE_PHASE, checkpoint=None, classes=None, samples=4, layer=None,
-                              split="train", panel=128)
+def _spec(step: Step, source: str, note: str, device: str, opts: list[str], *, resume: bool,
+          overwrite: bool) -> RunSpec:
+    """The spec the step's script would build (``opts``: ``step_opts``); visualize keeps its defaults."""
+    if step.kind == "visualize":
+        return VisualizeSpec(config=source, note=note, device=device, opts=tuple(opts), phase=VISUALIZE_PHASE)
+    return RunSpec(config=source, note=note, device=device, opts=tuple(opts), resume=resume, overwrite=overwrite)
 
 
-def _call(step: Step, ns: argparse.Namespace):
+def _call(step: Step, spec: RunSpec):
     if step.kind == "phase_i":
         from engine import phase_i
 
-        return phase_i.run(ns)
+        return phase_i.run(spec)
     if step.kind == "phase_ii":
         from engine import phase_ii
 
-        return phase_ii.run(ns)
+        return phase_ii.run(spec)
     if step.kind == "phase_iii":
         from engine import phase_iii
 
-        return phase_iii.run(ns, step.mode)
+        return phase_iii.run(spec, step.method.mode)
     from engine import visualize
 
-    return visualize.run(ns)
+    return visualize.run(spec)
 
 
 def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str,
@@ -354,10 +281,10 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
         say(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where})")
     else:
         say(f"{tag} started{with_opts}")
-    ns = _namespace(step, sources[step.config_phase()], note, device, args, resume=resume, overwrite=overwrite)
+    spec = _spec(step, sources[step.config_phase()], note, device, args, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     try:
-        _call(step, ns)
+        _call(step, spec)
         distributed.barrier()  # every rank sees the step's finished outputs before the next step's check
     except UserError:
         say(f"{tag} failed after {time.perf_counter() - started:.1f} s")
@@ -368,19 +295,29 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
     say(f"{tag} finished in {time.perf_counter() - started:.1f} s")
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the chain for every note of ``args`` (config, note, seeds, opts, device), then the report."""
-    from engine import report
-    from engine.phase_iii import available_generators
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What ``pipeline.py`` asks for (see its --help)."""
 
-    sources = config_sources(args.config)
+    config: str
+    note: str | None = None
+    seeds: tuple[int, ...] | None = None
+    opts: tuple[str, ...] = ()
+    device: str = "auto"
+
+
+def run(spec: PipelineSpec) -> dict:
+    """Run the chain for every note of ``spec``, then the report."""
+    from analysis import report
+
+    sources = config_sources(spec.config)
     name = config_name(sources["phase_i"])
-    seeds = getattr(args, "seeds", None)
-    user_opts = route_opts(getattr(args, "opts", None) or [], seeded=bool(seeds))
+    seeds = list(spec.seeds) if spec.seeds else None
+    user_opts = route_opts(list(spec.opts), seeded=bool(seeds))
     # each note's --opts per config phase: seed=N of --seeds, then the user's
     runs = [(note, {phase: [*base, *user_opts[phase]] for phase in CONFIG_PHASES})
-            for note, base in notes_and_opts(getattr(args, "note", None), seeds)]
-    device = getattr(args, "device", "auto") or "auto"
+            for note, base in notes_and_opts(spec.note, seeds)]
+    device = spec.device
     distributed.setup_device(device)  # under torchrun: join the process group once, for every step
     # check every config (and the --opts) before the first hour of training
     cfgs = {phase: load_config(sources[phase], phase, runs[0][1][phase]) for phase in CONFIG_PHASES}
@@ -388,7 +325,7 @@ def run(args: argparse.Namespace) -> dict:
         if cfgs[phase]["phase"] != "train":
             raise UserError(f"the {phase} config of '{name}' sets phase: {cfgs[phase]['phase']}, but the pipeline trains. "
                             f"Test a checkpoint with the phase's own script instead.")
-    steps, left_out = plan_steps(available_generators())
+    steps = plan_steps()
     check_existing_runs(steps, sources, name, runs, user_opts)
     notes = [note for note, _ in runs]
     say(f"config '{name}', note(s) {', '.join(notes)}, device {device}: "
@@ -396,8 +333,6 @@ def run(args: argparse.Namespace) -> dict:
     if any(user_opts.values()):
         say("--opts: " + "; ".join(f"{PHASE_LABELS[phase]}: {shlex.join(user_opts[phase]) or '(none)'}"
                                     for phase in CONFIG_PHASES))
-    for line in left_out:
-        say(line)
 
     started = time.perf_counter()
     data_checked = False
@@ -405,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
     for note, opts in runs:
         for i, step in enumerate(steps, 1):
             if step.kind == "phase_i" and not data_checked:
-                distributed.on_main(lambda: ensure_fashion_mnist(cfgs["phase_i"]["dataset"]))
+                distributed.on_main(lambda: ensure_fashion_mnist(cfgs["phase_i"]["dataset"], say))
                 distributed.barrier()
                 data_checked = True
             _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts)

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from engine.metrics import SCALAR_KEYS, summary_line
-from utils.checkpoint import apply_weights, load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import config_differences, dump_config
 from utils.errors import UserError
 from utils import distributed
@@ -34,14 +34,17 @@ class RunRecorder:
     reported test numbers are those of the selected model; test images never choose anything."""
 
     def __init__(self, paths: RunPaths, logger: logging.Logger, payload: Callable[..., dict], *, step_name: str,
-                 total_steps: int, select_on_val: bool, resumed_state: dict | None = None):
-        """`payload(**extra)` returns the checkpoint dict of the current model (plain values only).
+                 total_steps: int, select_on_val: bool, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None = None, resumed_state: dict | None = None):
+        """`payload(**extra)` returns the checkpoint dict of the current model (plain values only);
+        `last.pt` adds the optimizer's (and the fp16 GradScaler's) state for --resume.
 
         Only rank 0 of a torchrun job records; on the other ranks every method is a no-op."""
         self.enabled = distributed.context().is_main
         if self.enabled:
             run_started(paths)  # set up without error: a run replaced by --overwrite is now removed for good
         self.paths, self.logger, self.payload = paths, logger, payload
+        self.optimizer, self.scaler = optimizer, scaler
         self.step_name, self.total_steps = step_name, total_steps
         self.selection_by = "val" if select_on_val else "final"
         state = resumed_state or {}
@@ -53,8 +56,8 @@ class RunRecorder:
     def state(self) -> dict:
         return {"selected": self.selected, "history": self.history, "elapsed_s": self.elapsed}
 
-    def record(self, step: int, stats: dict, report: dict | None, optimizer: torch.optim.Optimizer, seconds: float,
-               periodic: bool = False, val_report: dict | None = None) -> None:
+    def record(self, step: int, stats: dict, report: dict | None, seconds: float, periodic: bool = False,
+               val_report: dict | None = None) -> None:
         """Book step `step` (1-based, completed): `stats` are training numbers, `report` a test evaluation
         or None, `val_report` the validation evaluation that goes with it (runs with a validation split)."""
         if not self.enabled:
@@ -82,7 +85,10 @@ class RunRecorder:
             if score is None or not self.selected or score > self.selected["val_score"]:
                 self.selected = {"step": step, "val_score": score, "report": report}
                 save_checkpoint(self.paths.best, self.payload(**{self.step_name: step}))
-        save_checkpoint(self.paths.last, self.payload(**{self.step_name: step}, optimizer=optimizer.state_dict(), **self.state()))
+        training = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            training["scaler"] = self.scaler.state_dict()
+        save_checkpoint(self.paths.last, self.payload(**{self.step_name: step}, **training, **self.state()))
         if periodic:
             save_checkpoint(self.paths.checkpoint_dir / f"model_{self.step_name}_{step:04d}.pt", self.payload(**{self.step_name: step}))
         write_json_atomic(self.paths.results, {"finished": False, "phase": self.paths.phase, self.step_name: step,
@@ -174,16 +180,20 @@ def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
     return out
 
 
-def start_recording(paths: RunPaths, run_mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    logger: logging.Logger, payload: Callable[..., dict], *, step_name: str, total_steps: int,
-                    command: str, select_on_val: bool) -> tuple[int, RunRecorder]:
-    """(first step to run, recorder); on 'resume', model and optimizer are restored from `last.pt` first."""
+def start_recording(paths: RunPaths, run_mode: str, logger: logging.Logger, payload: Callable[..., dict], *,
+                    restore: Callable[[dict, Path], None], optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None = None, step_name: str, total_steps: int, command: str,
+                    select_on_val: bool) -> tuple[int, RunRecorder]:
+    """(first step to run, recorder): the one saver of every training run. On 'resume', `restore(state,
+    path)` puts the weights of `last.pt` back, then the optimizer (and GradScaler) state follows."""
     start, state = 0, None
     if run_mode == "resume":
         state = load_checkpoint(paths.last, produced_by=command)
-        apply_weights(model, state, paths.last)
+        restore(state, paths.last)
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start = state[step_name]
         logger.info(f"resumed after {step_name} {start}")
     return start, RunRecorder(paths, logger, payload, step_name=step_name, total_steps=total_steps,
-                              select_on_val=select_on_val, resumed_state=state)
+                              select_on_val=select_on_val, optimizer=optimizer, scaler=scaler, resumed_state=state)

@@ -6,8 +6,6 @@ PNGs written); the pipeline counts the step as done only when that record and al
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from pathlib import Path
 
@@ -15,21 +13,18 @@ import cv2
 import torch
 
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
-from engine.phase_i import load_phase_i_model, phase_i_command
-from engine.phase_ii import open_phase_i_run
-from engine.phase_iii_runs import parse_phase_name, phase_iii_command
-from engine.phase_iii_features import FEATURE_GENERATORS
+from engine.artifacts import check_provenance, explained_classes, open_phase_i_run, phase_i_command
+from engine.methods import METHODS
 from fsa.class_split import head_tail_split
-from fsa.gradcam import eval_mode, grad_cam
-from fsa.provenance import check_provenance
+from fsa.gradcam import CamExtractor, eval_mode
 from fsa.visualization import render_grid, to_display_images
-from utils.config import CONFIG_ROOT, apply_schema, config_name, load_config, parse_opts
+from utils.cli import VisualizeSpec
+from utils.config import config_name, load_config
 from utils import distributed
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import open_summary_writer, setup_logger
 from utils.run_dir import RESULTS_FILE, RunPaths, check_run_name, read_results, write_json_atomic
-from utils.schema import SCHEMAS, validate_values
 
 
 def output_dir(config: str, note: str, phase: str) -> Path:
@@ -66,23 +61,16 @@ def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]
         raise UserError(f"--phase {phase}: there is no run folder checkpoints/{phase}/{config}/{note}/. Run folders of "
                         f"config '{config}', note '{note}': {', '.join(existing) or '(none)'}.")
     best = RunPaths(phase, config, note).best
-    if phase == "phase_i":
-        return best, phase_i_command(config, note)
-    mode, generator = parse_phase_name(phase)
-    if generator in FEATURE_GENERATORS:
+    method = METHODS.by_folder(phase)
+    if phase == "phase_i" or method is None:
+        return best, phase_i_command(config, note) if phase == "phase_i" else f"the run of checkpoints/{phase}"
+    if method.kind == "features":
         raise UserError(
-            f"--phase {phase}: a {generator} run's checkpoint holds a linear classifier on transformed pooled features "
-            f"of phase I's frozen backbone, not backbone weights, so it has no feature maps of its own to explain. Its "
-            f"backbone is phase I's: --phase phase_i shows that backbone's Grad-CAMs (with phase I's classifier).")
-    return best, phase_iii_command(mode, config, note, generator)
-
-
-def _phase_ii_config(args: argparse.Namespace, name: str) -> dict:
-    if Path(args.config).is_file() or (CONFIG_ROOT / "phase_ii" / f"{name}.yaml").is_file():
-        return load_config(args.config, "phase_ii", args.opts)
-    cfg = apply_schema(parse_opts(args.opts), SCHEMAS["phase_ii"])  # no phase II config: defaults + --opts
-    validate_values(cfg, "phase_ii")
-    return cfg
+            f"--phase {phase}: a {method.label} run's checkpoint holds a linear classifier on transformed pooled "
+            f"features of phase I's frozen backbone, not backbone weights, so it has no feature maps of its own to "
+            f"explain. Its backbone is phase I's: --phase phase_i shows that backbone's Grad-CAMs (with phase I's "
+            f"classifier).")
+    return best, method.command(config, note)
 
 
 def _default_classes(features_dir: Path, bundle, hr: float, phase_i_checkpoint: Path,
@@ -95,65 +83,60 @@ def _default_classes(features_dir: Path, bundle, hr: float, phase_i_checkpoint: 
         except UserError as exc:
             raise UserError(f"{str(exc).rstrip('.')}; or pass --classes C [C ...] to choose the classes yourself "
                             f"(the default ones come from {path}).") from exc
-        data = json.loads(path.read_text())
-        chosen: list[int] = []
-        for tail, donors in data.get("confusing", {}).items():
-            for c in [int(tail), *map(int, donors)]:
-                if c not in chosen:
-                    chosen.append(c)
+        chosen = explained_classes(features_dir)
         if chosen:
             return chosen, f"tail classes and their confusing classes from {path}"
     _, tail = head_tail_split(bundle.train_counts, hr)
-    return tail, f"tail classes of the training counts (split.hr={hr})"
+    return tail, f"tail classes of the training counts (phase I's eval.hr={hr})"
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def run(spec: VisualizeSpec) -> list[Path]:
     """Write the PNG grids (and TensorBoard images) that `visualize.py` promises; returns the PNG paths."""
-    if args.samples < 1:
-        raise UserError(f"--samples must be >= 1, got {args.samples}.")
-    if args.panel < 32:
-        raise UserError(f"--panel must be at least 32 pixels, got {args.panel}.")
-    name, note = config_name(args.config), args.note
-    cfg = _phase_ii_config(args, name)
-    if args.checkpoint:
-        check_run_name(args.phase, "--phase")  # with --checkpoint it only names the output folder
-        ckpt, produced_by = Path(args.checkpoint), "a phase I run or a phase III fsa / none run (best_model.pt)"
+    if spec.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {spec.samples}.")
+    if spec.panel < 32:
+        raise UserError(f"--panel must be at least 32 pixels, got {spec.panel}.")
+    name, note = config_name(spec.config), spec.note
+    cfg = load_config(spec.config, "phase_ii", list(spec.opts))  # ts / tg / layer; defaults without a file
+    if spec.checkpoint:
+        check_run_name(spec.phase, "--phase")  # with --checkpoint it only names the output folder
+        ckpt, produced_by = Path(spec.checkpoint), "a phase I run or a phase III fsa / none run (best_model.pt)"
     else:
-        ckpt, produced_by = explained_checkpoint(args.phase, name, note)
+        ckpt, produced_by = explained_checkpoint(spec.phase, name, note)
     if not distributed.first_process():  # a handful of images: rank 0 of a torchrun job draws them alone
         return []
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
     logger = setup_logger(None, "fsa_lt.visualize")
-    device = resolve_device(args.device)
+    device = resolve_device(spec.device)
     p1 = open_phase_i_run(name, note, needed_by="visualize.py")
     bundle = p1.bundle
-    model, _ = load_phase_i_model(ckpt, p1.cfg, bundle, device, produced_by)
+    model = p1.load_model(device, ckpt, produced_by)
     model.eval()
 
     num_classes = bundle.num_classes
-    if args.classes:
-        bad = [c for c in args.classes if not 0 <= c < num_classes]
+    if spec.classes:
+        bad = [c for c in spec.classes if not 0 <= c < num_classes]
         if bad:
             raise UserError(f"--classes {bad}: class indices must lie in [0, {num_classes - 1}] "
                             f"({', '.join(f'{i}={n}' for i, n in enumerate(bundle.class_names))}).")
-        classes, why = list(dict.fromkeys(args.classes)), "--classes"
+        classes, why = list(dict.fromkeys(spec.classes)), "--classes"
     else:
         # the phase I checkpoint behind the explained model: the loaded one, or the one phase III fine-tunes
-        phase_i_checkpoint = ckpt if args.phase == "phase_i" else p1.paths.best
-        classes, why = _default_classes(RunPaths("phase_ii", name, note).features_dir, bundle, cfg["split"]["hr"],
+        phase_i_checkpoint = ckpt if spec.phase == "phase_i" else p1.paths.best
+        classes, why = _default_classes(RunPaths("phase_ii", name, note).features_dir, bundle, p1.hr,
                                         phase_i_checkpoint, p1.config_path)
     if not classes:
-        raise UserError("no class to show (no tail class with this split.hr); pass --classes C [C ...].")
-    logger.info(f"classes {classes} ({why}); {args.samples} samples each from the {args.split} set")
+        raise UserError("no class to show (no tail class with phase I's eval.hr); pass --classes C [C ...].")
+    logger.info(f"classes {classes} ({why}); {spec.samples} samples each from the {spec.split} set")
 
-    dataset = (bundle.train if args.split == "train" else bundle.test).with_augment(False)
+    dataset = (bundle.train if spec.split == "train" else bundle.test).with_augment(False)
     generator = torch.Generator().manual_seed(int(cfg["seed"]))
     picks: list[torch.Tensor] = []
     for c in classes:
         pool = torch.nonzero(dataset.targets == c).flatten()
         if len(pool) == 0:
-            raise UserError(f"class {c} ({bundle.class_names[c]}) has no {args.split} sample.")
-        picks.append(pool[torch.randperm(len(pool), generator=generator)[: args.samples]].sort().values)
+            raise UserError(f"class {c} ({bundle.class_names[c]}) has no {spec.split} sample.")
+        picks.append(pool[torch.randperm(len(pool), generator=generator)[: spec.samples]].sort().values)
     idx = torch.cat(picks)
     if hasattr(dataset, "get_batch"):
         x = dataset.get_batch(idx, device)
@@ -161,16 +144,17 @@ def run(args: argparse.Namespace) -> list[Path]:
         x = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
     y = dataset.targets[idx].to(device)
 
-    layer = args.layer or cfg["gradcam"]["layer"]
-    method = "auto" if args.layer else cfg["gradcam"]["method"]
-    cams = grad_cam(model, x, y, layer=layer, method=method).cpu()  # one batched call for every sample
+    # --layer overrides the config's layer and lets "auto" pick the method for it
+    extractor = CamExtractor(model, spec.layer or cfg["gradcam"]["layer"],
+                             "auto" if spec.layer else cfg["gradcam"]["method"])
+    cams = extractor.layer_cams(x, y).cpu()  # one batched call for every sample
     with torch.no_grad(), eval_mode(model):
         pred = model(x).argmax(1).cpu()
     # in-memory datasets carry their normalisation; file datasets use the ImageNet one
     images = to_display_images(x, getattr(dataset, "mean", IMAGENET_MEAN), getattr(dataset, "std", IMAGENET_STD))
 
-    layer_name = layer or model.cam_layer
-    out_dir = output_dir(name, note, args.phase)
+    layer_name = extractor.layer
+    out_dir = output_dir(name, note, spec.phase)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS_FILE).unlink(missing_ok=True)  # an interrupted rerun must not look complete
     writer = open_summary_writer(RunPaths("visualize", name, note).summary_dir)
@@ -184,18 +168,18 @@ def run(args: argparse.Namespace) -> list[Path]:
             cname = bundle.class_names[c]
             titles = [f"{c}:{cname} #{int(i)}" for i in chosen]
             subtitles = [f"pred {bundle.class_names[int(p)]}" for p in pred[sl]]
-            grid = render_grid(images[sl], cams[sl], ts, tg, panel=args.panel, titles=titles, subtitles=subtitles)
-            stem = f"{args.split}_class{c:03d}_{re.sub(r'[^A-Za-z0-9.-]+', '-', cname)}{suffix}"
+            grid = render_grid(images[sl], cams[sl], ts, tg, panel=spec.panel, titles=titles, subtitles=subtitles)
+            stem = f"{spec.split}_class{c:03d}_{re.sub(r'[^A-Za-z0-9.-]+', '-', cname)}{suffix}"
             path = out_dir / f"{stem}.png"
             if not cv2.imwrite(str(path), grid):
                 raise UserError(f"could not write {path}.")
-            writer.add_image(f"{args.phase}/{stem}", grid[..., ::-1].copy(), 0, dataformats="HWC")
+            writer.add_image(f"{spec.phase}/{stem}", grid[..., ::-1].copy(), 0, dataformats="HWC")
             written.append(path)
     finally:
         writer.close()
     write_json_atomic(out_dir / RESULTS_FILE, {  # written last: it marks a complete run
-        "finished": True, "phase": args.phase, "config": name, "note": note, "checkpoint": str(ckpt),
-        "classes": classes, "split": args.split, "layer": layer_name, "pngs": [p.name for p in written]})
+        "finished": True, "phase": spec.phase, "config": name, "note": note, "checkpoint": str(ckpt),
+        "classes": classes, "split": spec.split, "layer": layer_name, "pngs": [p.name for p in written]})
     logger.info(f"Grad-CAM layer {layer_name}, ts={ts} tg={tg}, checkpoint {ckpt}: wrote {len(written)} PNG(s) "
                 f"to {out_dir} and TensorBoard images to {RunPaths('visualize', name, note).summary_dir}")
     return written

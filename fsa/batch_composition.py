@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fsa.fusion import DonorPool
 from utils.errors import UserError
-from utils.seeding import derived_seed
+from utils.seeding import stream_seed
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class TailHeadComposer:
         self.tail_classes = torch.tensor([c for c in tail_classes if c < num_classes and counts[c] > 0], dtype=torch.long)
         if len(self.tail_classes) == 0:
             raise UserError("phase III needs at least one tail class with training samples; phase II's split.json lists none. "
-                            "Lower split.hr in the phase II config (more classes become tail) and rerun phase II.")
+                            "Lower eval.hr in the phase I config (more classes become tail; it is the one head / tail "
+                            "share of every phase), then rerun phases I and II.")
         is_head = torch.zeros(num_classes, dtype=torch.bool)
         is_head[[c for c in head_classes if c < num_classes]] = True
         self.head_samples = torch.nonzero(is_head[labels]).squeeze(1)
@@ -58,7 +59,7 @@ class TailHeadComposer:
         rounds = positions // t
         first, last = start // t, (start + max(count, 1) - 1) // t
         # one permutation per round touched (a handful), each seeded by its round number
-        perms = torch.stack([torch.randperm(t, generator=torch.Generator().manual_seed(derived_seed(self.seed, -1 - r)))
+        perms = torch.stack([torch.randperm(t, generator=torch.Generator().manual_seed(stream_seed(self.seed, -1 - r)))
                              for r in range(first, last + 1)])
         return self.tail_classes[perms[rounds - first, positions % t]]
 
@@ -70,7 +71,7 @@ class TailHeadComposer:
 
     def plan(self, iteration: int) -> tuple[BatchPlan, torch.Generator]:
         """The iteration's tail and head indices, and a generator for the iteration's other draws."""
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, iteration))
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, iteration))
         tail = self.sample_from_classes(self.tail_class_stream(iteration * self.nt, self.nt), generator)
         n_head = self.nt * (1 + self.na)
         head = self.head_samples[torch.randint(len(self.head_samples), (n_head,), generator=generator)]

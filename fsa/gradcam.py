@@ -1,4 +1,5 @@
-"""Grad-CAM (DESIGN.md section 2, item 3), batched: one forward and at most one backward per batch.
+"""Grad-CAM (DESIGN.md section 2, item 3), batched: one forward and at most one backward per batch
+(plus a no-grad forward for the CAM-layer maps when :class:`CamExtractor` explains another layer).
 
 Definition: for the feature map ``F`` of a chosen layer and target class ``c``,
 ``M = ReLU(sum_k a_k F_k)`` with ``a_k`` = spatial mean of ``d logit_c / d F_k``, then min-max
@@ -7,11 +8,24 @@ zeros, never NaN.
 
 Two ways to get ``a_k``:
 
-* ``"closed_form"``: at the CAM layer of a GAP + linear head, ``d logit_c / d F_k(i, j) =
-  w_ck / (H*W)`` at every position, so ``a_k = w_ck / (H*W)`` and no backward pass is needed.
-* ``"autograd"``: a forward hook captures the named layer's output and ``torch.autograd.grad``
-  differentiates the target logits with respect to it. Works for any layer and any
-  differentiable head. ``autograd.grad`` (not ``.backward()``) keeps parameter ``.grad`` clean.
+* ``"closed_form"``: at the CAM layer of a GAP + linear head, ``logit_c = sum_k w_ck mean_ij F_k(i, j)
+  + b_c``, so ``d logit_c / d F_k(i, j) = w_ck / (H*W)`` at every position and its spatial mean is
+  ``a_k = w_ck / (H*W)``: the autograd ``a_k`` without a backward pass. The ``1/(H*W)`` is kept so
+  that even the raw (unnormalised) maps are the autograd ones. Both paths agree up to float
+  rounding, not bit for bit: autograd spreads ``w_ck / (H*W)`` over the positions and averages it
+  back (and under autocast its gradient has the autocast dtype).
+* ``"autograd"``: ``torch.autograd.grad`` of the summed target logits with respect to the layer's
+  output; in eval mode samples are independent, so this gives every sample its own
+  ``d logit_c / d F``. At the CAM layer the backbone runs without a graph and only ``head`` is
+  differentiated (the feature map is made a leaf); at any other layer a forward hook captures the
+  output during a full forward. Works for any differentiable head. ``autograd.grad`` (not
+  ``.backward()``) keeps parameter ``.grad`` clean.
+
+:class:`CamExtractor` resolves the layer and the method once (``"auto"``: closed form at the CAM
+layer of a model whose ``fc`` is an ``nn.Linear``, autograd otherwise) and gives the CAM-layer
+feature maps, CAMs and logits of a batch; a CAM of another layer is resized bilinearly to the
+CAM-layer resolution and re-normalised. :func:`grad_cam` gives the CAMs at the chosen layer's own
+resolution; :func:`features_and_cams` is the closed form alone.
 
 CAMs are always computed in eval mode, because BatchNorm in train mode couples the samples of a
 batch (a sample's CAM would depend on its batch-mates); every module's previous mode is restored
@@ -30,6 +44,7 @@ from torch import Tensor, nn
 from utils.errors import UserError
 
 __all__ = [
+    "CamExtractor",
     "grad_cam",
     "features_and_cams",
     "cam_from_weights",
@@ -127,6 +142,14 @@ def _check_linear_head(model: nn.Module) -> nn.Linear:
     return fc
 
 
+def _check_fmap(fmap: Tensor) -> Tensor:
+    if fmap.dim() != 4:
+        raise UserError(
+            f"model.features() must return a [B,C,H,W] feature map, got shape {tuple(fmap.shape)}."
+        )
+    return fmap
+
+
 def _prepare_input(x: Tensor) -> Tensor:
     # Inference tensors (created under torch.inference_mode) cannot enter an autograd graph.
     return x.clone() if x.is_inference() else x
@@ -155,12 +178,8 @@ def features_and_cams(
     mode_ctx = eval_mode(model) if use_eval_mode else contextlib.nullcontext()
     grad_ctx = torch.enable_grad() if with_grad else torch.no_grad()
     with mode_ctx, grad_ctx:
-        fmap = model.features(x)
+        fmap = _check_fmap(model.features(x))
         logits = model.head(fmap)
-        if fmap.dim() != 4:
-            raise UserError(
-                f"model.features() must return a [B,C,H,W] feature map, got shape {tuple(fmap.shape)}."
-            )
         tgt = _resolve_targets(targets, logits)
         height, width = fmap.shape[-2:]
         # Closed form: a_k = w_ck / (H*W) (the 1/(H*W) is kept so raw maps equal Grad-CAM's).
@@ -169,51 +188,149 @@ def features_and_cams(
     return fmap, cam, logits
 
 
-def _autograd_cam(model: nn.Module, x: Tensor, targets: Tensor | None, layer: str) -> Tensor:
-    module = dict(model.named_modules())[layer]
-    captured: list[Tensor] = []
+def _target_score(logits: Tensor, targets: Tensor | None) -> Tensor:
+    """Sum over the batch of each sample's target logit (the quantity Grad-CAM differentiates)."""
+    tgt = _resolve_targets(targets, logits.detach())
+    if tgt.is_inference():  # gather saves its index for backward
+        tgt = tgt.clone()
+    return logits.gather(1, tgt[:, None]).sum()
 
-    def hook(_mod: nn.Module, _inp: tuple, out: object) -> Tensor:
-        if not isinstance(out, Tensor):
+
+def _cam_from_gradient(act: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM of ``act`` given ``d score / d act``: ``a_k`` = the gradient's spatial mean."""
+    return cam_from_weights(act.detach(), grad.mean(dim=(2, 3)).detach())
+
+
+def _resize_cams(cam: Tensor, size: torch.Size) -> Tensor:
+    """``cam [B,h,w]`` resized bilinearly to ``size`` and re-normalised (as is if it fits)."""
+    if cam.shape[-2:] == size:
+        return cam
+    resized = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)
+    return normalize_cams(resized[:, 0])
+
+
+class CamExtractor:
+    """Grad-CAM of one layer by one method, both resolved (and checked) once, applied to batches.
+
+    ``layer``: a name from ``model.named_modules()`` (None -> ``model.cam_layer``). ``method``:
+    ``"closed_form"`` (CAM layer of a GAP + linear head, no backward), ``"autograd"`` (any layer /
+    differentiable head) or ``"auto"`` (closed form when ``layer`` is the CAM layer and the model's
+    ``fc`` is an ``nn.Linear``, else autograd). ``.layer`` and ``.method`` hold the resolved values.
+    Every call runs in eval mode and restores each module's training flag; parameter ``.grad`` is
+    never written.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, method: str = "auto") -> None:
+        if method not in _METHODS:
             raise UserError(
-                f"Grad-CAM layer '{layer}' returns {type(out).__name__}, not a tensor; "
-                "choose a convolutional layer or stage."
+                f"unknown Grad-CAM method '{method}'; choose one of: {', '.join(_METHODS)}."
             )
-        # Frozen parameters + plain input -> the activation has no graph; make it a leaf we can
-        # differentiate against (only this local tensor is touched, no module state changes).
-        act = out if out.requires_grad else out.detach().requires_grad_(True)
-        captured.append(act)
-        # Hand a copy downstream so an in-place op after this layer (ReLU(inplace=True))
-        # cannot overwrite the captured activation or its graph.
-        return act.clone()
+        cam_layer = getattr(model, "cam_layer", None)
+        if layer is None:
+            if cam_layer is None:
+                raise UserError(
+                    f"{type(model).__name__} has no `cam_layer`; pass layer= one of: "
+                    f"{', '.join(available_cam_layers(model))}."
+                )
+            layer = cam_layer
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise UserError(
+                f"unknown Grad-CAM layer '{layer}'. Valid layers include: "
+                f"{', '.join(available_cam_layers(model))} "
+                "(any name from model.named_modules() works)."
+            )
+        at_cam_layer = layer == cam_layer
+        if method == "auto":
+            has_linear_head = isinstance(getattr(model, "fc", None), nn.Linear)
+            method = "closed_form" if (at_cam_layer and has_linear_head) else "autograd"
+        if method == "closed_form":
+            if not at_cam_layer:
+                raise UserError(
+                    f"the closed_form Grad-CAM method only applies to the CAM layer ('{cam_layer}'), "
+                    f"not '{layer}'; use method 'autograd' or 'auto' (gradcam.method in a config) "
+                    "for other layers."
+                )
+            _check_linear_head(model)
+        self.model, self.layer, self.method = model, layer, method
+        self._module = modules[layer]
+        # At the CAM layer, autograd needs only the head (given the model's features/head split).
+        self._head_only = at_cam_layer and hasattr(model, "features") and hasattr(model, "head")
 
-    handle = module.register_forward_hook(hook)
-    try:
+    def __call__(self, x: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(fmap [B,C,H,W] at the CAM layer, cam [B,H,W] float32 in [0,1], logits [B,K])``.
+
+        The CAM always has the CAM-layer resolution (one of another layer is resized bilinearly and
+        re-normalised); ``targets`` (one label per image) default to the argmax prediction. Needs the
+        model's ``features()`` / ``head()`` (the LTModel interface).
+        """
+        if self.method == "closed_form":
+            return features_and_cams(self.model, x, targets)
+        with eval_mode(self.model):
+            if self._head_only:
+                return self._head_autograd(x, targets)
+            cam = self._hooked_autograd(x, targets)
+            with torch.no_grad():
+                fmap = self.model.features(x)
+                logits = self.model.head(fmap)
+        return fmap, _resize_cams(cam, fmap.shape[-2:]), logits
+
+    def layer_cams(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        """CAMs ``[B, h, w]`` (float32 in [0,1]) at ``self.layer``'s own resolution ``h, w``."""
+        if self.method == "closed_form" or self._head_only:
+            return self(x, targets)[1]
+        with eval_mode(self.model):
+            return self._hooked_autograd(x, targets)
+
+    def _head_autograd(self, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """At the CAM layer: one backbone forward without graph, autograd through the head only."""
+        with torch.no_grad():
+            fmap = _check_fmap(self.model.features(x))
         with torch.inference_mode(False), torch.enable_grad():
-            logits = model(_prepare_input(x))
-    finally:
-        handle.remove()
-    if not captured:
-        raise UserError(
-            f"Grad-CAM layer '{layer}' was not used in the model's forward pass; "
-            f"choose one of: {', '.join(available_cam_layers(model))}."
-        )
-    act = captured[-1]
-    if act.dim() != 4:
-        raise UserError(
-            f"Grad-CAM needs a spatial layer with output [B,C,H,W]; '{layer}' outputs shape "
-            f"{tuple(act.shape)}. Choose one of: {', '.join(available_cam_layers(model))}."
-        )
-    with torch.inference_mode(False), torch.enable_grad():
-        tgt = _resolve_targets(targets, logits.detach())
-        if tgt.is_inference():  # gather saves its index for backward
-            tgt = tgt.clone()
-        # In eval mode samples are independent, so the gradient of the summed target logits
-        # gives every sample its own d logit_c / d F in a single backward.
-        score = logits.gather(1, tgt[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, act)
-    weights = grad.mean(dim=(2, 3))
-    return cam_from_weights(act.detach(), weights.detach())
+            leaf = _prepare_input(fmap.detach()).requires_grad_(True)
+            logits = self.model.head(leaf)
+            (grad,) = torch.autograd.grad(_target_score(logits, targets), leaf)
+        return fmap, _cam_from_gradient(fmap, grad), logits.detach()
+
+    def _hooked_autograd(self, x: Tensor, targets: Tensor | None) -> Tensor:
+        """Any layer: a forward hook captures its output in a full forward, then one backward."""
+        layer = self.layer
+        captured: list[Tensor] = []
+
+        def hook(_mod: nn.Module, _inp: tuple, out: object) -> Tensor:
+            if not isinstance(out, Tensor):
+                raise UserError(
+                    f"Grad-CAM layer '{layer}' returns {type(out).__name__}, not a tensor; "
+                    "choose a convolutional layer or stage."
+                )
+            # Frozen parameters + plain input -> the activation has no graph; make it a leaf we can
+            # differentiate against (only this local tensor is touched, no module state changes).
+            act = out if out.requires_grad else out.detach().requires_grad_(True)
+            captured.append(act)
+            # Hand a copy downstream so an in-place op after this layer (ReLU(inplace=True))
+            # cannot overwrite the captured activation or its graph.
+            return act.clone()
+
+        handle = self._module.register_forward_hook(hook)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                logits = self.model(_prepare_input(x))
+        finally:
+            handle.remove()
+        if not captured:
+            raise UserError(
+                f"Grad-CAM layer '{layer}' was not used in the model's forward pass; "
+                f"choose one of: {', '.join(available_cam_layers(self.model))}."
+            )
+        act = captured[-1]
+        if act.dim() != 4:
+            raise UserError(
+                f"Grad-CAM needs a spatial layer with output [B,C,H,W]; '{layer}' outputs shape "
+                f"{tuple(act.shape)}. Choose one of: {', '.join(available_cam_layers(self.model))}."
+            )
+        with torch.inference_mode(False), torch.enable_grad():
+            (grad,) = torch.autograd.grad(_target_score(logits, targets), act)
+        return _cam_from_gradient(act, grad)
 
 
 def grad_cam(
@@ -227,38 +344,8 @@ def grad_cam(
 
     ``targets``: one class per image (normally its ground-truth label); None -> argmax
     prediction. ``layer``: a name from ``model.named_modules()`` (None -> ``model.cam_layer``);
-    ``h, w`` are that layer's spatial size. ``method``: ``"closed_form"`` (CAM layer of a GAP +
-    linear head, no backward), ``"autograd"`` (any layer / head), ``"auto"`` (closed form when
-    ``layer`` is the CAM layer and the model has an ``fc``, else autograd). Runs in eval mode and
-    restores each module's training flag; parameter ``.grad`` is never written.
+    ``h, w`` are that layer's spatial size. ``method``: ``"closed_form"``, ``"autograd"`` or
+    ``"auto"``, resolved as :class:`CamExtractor` does. Runs in eval mode and restores each
+    module's training flag; parameter ``.grad`` is never written.
     """
-    if method not in _METHODS:
-        raise UserError(f"unknown Grad-CAM method '{method}'; choose one of: {', '.join(_METHODS)}.")
-    cam_layer = getattr(model, "cam_layer", None)
-    if layer is None:
-        if cam_layer is None:
-            raise UserError(
-                f"{type(model).__name__} has no `cam_layer`; pass layer= one of: "
-                f"{', '.join(available_cam_layers(model))}."
-            )
-        layer = cam_layer
-    names = {name for name, _ in model.named_modules()}
-    if layer not in names:
-        raise UserError(
-            f"unknown Grad-CAM layer '{layer}'. Valid layers include: "
-            f"{', '.join(available_cam_layers(model))} (any name from model.named_modules() works)."
-        )
-    is_cam_layer = layer == cam_layer
-    has_linear_head = isinstance(getattr(model, "fc", None), nn.Linear)
-    if method == "auto":
-        method = "closed_form" if (is_cam_layer and has_linear_head) else "autograd"
-    if method == "closed_form":
-        if not is_cam_layer:
-            raise UserError(
-                f"the closed-form CAM only applies to the CAM layer ('{cam_layer}'), not '{layer}'; "
-                "use method='autograd' for other layers."
-            )
-        _, cam, _ = features_and_cams(model, x, targets)
-        return cam
-    with eval_mode(model):
-        return _autograd_cam(model, x, targets, layer)
+    return CamExtractor(model, layer, method).layer_cams(x, targets)

@@ -76,7 +76,7 @@ def test_wrong_types_and_values(opts, fragment):
 def test_phase_ii_and_iii_value_checks():
     with pytest.raises(UserError, match="tg < ts"):
         load_config("smoke", "phase_ii", ["split.ts=0.2", "split.tg=0.5"])
-    with pytest.raises(UserError, match="split.hr"):
+    with pytest.raises(UserError, match="split.hr moved: .*eval.hr"):
         load_config("smoke", "phase_ii", ["split.hr=0"])
     with pytest.raises(UserError, match="batch = 2\\*nt"):
         load_config("smoke", "phase_iii", ["finetune.nt=0"])
@@ -107,3 +107,10 @@ def test_resolved_config_round_trips_through_safe_load(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert load_config(str(path), "phase_i") == cfg
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML (YAML 1.1) reads 5e-4 as a string; a number key takes it as 0.0005 (a word stays an error)."""
+    assert load_config("smoke", "phase_i", ["train.weight_decay=5e-4"])["train"]["weight_decay"] == 0.0005
+    with pytest.raises(UserError, match="must be a number"):
+        load_config("smoke", "phase_i", ["train.weight_decay=lots"])

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from datasets.base import InMemoryDataset
-from engine.loops import eval_loader, predict
+from engine.loops import predict
 from models import build_model
 from tests.helpers import copy_phase_i, run_main_in_process, run_script, run_torchrun
 from utils import distributed
@@ -58,7 +58,7 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, data = _tiny_model_and_data()
-        logits, targets, indices = predict(model, eval_loader(data, 5, torch.device("cpu")))
+        logits, targets, indices = predict(model, data, 5, torch.device("cpu"))
         rows = torch.full((rank + 1, 2), float(rank))  # uneven row counts per rank
         parts = distributed.gather_parts(rows)
         torch.save({"logits": logits, "targets": targets, "indices": indices,
@@ -72,7 +72,7 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_gloo_evaluation_counts_every_sample_once_and_matches_one_process(tmp_path):
     mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     model, data = _tiny_model_and_data()
-    logits, targets, _ = predict(model, eval_loader(data, 5, torch.device("cpu")))
+    logits, targets, _ = predict(model, data, 5, torch.device("cpu"))
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(out["indices"], torch.arange(23))  # shares of 11 and 12, none twice, none missing

@@ -13,9 +13,9 @@ from torch.utils.data._utils import ExceptionWrapper
 
 from datasets import BatchLoader, EpochBatches, build_datasets
 from datasets.loader import _worker_message
-from engine import phase_i, phase_iii
+from engine import phase_i, phase_iii_maps
 from fsa.batch_composition import TailHeadComposer
-from fsa.generators import GeneratorContext, build_generator
+from fsa.generators import GeneratorContext, ResampleGenerator
 from tests.helpers import run_main_in_process, run_script
 from utils.errors import UserError
 
@@ -186,18 +186,19 @@ def test_phase_i_on_image_files_resumes_to_identical_weights(tmp_path, monkeypat
     code, err = _phase_i(tmp_path, "straight", *opts)
     assert code == 0, err
 
-    calls = []
-    train_one_epoch = phase_i.train_one_epoch
+    epochs = []
+    begin = phase_i.BackboneTraining.begin
 
-    def interrupted_in_epoch_2(*args, **kwargs):
-        calls.append(kwargs["desc"])
-        if len(calls) == 2:
+    def interrupted_in_epoch_2(self, unit):
+        epochs.append(unit)
+        if len(epochs) == 2:
             raise KeyboardInterrupt  # as Ctrl-C would, once last.pt holds epoch 1
-        return train_one_epoch(*args, **kwargs)
+        return begin(self, unit)
 
-    monkeypatch.setattr(phase_i, "train_one_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(phase_i.BackboneTraining, "begin", interrupted_in_epoch_2)
     code, err = _phase_i(tmp_path, "killed", *opts)
     assert code == 130, err
+    assert epochs == [0, 1]
     monkeypatch.undo()
     last = tmp_path / "checkpoints/phase_i/smoke/killed/last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 1
@@ -218,10 +219,10 @@ def test_phase_iii_prefetch_loads_an_iterations_images_alike_from_any_start(tmp_
     labels = bundle.train.targets
     composer = TailHeadComposer(labels, [2], [0, 1], nt=2, na=1, seed=0)
     context = GeneratorContext(labels=labels, confusing=torch.full((3, 1), -1), composer=composer, na=1, ts=0.8, tg=0.2)
-    draws = phase_iii.IterationDraws(composer, build_generator("none", context), seed=0)
+    draws = phase_iii_maps.IterationDraws(composer, ResampleGenerator(context), seed=0)
 
     def fetched(start: int, workers: int) -> list[torch.Tensor]:
-        maps = phase_iii._OnlineMaps(None, bundle, torch.device("cpu"), with_grad=False)
+        maps = phase_iii_maps._OnlineMaps(None, bundle, torch.device("cpu"), with_grad=False)
         maps.prefetch(draws, start, 3, workers)
         return [maps._images(torch.tensor(draws.images(i)), None)[0] for i in range(start, 3)]
 

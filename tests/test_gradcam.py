@@ -1,12 +1,13 @@
-"""Grad-CAM: batching, closed form vs autograd, a hand-computed map, modes and side effects."""
+"""Grad-CAM: batching, closed form vs autograd, a hand-computed map, modes, side effects, extractor."""
 
 from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fsa.gradcam import features_and_cams, grad_cam, normalize_cams
+from fsa.gradcam import CamExtractor, features_and_cams, grad_cam, normalize_cams
 from utils.errors import UserError
 
 
@@ -35,6 +36,14 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+class MLPHeadNet(TinyNet):
+    """TinyNet whose head is GAP + a two-layer MLP: `fc` is not an nn.Linear, so no closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, self.num_classes))
 
 
 class IdentityNet(nn.Module):
@@ -230,3 +239,87 @@ def test_features_and_cams_one_pass():
     torch.testing.assert_close(cam, grad_cam(model, x, y, method="autograd"), atol=1e-5, rtol=0)
     fmap_g, _, logits_g = features_and_cams(model, x, y, with_grad=True)
     assert fmap_g.requires_grad and logits_g.requires_grad
+
+
+def test_extractor_resolves_layer_and_method_once():
+    model = TinyNet()
+    for layer in (None, "body"):
+        ex = CamExtractor(model, layer)
+        assert (ex.layer, ex.method) == ("body", "closed_form")
+    assert CamExtractor(model, None, "autograd").method == "autograd"
+    other = CamExtractor(model, "body.conv2", "auto")
+    assert (other.layer, other.method) == ("body.conv2", "autograd")
+    mlp = CamExtractor(MLPHeadNet())  # a head that is not nn.Linear: autograd even at the CAM layer
+    assert (mlp.layer, mlp.method) == ("body", "autograd")
+    with pytest.raises(UserError, match="closed-form CAM needs"):
+        CamExtractor(MLPHeadNet(), method="closed_form")
+    with pytest.raises(UserError, match="unknown Grad-CAM method 'fast'"):
+        CamExtractor(model, method="fast")
+    with pytest.raises(UserError, match="layer9"):
+        CamExtractor(model, "layer9")
+    with pytest.raises(UserError, match="has no `cam_layer`"):
+        CamExtractor(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_extractor_closed_form_only_at_the_cam_layer():
+    with pytest.raises(UserError) as err:
+        CamExtractor(TinyNet(), "body.conv1", "closed_form")
+    msg = str(err.value)
+    assert "closed_form" in msg and "'body'" in msg and "'body.conv1'" in msg and "autograd" in msg
+
+
+def test_extractor_closed_form_equals_autograd_at_the_cam_layer():
+    model = _trained_bn_model(6)
+    x = torch.randn(7, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    f1, c1, l1 = CamExtractor(model, method="closed_form")(x, y)
+    f2, c2, l2 = CamExtractor(model, method="autograd")(x, y)
+    assert model.training and model.body.bn1.training
+    assert f1.shape == (7, 8, 4, 4) and c1.shape == (7, 4, 4) and l1.shape == (7, 5)
+    assert torch.equal(f1, f2) and not f2.requires_grad and not l2.requires_grad
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(c1, c2, atol=1e-5, rtol=0)
+    # grad_cam is the same machinery: identical maps at the layer's own resolution
+    assert torch.equal(grad_cam(model, x, y, method="closed_form"), c1)
+    assert torch.equal(grad_cam(model, x, y, method="autograd"), c2)
+    # targets=None -> the predicted class
+    autograd = CamExtractor(model, method="autograd")
+    assert torch.equal(autograd(x)[1], autograd(x, l1.argmax(1))[1])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_extractor_autograd_through_a_non_linear_head():
+    torch.manual_seed(7)
+    model = MLPHeadNet().eval()
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.tensor([4, 0, 2, 1])
+    fmap, cam, logits = CamExtractor(model)(x, y)
+    with torch.no_grad():
+        expected_fmap = model.features(x)
+    leaf = expected_fmap.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.head(leaf).gather(1, y[:, None]).sum(), leaf)
+    expected = normalize_cams(torch.relu((grad.mean((2, 3))[:, :, None, None] * expected_fmap).sum(1)))
+    torch.testing.assert_close(fmap, expected_fmap, atol=0, rtol=0)
+    torch.testing.assert_close(logits, model(x).detach())
+    torch.testing.assert_close(cam, expected, atol=1e-5, rtol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("layer", ["body.conv1", "body.relu1"])
+def test_extractor_resizes_other_layers_to_the_cam_layer(layer):
+    model = _trained_bn_model(8)
+    x = torch.randn(5, 3, 8, 8)
+    y = torch.tensor([1, 2, 3, 4, 0])
+    ex = CamExtractor(model, layer)
+    fmap, cam, logits = ex(x, y)
+    assert model.training
+    own = ex.layer_cams(x, y)
+    assert own.shape == (5, 8, 8) and torch.equal(own, grad_cam(model, x, y, layer=layer))
+    assert cam.shape == (5, 4, 4) and fmap.shape == (5, 8, 4, 4)
+    assert torch.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+    resized = F.interpolate(own[:, None], size=(4, 4), mode="bilinear", align_corners=False)
+    assert torch.equal(cam, normalize_cams(resized[:, 0]))
+    f0, _, l0 = CamExtractor(model)(x, y)
+    assert torch.equal(fmap, f0) and torch.equal(logits, l0)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())

@@ -108,6 +108,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     (["--config", "smoke", "--opts", "train.lrr=1"], "Unknown config key 'train.lrr'"),
     (["--config", "smoke", "--opts", "train.batch_size=0"], "train.batch_size must be >= 1"),
     (["--config", "smoke", "--opts", "dataset.imbalance=0.5"], "dataset.imbalance must be >= 1"),
+    (["--config", "smoke", "--opts", "eval.hr=0"], "eval.hr must be in (0, 1]"),  # the hr of every phase
     (["--config", "smoke", "--resume"], "nothing to resume"),
     (["--config", "smoke", "--device", "gpu0"], "--device must be"),
     (["--config", "smoke", "--opts", "model.arch=resnet33"], "resnet32"),
@@ -155,3 +156,123 @@ def test_bf16_autocast_and_channels_last_train_a_float32_model(tmp_path):
     from models import build_model
 
     build_model("resnet8", 8, 3).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- fp16 loss scaling across --resume
+
+def _scaled_run(folder: Path, total: int, *, stop_before: int | None = None, resume: bool = False) -> tuple[dict, dict]:
+    """A tiny model trained through the shared loop (engine.loops.fit) with an enabled GradScaler and the
+    recorder of every training run; growth_interval=1, so the scale doubles at every step.
+
+    Interrupted (KeyboardInterrupt) at the start of unit `stop_before`; `resume` continues from last.pt.
+    Returns (model state, scaler state) at the end."""
+    import logging
+
+    from engine.loops import StepResult, TrainingTask, fit
+    from engine.metrics import SCALAR_KEYS
+    from engine.recorder import start_recording
+    from utils.run_dir import RunPaths
+
+    class Task(TrainingTask):
+        step_name = "epoch"
+
+        def __init__(self, model):
+            self.model, self.total = model, total
+
+        def begin(self, unit):
+            if unit == stop_before:
+                raise KeyboardInterrupt
+            torch.manual_seed(unit)  # each unit's data depends on the unit only, as in every method
+
+        def batches(self, unit):
+            return [torch.randn(8, 4) for _ in range(3)]
+
+        def step(self, x):
+            return StepResult(self.model(x).pow(2).mean(), len(x))
+
+        def evaluate(self):
+            return {k: 0.0 for k in SCALAR_KEYS}, None
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4, growth_interval=1)
+    assert scaler.is_enabled()
+    paths = RunPaths("phase_i", "scaled", "default", folder)
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    start, recorder = start_recording(paths, "resume" if resume else "fresh", logging.getLogger("test-scaler"),
+                                      lambda **extra: {"model": model.state_dict(), **extra},
+                                      restore=lambda state, path: model.load_state_dict(state["model"]),
+                                      optimizer=optimizer, scaler=scaler, step_name="epoch", total_steps=total,
+                                      command="cmd", select_on_val=False)
+    try:
+        fit(Task(model), optimizer, recorder, start=start, scaler=scaler)
+    finally:
+        recorder.writer.close()
+    return {k: v.clone() for k, v in model.state_dict().items()}, scaler.state_dict()
+
+
+def test_fp16_grad_scaler_state_round_trips_through_last_pt_on_resume(tmp_path):
+    """fp16 needs a GPU (the config refuses it on the CPU), so the loop and the recorder are driven directly
+    with an enabled CPU GradScaler: last.pt holds the scaler's state and --resume puts it back."""
+    straight_model, straight_scaler = _scaled_run(tmp_path / "straight", total=4)
+    assert straight_scaler["scale"] == 2.0 ** (4 + 4 * 3)  # 12 steps, each one doubling: the state is not trivial
+
+    with pytest.raises(KeyboardInterrupt):
+        _scaled_run(tmp_path / "killed", total=4, stop_before=2)
+    last = torch.load(tmp_path / "killed/checkpoints/phase_i/scaled/default/last.pt", weights_only=True)
+    assert last["epoch"] == 2 and "optimizer" in last
+    assert last["scaler"]["scale"] == 2.0 ** (4 + 2 * 3) and last["scaler"]["_growth_tracker"] == 0
+
+    resumed_model, resumed_scaler = _scaled_run(tmp_path / "killed", total=4, resume=True)
+    assert resumed_scaler == straight_scaler  # a fresh scaler (scale 2**4) would end at 2**10
+    for key in straight_model:
+        assert torch.equal(straight_model[key], resumed_model[key]), key
+
+
+def test_last_pt_has_no_scaler_entry_without_fp16(smoke_run):
+    last = torch.load(smoke_run / "checkpoints/phase_i/smoke/default/last.pt", weights_only=True)
+    assert "scaler" not in last and last["config"]["accel"]["amp"] == "none"
+
+
+def test_phase_i_passes_its_fp16_scaler_to_the_loop_and_last_pt(tmp_path, monkeypatch):
+    """Phase I wiring: with accel.amp=fp16 (allowed on the CPU here by lifting the config's GPU check) the
+    run's GradScaler scales the loss, is saved in last.pt, and a resumed run continues its state exactly."""
+    from engine import phase_i
+    from engine.accel import Accel
+
+    def fp16_on_cpu(cls, section, device):
+        return cls(device, (section or {}).get("amp", "none"))
+
+    monkeypatch.setattr(Accel, "from_config", classmethod(fp16_on_cpu))
+    opts = ["--opts", "train.epochs=2", "accel.amp=fp16", "dataset.synthetic.train_per_class=40",
+            "dataset.synthetic.test_per_class=5"]
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "straight", *opts,
+                                    cwd=tmp_path)
+    assert code == 0, err
+    straight = torch.load(tmp_path / "checkpoints/phase_i/smoke/straight/last.pt", weights_only=True)
+    steps = straight["scaler"]["_growth_tracker"]
+    assert steps > 0 and straight["scaler"]["scale"] == 2.0 ** 16  # the default scaler, no overflow, 2 epochs of steps
+
+    begin, epochs = phase_i.BackboneTraining.begin, []
+
+    def interrupted_in_epoch_2(self, unit):
+        epochs.append(unit)
+        if unit == 1:
+            raise KeyboardInterrupt
+        return begin(self, unit)
+
+    monkeypatch.setattr(phase_i.BackboneTraining, "begin", interrupted_in_epoch_2)
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "killed", *opts,
+                                    cwd=tmp_path)
+    assert code == 130, err
+    killed = torch.load(tmp_path / "checkpoints/phase_i/smoke/killed/last.pt", weights_only=True)
+    assert killed["epoch"] == 1 and killed["scaler"]["_growth_tracker"] == steps // 2
+    monkeypatch.setattr(phase_i.BackboneTraining, "begin", begin)
+    code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--note", "killed", "--resume",
+                                    *opts, cwd=tmp_path)
+    assert code == 0, err
+    resumed = torch.load(tmp_path / "checkpoints/phase_i/smoke/killed/last.pt", weights_only=True)
+    assert resumed["scaler"] == straight["scaler"]  # not restarted from a fresh scaler (tracker steps // 2)
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key

@@ -40,11 +40,10 @@ def run_dir(tmp_path_factory, smoke_phase_i) -> Path:
 @pytest.fixture(scope="module")
 def phase_i(run_dir):
     """(model in eval mode, dataset bundle) of the smoke phase I run, rebuilt in this process."""
-    from engine.phase_i import load_phase_i_model
-    from engine.phase_ii import open_phase_i_run
+    from engine.artifacts import open_phase_i_run
 
     p1 = open_phase_i_run("smoke", "default", run_dir)
-    model, _ = load_phase_i_model(run_dir / PHASE_I / "best_model.pt", p1.cfg, p1.bundle, torch.device("cpu"), "phase I")
+    model = p1.load_model(torch.device("cpu"), run_dir / PHASE_I / "best_model.pt", "phase I")
     return model.eval(), p1.bundle
 
 
@@ -103,7 +102,10 @@ def test_score_matrix_rows_are_true_classes_and_confusion_matches(run_dir, phase
 def test_split_is_head_tail_split_of_train_counts(run_dir):
     from fsa.class_split import head_tail_split
 
+    import yaml
+
     split = _json(run_dir / FEATURES / "split.json")
+    assert split["hr"] == yaml.safe_load((run_dir / PHASE_I / "config.yaml").read_text())["eval"]["hr"]  # phase I's hr
     assert split["train_counts"] == _json(run_dir / PHASE_I / "results.json")["train_counts"]
     head, tail = head_tail_split(split["train_counts"], split["hr"])
     assert (split["head"], split["tail"]) == (head, tail) and tail
@@ -154,20 +156,21 @@ def test_cams_lie_on_the_class_shape(run_dir, phase_i):
 
 
 def test_autograd_path_equals_closed_form_and_other_layers_resize(phase_i):
-    from engine.phase_ii import batch_features_cams, resolve_cam_method
+    from fsa.gradcam import CamExtractor
 
     model, bundle = phase_i
     x = bundle.train.with_augment(False).get_batch(torch.arange(0, len(bundle.train), 7))
     y = bundle.train.targets[torch.arange(0, len(bundle.train), 7)]
-    assert resolve_cam_method(model, None, "auto") == (model.cam_layer, "closed_form")
-    f1, c1, l1 = batch_features_cams(model, x, y, *resolve_cam_method(model, None, "closed_form"))
-    f2, c2, l2 = batch_features_cams(model, x, y, *resolve_cam_method(model, None, "autograd"))
+    auto = CamExtractor(model, None, "auto")
+    assert (auto.layer, auto.method) == (model.cam_layer, "closed_form")
+    f1, c1, l1 = CamExtractor(model, None, "closed_form")(x, y)
+    f2, c2, l2 = CamExtractor(model, None, "autograd")(x, y)
     torch.testing.assert_close(f1, f2)
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(c1, c2, atol=1e-4, rtol=1e-4)
-    layer, method = resolve_cam_method(model, "layer2", "auto")
-    assert method == "autograd"
-    f3, c3, _ = batch_features_cams(model, x, y, layer, method)
+    other = CamExtractor(model, "layer2", "auto")
+    assert (other.layer, other.method) == ("layer2", "autograd")
+    f3, c3, _ = other(x, y)
     assert c3.shape == c1.shape and torch.equal(f3, f1) and 0 <= c3.min() and c3.max() <= 1
     assert all(p.grad is None for p in model.parameters())
 
@@ -285,7 +288,7 @@ def test_store_writer_memory_stays_flat(tmp_path):
 # provenance, overwrite
 # ------------------------------------------------------------------------------------------------
 def test_provenance_accepts_the_right_run_and_refuses_another(run_dir, tmp_path):
-    from fsa.provenance import check_provenance
+    from engine.artifacts import check_provenance
     from utils.errors import UserError
 
     out, ckpt, cfg = run_dir / FEATURES, run_dir / PHASE_I / "best_model.pt", run_dir / PHASE_I / "config.yaml"
@@ -332,8 +335,8 @@ def test_phase_ii_before_phase_i_names_the_phase_i_command(tmp_path):
     (["gradcam.layer=no_such_layer"], ["no_such_layer", "layer1", "layer3"]),
     (["split.ts=0.2", "split.tg=0.5"], ["tg < ts"]),
     (["split.ts=0.5", "split.tg=0.5"], ["tg < ts"]),
-    (["split.hr=1.5"], ["split.hr", "(0, 1]"]),
-    (["split.hr=0"], ["split.hr", "(0, 1]"]),
+    (["split.hr=1.5"], ["split.hr moved", "eval.hr"]),  # one hr for every phase: phase I's eval.hr
+    (["split.hr=0"], ["split.hr moved", "eval.hr"]),
     (["confusion.nf=8"], ["confusion.nf", "number of classes"]),
     (["gradcam.method=closed_form", "gradcam.layer=layer2"], ["closed_form", "layer2"]),
 ])

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import phase_iii
+from engine import phase_iii_maps
+from engine.methods import METHODS
 from fsa.batch_composition import TailHeadComposer, batch_size
 from fsa.confusion import confusing_table
-from fsa.generators import GeneratorContext, build_generator
+from fsa.generators import FusionGenerator, GeneratorContext, ResampleGenerator
+from utils.config import load_config
+from utils.errors import UserError
 from tests.helpers import copy_phase_i, run_main_in_process, run_script
 
 LABELS = torch.tensor([0] * 50 + [1] * 30 + [2] * 6 + [3] * 4 + [4] * 2)
@@ -18,7 +21,7 @@ HEAD, TAIL = [0, 1], [2, 3, 4]
 CONFUSING = confusing_table({2: [0, 1], 3: [1, 0], 4: [0, 3]}, 5, 2)
 
 
-def make_context(generator: str, nt: int = 4, na: int = 3) -> GeneratorContext:
+def make_context(nt: int = 4, na: int = 3) -> GeneratorContext:
     composer = TailHeadComposer(LABELS, TAIL, HEAD, nt, na, seed=0)
     return GeneratorContext(labels=LABELS, confusing=CONFUSING, composer=composer, na=na, ts=0.8, tg=0.2)
 
@@ -49,7 +52,7 @@ def test_tail_sampling_is_class_balanced_not_instance_balanced():
 
 
 def test_fusion_generator_takes_donors_from_each_rows_confusing_classes():
-    gen = build_generator("fsa", make_context("fsa"))
+    gen = FusionGenerator(make_context())
     tail_labels = torch.tensor([2, 3, 4, 4])
     donors = gen.extra_indices(tail_labels, torch.Generator().manual_seed(0))
     assert len(donors) == 4 * 3
@@ -58,8 +61,8 @@ def test_fusion_generator_takes_donors_from_each_rows_confusing_classes():
 
 
 def test_fused_maps_keep_their_own_tail_labels_in_mixed_batches():
-    ctx = make_context("fsa", nt=3, na=2)
-    gen = build_generator("fsa", ctx)
+    ctx = make_context(nt=3, na=2)
+    gen = FusionGenerator(ctx)
     tail_labels = torch.tensor([2, 3, 4])
     tail_maps = torch.rand(3, 4, 2, 2) + 1
     tail_cams = torch.rand(3, 2, 2)
@@ -71,23 +74,27 @@ def test_fused_maps_keep_their_own_tail_labels_in_mixed_batches():
 
 
 def test_resample_generator_is_real_tail_samples_of_the_same_class():
-    gen = build_generator("none", make_context("none", nt=3, na=2))
+    gen = ResampleGenerator(make_context(nt=3, na=2))
     tail_labels = torch.tensor([2, 3, 4])
     extra = gen.extra_indices(tail_labels, torch.Generator().manual_seed(0))
     assert LABELS[extra].tolist() == [2, 2, 3, 3, 4, 4]
 
 
 def test_unknown_generator_lists_the_available_ones():
-    with pytest.raises(Exception, match="Available: fsa, none"):
-        build_generator("mixup", make_context("fsa"))
+    with pytest.raises(UserError, match="Unknown finetune.generator 'mixup'. Available: none, fsa, tailcalib, tailcalibx "
+                                        "\\(phase III offline: none, fsa, tailcalib\\)"):
+        METHODS.phase_iii("offline", "mixup")
+    # the config schema refuses it first, with the same list
+    with pytest.raises(UserError, match="finetune.generator' must be one of none, fsa, tailcalib, tailcalibx; got 'mixup'"):
+        load_config("smoke", "phase_iii", ["finetune.generator=mixup"])
 
 
-def test_train_step_feeds_2nt_1_plus_na_rows_to_the_classifier():
+def test_batch_loss_feeds_2nt_1_plus_na_rows_to_the_classifier():
     from models import build_model
 
     nt, na = 3, 2
-    ctx = make_context("fsa", nt=nt, na=na)
-    gen = build_generator("fsa", ctx)
+    ctx = make_context(nt=nt, na=na)
+    gen = FusionGenerator(ctx)
     model = build_model("resnet8", 5)
     seen = {}
     original_head = model.head
@@ -97,14 +104,14 @@ def test_train_step_feeds_2nt_1_plus_na_rows_to_the_classifier():
         return original_head(fmap)
 
     model.head = spy
-    optimizer = torch.optim.SGD(model.fc.parameters(), lr=0.1)
 
     def fetch(indices, rng):
         return torch.rand(len(indices), 64, 2, 2), torch.rand(len(indices), 2, 2), LABELS[indices]
 
     plan, rng = ctx.composer.plan(0)
-    phase_iii._train_step(model, optimizer, gen, plan, rng, fetch)
+    loss, logits, targets = phase_iii_maps.batch_loss(model, gen, plan, rng, fetch)
     assert seen["rows"] == batch_size(nt, na) == 2 * nt * (1 + na)
+    assert logits.shape == (seen["rows"], 5) and targets.shape == (seen["rows"],) and loss.ndim == 0
 
 
 # ---------------------------------------------------------------- end to end on the smoke run
@@ -179,7 +186,7 @@ def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch):
                                     *opts, cwd=smoke_ii)
     assert code == 0, err
 
-    real_step, calls = phase_iii._train_step, {"n": 0}
+    real_step, calls = phase_iii_maps.batch_loss, {"n": 0}
 
     def crashing_step(*args, **kwargs):
         calls["n"] += 1
@@ -187,12 +194,12 @@ def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch):
             raise KeyboardInterrupt  # killed between the checkpoints at 20 and 30
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(phase_iii, "_train_step", crashing_step)
+    monkeypatch.setattr(phase_iii_maps, "batch_loss", crashing_step)
     code, _ = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "crashed",
                                   *opts, cwd=smoke_ii)
     assert code == 130
     assert torch.load(smoke_ii / "checkpoints/phase_iii_offline/smoke/crashed/last.pt", weights_only=True)["iteration"] == 20
-    monkeypatch.setattr(phase_iii, "_train_step", real_step)
+    monkeypatch.setattr(phase_iii_maps, "batch_loss", real_step)
     code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "crashed",
                                     "--resume", *opts, cwd=smoke_ii)
     assert code == 0, err
@@ -251,7 +258,7 @@ def test_zero_batch_is_rejected(smoke_ii):
     assert code == 2 and "batch = 2*nt*(1+na)" in err
 
 
-def test_train_step_shares_average_to_the_full_batch_gradient():
+def test_batch_loss_shares_average_to_the_full_batch_gradient():
     """Under torchrun each rank takes every W-th tail / head row; with the loss scaled by
     world_size / global_rows, DDP's mean of the ranks' gradients is the full batch's gradient."""
     from types import SimpleNamespace
@@ -278,9 +285,10 @@ def test_train_step_shares_average_to_the_full_batch_gradient():
     model = build_model("resnet8", 5)
 
     def fc_grad(share: BatchPlan, world_size: int) -> torch.Tensor:
-        optimizer = torch.optim.SGD(model.fc.parameters(), lr=0.0)
-        phase_iii._train_step(model, optimizer, Doubling(), share, torch.Generator(), fetch,
-                              global_rows=batch_size(nt, na), world_size=world_size)
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = phase_iii_maps.batch_loss(model, Doubling(), share, torch.Generator(), fetch,
+                                               global_rows=batch_size(nt, na), world_size=world_size)
+        loss.backward()  # the caller (engine.loops.fit) steps the optimizer
         return model.fc.weight.grad.clone()
 
     full = fc_grad(plan, 1)
@@ -313,13 +321,13 @@ def test_online_fine_tuning_on_image_files_prefetches_through_dataloader_workers
     assert code == 0, err
 
     fetched = []
-    original = phase_iii._OnlineMaps._images
+    original = phase_iii_maps._OnlineMaps._images
 
     def spy(self, indices, rng):
         fetched.append((self._ahead is not None, indices.tolist()))
         return original(self, indices, rng)
 
-    monkeypatch.setattr(phase_iii._OnlineMaps, "_images", spy)
+    monkeypatch.setattr(phase_iii_maps._OnlineMaps, "_images", spy)
     code, err = run_main_in_process("phase_iii_online_train_or_test.py", *common, "--opts", "finetune.iterations=4",
                                     "finetune.eval_every=2", "finetune.nt=2", "finetune.na=1", "finetune.num_workers=2",
                                     cwd=tmp_path)

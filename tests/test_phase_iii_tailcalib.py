@@ -84,12 +84,12 @@ def _per_class_percent(preds: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 def test_generators_are_listed():
-    from engine.phase_iii import available_generators
-    from engine.phase_iii_runs import phase_name
+    from engine.methods import METHODS
 
-    assert {"tailcalib", "tailcalibx"} <= set(available_generators())
-    assert phase_name("offline", "tailcalib") == "phase_iii_offline-tailcalib"
-    assert phase_name("online", "tailcalibx") == "phase_iii_online-tailcalibx"
+    assert {"tailcalib", "tailcalibx"} <= set(METHODS.generators())
+    assert "tailcalib" in METHODS.generators("offline") and "tailcalibx" in METHODS.generators("online")
+    assert METHODS.phase_iii("offline", "tailcalib").folder == "phase_iii_offline-tailcalib"
+    assert METHODS.phase_iii("online", "tailcalibx").folder == "phase_iii_online-tailcalibx"
 
 
 @pytest.mark.parametrize("run_dir, mode, epochs", [(OFF_DIR, "offline", 15), (ON_DIR, "online", 3)])
@@ -140,13 +140,11 @@ def test_offline_evaluation_applies_the_transform(cwd):
 
 
 def test_online_evaluation_uses_backbone_features_of_the_test_images(cwd):
-    from engine.phase_i import load_phase_i_model
-    from engine.phase_ii import open_phase_i_run
+    from engine.artifacts import open_phase_i_run
     from engine.phase_iii_features import pooled_features
 
     p1 = open_phase_i_run("smoke", "default", cwd)
-    model, _ = load_phase_i_model(cwd / "checkpoints/phase_i/smoke/default/best_model.pt", p1.cfg, p1.bundle,
-                                  torch.device("cpu"), "phase I")
+    model = p1.load_model(torch.device("cpu"), cwd / "checkpoints/phase_i/smoke/default/best_model.pt", "phase I")
     model.eval()
     pooled, labels = pooled_features(model, p1.bundle.test.with_augment(False), 256, torch.device("cpu"))
     stored, stored_labels = _test_features_offline(cwd)

@@ -1,5 +1,4 @@
 """pipeline.py: the smoke chain end to end, a rerun that skips everything, and the step logic."""
-import argparse
 import json
 import re
 import time
@@ -8,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from engine import pipeline
-from engine.phase_iii import available_generators
+from engine.methods import METHODS
 from tests.helpers import run_main_in_process, run_script
+from utils.cli import RunSpec
 from utils.errors import UserError
 
 SCRIPT = "pipeline.py"
@@ -32,26 +32,23 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
     out = proc.stdout
     steps = progress(out)
     finished = [line for line in steps if line.endswith(" s") and " finished in " in line]
-    labels = ["phase I:", "phase II:", "phase III online (fsa):", "phase III online (none: cRT control):",
-              "phase III offline (fsa):", "phase III offline (none: cRT control):", "visualize:"]
+    labels = ["phase I:", "phase II:", "phase III cRT control (offline, no fusion):", "phase III FSA offline:",
+              "phase III cRT control (online, no fusion):", "phase III FSA online:", "phase III TailCalib (offline):",
+              "phase III TailCalibX (online):", "visualize:"]
     for label in labels:
         assert any(label in line for line in finished), (label, steps)
     # order of the chain
     positions = [next(i for i, line in enumerate(finished) if label in line) for label in labels]
     assert positions == sorted(positions)
-    for name in ("tailcalib", "tailcalibx"):
-        if name in available_generators():
-            assert any(f"({name}):" in line for line in finished), steps
-        else:
-            assert f"generator '{name}' is not available" in out
     # the table
     for row in ("Phase I baseline (CE)", "cRT control (offline, no fusion)", "FSA offline", "FSA online"):
         assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d\d \| — \|", out, re.M), row  # smoke: many-shot absent
     assert "final evaluation" in out
     # the outputs of every step
-    for phase in ("phase_i", "phase_iii_online", "phase_iii_online-none", "phase_iii_offline", "phase_iii_offline-none"):
-        results = json.loads((cwd / "checkpoints" / phase / "smoke/default/results.json").read_text())
-        assert results["finished"] is True, phase
+    for method in METHODS:  # every method of the table, in its run folder
+        results = json.loads((cwd / "checkpoints" / method.folder / "smoke/default/results.json").read_text())
+        assert results["finished"] is True, method.folder
+        assert results.get("method", "ce") == method.id
     # each mode's control: the same iterations and tail / head split as that mode's FSA run, no fusion
     for mode in ("online", "offline"):
         fsa, control = (json.loads((cwd / f"checkpoints/{phase}/smoke/default/results.json").read_text())
@@ -59,7 +56,7 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
         assert control["generator"] == "none" and control["mode"] == fsa["mode"] == mode
         for key in ("iterations", "tail_classes", "head_classes"):
             assert control[key] == fsa[key], (mode, key)
-    assert re.search(r"phase III online \(none: cRT control\): started with --opts finetune\.generator=none$", out, re.M)
+    assert re.search(r"phase III cRT control \(online, no fusion\): started with --opts finetune\.generator=none$", out, re.M)
     assert json.loads((cwd / "features/smoke/default/results.json").read_text())["finished"] is True
     assert list((cwd / "visualizations/smoke/default/phase_i").glob("*.png"))
     assert json.loads((cwd / "visualizations/smoke/default/phase_i/results.json").read_text())["finished"] is True
@@ -95,17 +92,21 @@ def test_visualize_explains_a_phase_iii_run_folder(smoke_pipeline):
     assert record["checkpoint"] == "checkpoints/phase_iii_offline-none/smoke/default/best_model.pt"
 
 
-def test_missing_phase_config_is_a_user_error(tmp_path):
+def test_config_sources_need_phase_i_and_take_the_other_phases_where_they_exist(tmp_path):
     tree = tmp_path / "cfg"
     (tree / "phase_i").mkdir(parents=True)
     (tree / "phase_iii").mkdir()
     (tree / "phase_i/mine.yaml").write_text("seed: 0\n")
     (tree / "phase_iii/mine.yaml").write_text("finetune: {iterations: 2}\n")
-    code, err = run_main_in_process(SCRIPT, "--config", str(tree / "phase_i/mine.yaml"), cwd=tmp_path)
-    assert code == 2 and "Traceback" not in err
-    assert str(tree / "phase_ii/mine.yaml") in err and "missing" in err
+    # phase II has no file in the tree: the name, i.e. phase II's defaults
+    assert pipeline.config_sources(str(tree / "phase_i/mine.yaml")) == {
+        "phase_i": str(tree / "phase_i/mine.yaml"), "phase_ii": "mine", "phase_iii": str(tree / "phase_iii/mine.yaml")}
+    assert pipeline.config_sources("fashion-mnist-LT_resnet20") == dict.fromkeys(
+        ("phase_i", "phase_ii", "phase_iii"), "fashion-mnist-LT_resnet20")
     code, err = run_main_in_process(SCRIPT, "--config", "no-such-config", cwd=tmp_path)
-    assert code == 2 and "configs/phase_i/no-such-config.yaml" in err and "configs/phase_ii/no-such-config.yaml" in err
+    assert code == 2 and "Traceback" not in err and "configs/phase_i/no-such-config.yaml" in err
+    code, err = run_main_in_process(SCRIPT, "--config", str(tree / "phase_iii/mine.yaml"), cwd=tmp_path)
+    assert code == 2 and "folder named phase_i" in err
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -120,28 +121,26 @@ def test_steps_get_the_scripts_arguments_and_a_failure_stops_the_chain(tmp_path,
     monkeypatch.chdir(tmp_path)
     called = []
 
-    def fake_call(step, ns):
-        called.append((step, ns))
-        if step.kind == "phase_iii" and step.generator == "none":
+    def fake_call(step, spec):
+        called.append((step, spec))
+        if step.kind == "phase_iii" and step.method.id == "control_online":
             raise UserError("the cRT step says no")
 
     monkeypatch.setattr(pipeline, "_call", fake_call)
     with pytest.raises(UserError, match="the cRT step says no"):
-        pipeline.run(argparse.Namespace(config="smoke", note=None, seeds=[3, 4], device="cpu",
-                                        opts=["train.epochs=2", "finetune.iterations=5", "split.ts=0.7"]))
-    assert [step.label for step, _ in called] == ["phase I", "phase II", "phase III online (fsa)",
-                                                  "phase III online (none: cRT control)"]
-    p1, p2, online, crt = (ns for _, ns in called)
-    assert vars(p1) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3", "train.epochs=2"],
-                        "resume": False, "overwrite": False, "checkpoint": None}
-    assert vars(p2) == {"config": "smoke", "device": "cpu", "note": "seed3", "opts": ["seed=3", "split.ts=0.7"],
-                        "overwrite": False, "checkpoint": None}
-    assert online.opts == ["seed=3", "finetune.iterations=5", "finetune.generator=fsa"] and online.resume is False
-    assert crt.opts == ["seed=3", "finetune.iterations=5", "finetune.generator=none"]
+        pipeline.run(pipeline.PipelineSpec(config="smoke", seeds=(3, 4), device="cpu",
+                                           opts=("train.epochs=2", "finetune.iterations=5", "split.ts=0.7")))
+    assert [step.label for step, _ in called] == ["phase I", "phase II", "phase III cRT control (offline, no fusion)",
+                                                  "phase III FSA offline", "phase III cRT control (online, no fusion)"]
+    p1, p2, crt_offline, offline, crt = (spec for _, spec in called)
+    assert p1 == RunSpec(config="smoke", device="cpu", note="seed3", opts=("seed=3", "train.epochs=2"))
+    assert p2 == RunSpec(config="smoke", device="cpu", note="seed3", opts=("seed=3", "split.ts=0.7"))
+    assert offline.opts == ("seed=3", "finetune.iterations=5", "finetune.generator=fsa") and offline.resume is False
+    assert crt.opts == crt_offline.opts == ("seed=3", "finetune.iterations=5", "finetune.generator=none")
     out = capsys.readouterr().out
     assert "phase I: started with --opts seed=3 train.epochs=2" in out
     assert "--opts: phase I: train.epochs=2; phase II and visualize: split.ts=0.7; phase III: finetune.iterations=5" in out
-    assert "smoke/seed3 4/" in out and "phase III online (none: cRT control): failed after" in out
+    assert "smoke/seed3 5/" in out and "phase III cRT control (online, no fusion): failed after" in out
     assert "smoke/seed4" not in out and not (tmp_path / "reports").exists()
 
 
@@ -160,7 +159,8 @@ def test_opts_reach_the_phases_whose_config_has_the_key():
     with pytest.raises(UserError, match="not of the form"):
         pipeline.route_opts(["train.lr"], seeded=False)
     opts = {"phase_i": ["a=1"], "phase_ii": ["b=2"], "phase_iii": ["c=3"]}
-    assert pipeline.step_opts(pipeline.Step("phase_iii", "x", "online", "none"), opts) == ["c=3", "finetune.generator=none"]
+    crt = pipeline.Step("phase_iii", "x", METHODS.get("control_online"))
+    assert pipeline.step_opts(crt, opts) == ["c=3", "finetune.generator=none"]
     assert pipeline.step_opts(pipeline.Step("visualize", "visualize"), opts) == ["b=2"]
     assert pipeline.step_opts(pipeline.Step("phase_i", "phase I"), opts) == ["a=1"]
 
@@ -183,14 +183,15 @@ def test_opts_that_an_existing_run_would_ignore_are_refused(tmp_path, monkeypatc
     dump_config(load_config("smoke", "phase_i"), run_dir / "config.yaml")  # epochs 20
     (run_dir / "results.json").write_text(json.dumps({"finished": True}))
     called = []
-    monkeypatch.setattr(pipeline, "_call", lambda step, ns: called.append(step))
+    monkeypatch.setattr(pipeline, "_call", lambda step, spec: called.append(step))
     with pytest.raises(UserError) as refused:
-        pipeline.run(argparse.Namespace(config="smoke", note=None, seeds=None, device="cpu", opts=["train.epochs=5"]))
+        pipeline.run(pipeline.PipelineSpec(config="smoke", device="cpu", opts=("train.epochs=5",)))
     assert f"{run_dir}: train.epochs is 20, --opts asks for 5" in str(refused.value)
     assert "--note NAME" in str(refused.value) and called == []
     # the same value, a speed setting, or a key of a phase without a run: nothing to refuse
     opts = {"phase_i": ["train.epochs=20", "accel.amp=bf16"], "phase_iii": ["finetune.iterations=5"]}
-    pipeline.check_existing_runs([pipeline.Step("phase_i", "phase I"), pipeline.Step("phase_iii", "x", "online", "fsa")],
+    pipeline.check_existing_runs([pipeline.Step("phase_i", "phase I", METHODS.get("ce")),
+                                  pipeline.Step("phase_iii", "x", METHODS.get("fsa_online"))],
                                  {"phase_i": "smoke", "phase_iii": "smoke"}, "smoke", [("default", opts)], opts)
 
 
@@ -201,24 +202,18 @@ def test_seed_notes_and_opts():
     assert pipeline.notes_and_opts("lr05", [0, 1]) == [("lr05-seed0", ["seed=0"]), ("lr05-seed1", ["seed=1"])]
 
 
-def test_plan_leaves_out_unavailable_generators():
-    steps, left_out = pipeline.plan_steps(["fsa", "none"])
-    assert [s.label for s in steps] == ["phase I", "phase II", "phase III online (fsa)",
-                                        "phase III online (none: cRT control)", "phase III offline (fsa)",
-                                        "phase III offline (none: cRT control)", "visualize"]
-    assert [s.folder() for s in steps[2:6]] == ["phase_iii_online", "phase_iii_online-none", "phase_iii_offline",
-                                                "phase_iii_offline-none"]
-    assert len(left_out) == 2 and "tailcalib" in left_out[0] and "tailcalibx" in left_out[1]
-    steps, left_out = pipeline.plan_steps(["fsa", "none", "tailcalib", "tailcalibx"])
-    assert not left_out
-    assert [s.folder() for s in steps[6:8]] == ["phase_iii_offline-tailcalib", "phase_iii_online-tailcalibx"]
-    with pytest.raises(UserError):
-        pipeline.plan_steps(["fsa"])
+def test_plan_is_the_method_table_in_order():
+    steps = pipeline.plan_steps()
+    assert [s.kind for s in steps] == ["phase_i", "phase_ii", *["phase_iii"] * 6, "visualize"]
+    assert [s.folder() for s in steps] == [
+        "phase_i", "phase_ii", "phase_iii_offline-none", "phase_iii_offline", "phase_iii_online-none", "phase_iii_online",
+        "phase_iii_offline-tailcalib", "phase_iii_online-tailcalibx", "visualize"]
+    assert [s.method.id for s in steps if s.method] == [m.id for m in METHODS]
 
 
 def test_step_state_decides_skip_resume_or_fresh(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    step = pipeline.Step("phase_iii", "x", "offline", "none")
+    step = pipeline.Step("phase_iii", "x", METHODS.get("control_offline"))
     run_dir = Path("checkpoints/phase_iii_offline-none/c/n")
     assert pipeline.step_state(step, "c", "n")[0] == "new"
     run_dir.mkdir(parents=True)
@@ -257,15 +252,15 @@ def test_visualize_is_done_only_with_a_complete_record(tmp_path, monkeypatch):
 
 
 def test_data_step_only_for_missing_fashion_mnist(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda *a, **k: calls.append(a))
-    pipeline.ensure_fashion_mnist({"name": "synthetic-LT", "root": None})
     import datasets.fashion_mnist as fm
 
+    calls = []
+    monkeypatch.setattr(fm.subprocess, "run", lambda *a, **k: calls.append(a))
+    fm.ensure_fashion_mnist({"name": "synthetic-LT", "root": None})
     monkeypatch.setattr(fm, "find_fashion_mnist", lambda root: {"found": True})
-    pipeline.ensure_fashion_mnist({"name": "fashion-mnist-LT", "root": None})
+    fm.ensure_fashion_mnist({"name": "fashion-mnist-LT", "root": None})
     assert calls == []
     monkeypatch.setattr(fm, "find_fashion_mnist", lambda root: None)
-    monkeypatch.setattr(pipeline.shutil, "which", lambda name: None)
-    pipeline.ensure_fashion_mnist({"name": "fashion-mnist-LT", "root": None})
+    monkeypatch.setattr(fm.shutil, "which", lambda name: None)
+    fm.ensure_fashion_mnist({"name": "fashion-mnist-LT", "root": None})
     assert calls == [] and "apt-get is not available" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from engine.report import build_report, is_up_to_date
+from analysis.report import build_report, is_up_to_date
 from tests.helpers import run_main_in_process
 from utils.errors import UserError
 
@@ -111,6 +111,10 @@ def test_json_and_pngs(fake_runs):
     assert saved["notes"] == NOTES and saved["evaluation"] == "selected"
     p1 = saved["rows"][0]
     assert p1["label"] == "Phase I baseline (CE)" and p1["n"] == 3
+    # each row carries its method-table id and group; a folder the table does not know has none
+    assert [(r["id"], r["group"]) for r in saved["rows"]] == [
+        ("ce", "baseline"), ("control_offline", "FSA"), ("fsa_offline", "FSA"), (None, None)]
+    assert saved["rows"][3]["phase"] == "phase_iii_online-mine"
     assert p1["metrics"]["top1"]["mean"] == pytest.approx(62.0) and p1["metrics"]["top1"]["std"] == pytest.approx(2.0)
     assert p1["metrics"]["many"] == {"mean": None, "std": None, "n": 0, "values": []}
     assert p1["per_class"] == {"train_counts": COUNTS, "accuracy": [90.0, 40.0, 10.0, 0.0]}
@@ -199,7 +203,7 @@ def test_paired_differences_and_t_intervals_against_a_hand_computation(tmp_path)
 
 
 def test_t_critical_values():
-    from engine.report import t_critical_95
+    from analysis.report import t_critical_95
 
     assert t_critical_95(1) == pytest.approx(12.7062, abs=1e-4)
     assert t_critical_95(30) == pytest.approx(2.0423, abs=1e-4)

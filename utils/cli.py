@@ -5,6 +5,7 @@ import argparse
 import errno
 import shlex
 import sys
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,11 +14,50 @@ from utils.config import CONFIG_PHASES, CONFIG_ROOT
 from utils.errors import UserError
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What a phase command asks for, typed: every runner takes one (the scripts build it from their
+    flags, the pipeline directly). Defaults are the scripts' defaults."""
+
+    config: str
+    note: str = "default"
+    device: str = "auto"
+    opts: tuple[str, ...] = ()
+    resume: bool = False
+    overwrite: bool = False
+    checkpoint: str | None = None  # phase: test (phase I / III), phase II's phase I checkpoint
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunSpec":
+        """The spec of a parsed command line (flags a script lacks keep their defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in known}
+        values["opts"] = tuple(values.get("opts") or ())
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class VisualizeSpec(RunSpec):
+    """visualize.py's flags (see its --help)."""
+
+    phase: str = "phase_i"
+    classes: tuple[int, ...] | None = None
+    samples: int = 4
+    layer: str | None = None
+    split: str = "train"
+    panel: int = 128
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "VisualizeSpec":
+        spec = super().from_args(args)
+        return replace(spec, classes=None if spec.classes is None else tuple(spec.classes))
+
+
 def phase_parser(description: str, *, training: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="config name (configs/<phase>/NAME.yaml) or path to a YAML file")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")
-    parser.add_argument("--note", default="default", help="experiment name; outputs go to .../<config>/<note>/")
+    parser.add_argument("--device", default=RunSpec.device, help="auto (default), cpu, or a GPU index such as 0")
+    parser.add_argument("--note", default=RunSpec.note, help="experiment name; outputs go to .../<config>/<note>/")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.01")
     if training:
         parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")

@@ -3,7 +3,10 @@
 A config file may start with `inherit: <name>` (another config of the same phase, or a path) so
 that e.g. the imbalance-10/50/200 variants are a few lines each. The merged result is checked
 against the phase's schema (`utils.schema`): unknown keys and wrong types are errors naming the
-key, and the defaults fill in everything the file leaves out.
+key, a key that moved (`utils.schema.MOVED_KEYS`) is an error naming its new place, and the defaults
+fill in everything the file leaves out. Phase II and III configs are optional: for a config NAME
+without configs/<phase>/NAME.yaml those phases run with the defaults (and --opts), so a config
+name needs a phase II / III file only where it changes a setting.
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ import yaml
 
 from utils.errors import UserError
 from utils.run_dir import check_run_name
-from utils.schema import SCHEMAS, Field, validate_values
+from utils.schema import MOVED_KEYS, SCHEMAS, Field, validate_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ROOT = REPO_ROOT / "configs"
 CONFIG_PHASES = ("phase_i", "phase_ii", "phase_iii")  # the folders under configs/
+OPTIONAL_CONFIG_PHASES = ("phase_ii", "phase_iii")  # a NAME without a file there means the defaults
 
 
 def available_configs(phase: str) -> list[str]:
@@ -40,6 +44,15 @@ def resolve_config_path(name_or_path: str, phase: str) -> Path:
         f"Unknown config '{name_or_path}' for {phase}: there is no file configs/{phase}/"
         f"{name_or_path}.yaml and no YAML file at that path. Available {phase} configs: {names}."
     )
+
+
+def config_path(name_or_path: str, phase: str) -> Path | None:
+    """The file `load_config` reads: as `resolve_config_path`, but None for a NAME (not a path) of an
+    optional phase that has no configs/<phase>/NAME.yaml, i.e. that phase runs with the defaults."""
+    if (phase in OPTIONAL_CONFIG_PHASES and not name_or_path.endswith((".yaml", ".yml"))
+            and not (CONFIG_ROOT / phase / f"{name_or_path}.yaml").is_file()):
+        return None
+    return resolve_config_path(name_or_path, phase)
 
 
 def config_name(name_or_path: str) -> str:
@@ -93,6 +106,7 @@ def _load_with_inheritance(path: Path, phase: str, chain: tuple[Path, ...] = ())
         cycle = " -> ".join(p.name for p in (*chain, path))
         raise UserError(f"Config inheritance cycle: {cycle}. Remove one of the 'inherit:' lines.")
     data = _read_yaml(path)
+    _refuse_moved_keys(data, phase, str(path))
     parent = data.pop("inherit", None)
     if parent is None:
         return data
@@ -100,6 +114,23 @@ def _load_with_inheritance(path: Path, phase: str, chain: tuple[Path, ...] = ())
         raise UserError(f"'inherit' in {path} must be a config name or path, got {parent!r}.")
     parent_path = (path.parent / parent) if parent.endswith((".yaml", ".yml")) else resolve_config_path(parent, phase)
     return deep_merge(_load_with_inheritance(parent_path, phase, (*chain, path)), data)
+
+
+def _sets(values: dict, dotted: str) -> bool:
+    """Whether the nested `values` hold the dotted key (with any value, null included)."""
+    node: Any = values
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _refuse_moved_keys(values: dict, phase: str, source: str) -> None:
+    """A key that left the phase's schema is an error that says where the setting lives now."""
+    for (moved_phase, dotted), new_place in MOVED_KEYS.items():
+        if moved_phase == phase and _sets(values, dotted):
+            raise UserError(f"{dotted} moved: {new_place}. Remove it from {source}.")
 
 
 def parse_opts(opts: list[str] | None) -> dict:
@@ -149,12 +180,15 @@ def apply_schema(values: dict, schema: dict, prefix: str = "") -> dict:
 
 
 def load_config(name_or_path: str, phase: str, opts: list[str] | None = None) -> dict:
-    """Read, inherit, override, validate. Raises UserError for every user mistake."""
+    """Read, inherit, override, validate; a phase II / III NAME without a file is the defaults + `opts`
+    (`config_path`). Raises UserError for every user mistake."""
     if phase not in SCHEMAS:
         raise ValueError(f"unknown phase {phase}")
-    raw = _load_with_inheritance(resolve_config_path(name_or_path, phase), phase)
-    merged = deep_merge(raw, parse_opts(opts))
-    cfg = apply_schema(merged, SCHEMAS[phase])
+    path = config_path(name_or_path, phase)
+    raw = {} if path is None else _load_with_inheritance(path, phase)
+    overrides = parse_opts(opts)
+    _refuse_moved_keys(overrides, phase, "--opts")
+    cfg = apply_schema(deep_merge(raw, overrides), SCHEMAS[phase])
     validate_values(cfg, phase)
     return cfg
 

@@ -316,8 +316,9 @@ def release_locks() -> None:
     _HELD_LOCKS.clear()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict, indent: int | None = 2) -> None:
+    """Write `data` as JSON to a temporary file, then rename it over `path` (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n")
     tmp.replace(path)

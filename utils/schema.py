@@ -2,13 +2,20 @@
 
 A config file only states what differs from these defaults. Phase II and III configs hold only
 their own settings: dataset and model come from the phase I run they build on (its saved
-`config.yaml`), so the phases cannot disagree about them.
+`config.yaml`), so the phases cannot disagree about them; a phase II / III config that would state
+nothing may be left out (`utils.config.load_config`).
+
+This module is the one source of the defaults (`defaults(section)`, e.g. `datasets` fills a partial
+`dataset:` section with `defaults(DATASET)`) and of the allowed values. Where the code that
+implements the values keeps a registry (losses, LR schedules, optimisers), the field's choices are
+read from it when a value is checked (`registry_choices`), so adding a registry entry is all it takes.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from utils.errors import UserError
 
@@ -16,21 +23,43 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 _PLURAL_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
+# the allowed values of a field: a tuple, or a zero-argument callable that returns one when a value is
+# checked (a registry owned by a module that utils must not import at import time; see registry_choices)
+Choices = tuple | Callable[[], tuple]
+
+
+def registry_choices(module: str, name: str) -> Callable[[], tuple[str, ...]]:
+    """Choices that are the keys of the registry `module.name` (e.g. `engine.losses.LOSSES`), read when
+    a value is checked: the registry is the one list, and utils does not import engine (torch) at
+    import time. Use as `F("ce", choices=registry_choices("engine.losses", "LOSSES"))`."""
+    def choices() -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(module), name))
+
+    return choices
+
+
 @dataclass(frozen=True)
 class Field:
-    """One config value: accepted type(s), default, optionally allowed choices."""
+    """One config value: accepted type(s), default, optionally allowed choices (a tuple or a
+    zero-argument callable returning one, resolved at every check: see `registry_choices`)."""
 
     types: tuple
     default: Any
-    choices: tuple | None = None
+    choices: Choices | None = None
     nullable: bool = False
     item_type: type | None = None  # for lists
+
+    def allowed(self) -> tuple | None:
+        """The allowed values now (None: any value of the right type)."""
+        return self.choices() if callable(self.choices) else self.choices
 
     def coerce(self, value: Any, path: str) -> Any:
         if value is None:
             if self.nullable:
                 return None
             raise UserError(f"Config key '{path}' must not be empty (null); default is {self.default!r}.")
+        if float in self.types and isinstance(value, str):
+            value = _float_or_text(value)
         ok = any(_is_instance(value, t) for t in self.types)
         if not ok:
             wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in self.types)
@@ -43,9 +72,18 @@ class Field:
                     raise UserError(
                         f"Config key '{path}' must be a list of {_PLURAL_NAMES[self.item_type]}, got item {item!r}."
                     )
-        if self.choices is not None and value not in self.choices:
-            raise UserError(f"Config key '{path}' must be one of {', '.join(map(str, self.choices))}; got {value!r}.")
+        allowed = self.allowed()
+        if allowed is not None and value not in allowed:
+            raise UserError(f"Config key '{path}' must be one of {', '.join(map(str, allowed))}; got {value!r}.")
         return copy.deepcopy(value)
+
+
+def _float_or_text(text: str) -> float | str:
+    """YAML 1.1 (PyYAML) reads `5e-4` as a string (it wants `5.0e-4`); a number key takes it as the number."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _is_instance(value: Any, wanted: type) -> bool:
@@ -56,14 +94,19 @@ def _is_instance(value: Any, wanted: type) -> bool:
     return isinstance(value, wanted)
 
 
-def F(default: Any, *types: type, choices: tuple | None = None, nullable: bool = False, item: type | None = None) -> Field:
+def F(default: Any, *types: type, choices: Choices | None = None, nullable: bool = False,
+      item: type | None = None) -> Field:
+    """A `Field` whose type is the default's unless `types` are given (the schema tables stay one line a key)."""
     if not types:
         types = (type(default),)
     return Field(types=types, default=default, choices=choices, nullable=nullable, item_type=item)
 
 
+# datasets.AVAILABLE_DATASETS and datasets.AUGMENT_POLICIES are these
 DATASET_NAMES = ("synthetic-LT", "fashion-mnist-LT", "cifar10-LT", "cifar100-LT", "list", "image-folder")
-# datasets.base.AUGMENT_POLICIES; the old booleans stay valid (true = auto, false = none)
+# `dataset.augment`: auto picks per dataset (in memory: crop_flip; files: by image size), none switches
+# phase I's augmentation off, crop_flip is a zero-padded random crop (CIFAR-style), resized_crop
+# ImageNet's random-resized crop (file datasets only); the old booleans stay valid (true = auto, false = none)
 AUGMENT_POLICIES = ("auto", "none", "crop_flip", "resized_crop")
 
 DATASET = {
@@ -96,7 +139,7 @@ DATASET = {
 }
 
 OPTIM = {
-    "optimizer": F("sgd", choices=("sgd", "adamw")),
+    "optimizer": F("sgd", choices=registry_choices("engine.optim", "OPTIMIZERS")),
     "lr": F(0.1, float),
     "momentum": F(0.9, float),
     "nesterov": F(False),
@@ -115,22 +158,26 @@ PHASE_I = {
         **OPTIM,
         "epochs": F(200),
         "batch_size": F(128),
-        "schedule": F("multistep", choices=("constant", "step", "multistep", "cosine")),
+        "schedule": F("multistep", choices=registry_choices("engine.optim", "SCHEDULES")),
         "milestones": F([160, 180], list, item=int),
         "step_size": F(150),
         "gamma": F(0.1, float),
         "warmup_epochs": F(0.0, float),
-        "loss": F("ce", choices=("ce", "focal", "class_balanced", "balanced_softmax")),
+        "loss": F("ce", choices=registry_choices("engine.losses", "LOSSES")),
         "focal_gamma": F(1.0, float),
         "cb_beta": F(0.9999, float),
         "num_workers": F(0),
         "save_every": F(0),
         "eval_every": F(1),
     },
+    # hr: head = the largest classes holding this share of the training samples, for every phase
+    # (phase II's split and phase III's head / tail read it from the phase I run's saved config)
     "eval": {"batch_size": F(256), "hr": F(0.9, float)},
     "accel": {**ACCEL, "compile": F(False)},
 }
 
+# the defaults are the FSA paper's settings (Chu et al. 2020): top-3 confusing classes per tail class,
+# class-specific M >= ts, class-generic M < tg (the paper gives no thresholds; 0.8 / 0.2 are our choice)
 PHASE_II = {
     "seed": F(0),
     "gradcam": {
@@ -138,7 +185,7 @@ PHASE_II = {
         "method": F("auto", choices=("auto", "closed_form", "autograd")),
         "batch_size": F(256),
     },
-    "split": {"hr": F(0.9, float), "ts": F(0.8, float), "tg": F(0.2, float)},
+    "split": {"ts": F(0.8, float), "tg": F(0.2, float)},
     "confusion": {"nf": F(3)},
     "store": {"enabled": F(True), "views": F(0), "num_workers": F(0)},
     "accel": ACCEL,
@@ -151,7 +198,8 @@ PHASE_III = {
         **OPTIM,
         "lr": F(1e-3, float),
         "weight_decay": F(5e-4, float),
-        "generator": F("fsa", str),
+        # a phase III method of the method table (engine.methods), with the script's mode
+        "generator": F("fsa", str, choices=registry_choices("engine.methods", "GENERATOR_NAMES")),
         "iterations": F(6400),
         "nt": F(16),
         "na": F(3),
@@ -177,6 +225,19 @@ PHASE_III = {
 }
 
 SCHEMAS = {"phase_i": PHASE_I, "phase_ii": PHASE_II, "phase_iii": PHASE_III}
+
+# keys that left a phase's schema: (phase, old dotted key) -> where the setting lives now. A config
+# file or --opts that still sets one gets this message instead of "unknown key". One line per move.
+MOVED_KEYS: dict[tuple[str, str], str] = {
+    ("phase_ii", "split.hr"): "head/tail use one share for every phase, the phase I config's eval.hr "
+                              "(set it there or with phase I's --opts eval.hr=...)",
+}
+
+
+def defaults(section: dict) -> dict:
+    """The complete defaults of a schema (section), e.g. `defaults(DATASET)`: a fresh nested dict."""
+    return {key: defaults(spec) if isinstance(spec, dict) else copy.deepcopy(spec.default)
+            for key, spec in section.items()}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -207,7 +268,6 @@ def validate_values(cfg: dict, phase: str) -> None:
         _require(0 < cfg["eval"]["hr"] <= 1, f"eval.hr must be in (0, 1], got {cfg['eval']['hr']}.")
     elif phase == "phase_ii":
         s = cfg["split"]
-        _require(0 < s["hr"] <= 1, f"split.hr must be in (0, 1], got {s['hr']}.")
         _require(0 <= s["tg"] < s["ts"] <= 1, f"split thresholds need 0 <= tg < ts <= 1, got ts={s['ts']}, tg={s['tg']}.")
         _require(cfg["confusion"]["nf"] >= 1, "confusion.nf must be >= 1.")
         _require(cfg["gradcam"]["batch_size"] >= 1, "gradcam.batch_size must be >= 1.")

@@ -1,10 +1,26 @@
-"""Seeding: every epoch (or iteration block) reseeds from (seed, step), which makes resume exact."""
+"""Seeding: every random draw of a run is a pure function of its seed and where it happens, which
+makes a resumed run replay exactly what a straight one does and makes results independent of the
+number of processes and DataLoader workers.
+
+One helper, :func:`stream_seed`: a seed for a named stream and a position, e.g.
+``stream_seed(seed, "tailcalib.shuffle", epoch)`` or ``stream_seed(seed, epoch, 1 + rank)``. Names are
+looked up in :data:`STREAMS` (one table, so two streams never share a number by accident within one
+run kind); integers are positions (epoch, iteration, batch, rank, view).
+"""
 from __future__ import annotations
 
 import random
 
 import numpy as np
 import torch
+
+# stream name -> its number. Streams of different runs (phase III maps vs TailCalib) may share a number.
+STREAMS = {
+    "phase_iii.images": 1,      # file-dataset augmentation of a phase III map method's iteration (per rank)
+    "tailcalib.generate": 1,    # TailCalib's calibrated samples (per epoch online, once offline)
+    "tailcalib.augment": 2,     # TailCalibX's augmented training images (per epoch)
+    "tailcalib.shuffle": 3,     # the linear classifier's minibatch order (per epoch)
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -13,6 +29,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def derived_seed(seed: int, step: int) -> int:
-    """A seed for step `step` of a run seeded with `seed` (distinct, stable across resumes)."""
+def _derived_seed(seed: int, step: int) -> int:
+    """A seed for step `step` below `seed` (distinct, stable across resumes)."""
     return (seed * 1_000_003 + step * 7_919 + 17) % 2**31
+
+
+def stream_seed(seed: int, *path: int | str) -> int:
+    """The seed of `path` below `seed`: each part (a stream name of STREAMS, or an integer position)
+    derives the next seed."""
+    for part in path:
+        seed = _derived_seed(seed, STREAMS[part] if isinstance(part, str) else part)
+    return seed

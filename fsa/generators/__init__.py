@@ -4,10 +4,10 @@ A generator adds `Nt*Na` rows to each phase III batch from the batch's `Nt` real
 It first names the extra training samples whose feature maps it needs (`extra_indices`), the
 runner fetches those maps together with the tail and head maps (online: one forward pass over
 the images; offline: the phase II store), then `generate` turns them into the extra rows.
-A new generator subclasses `MapGenerator` and registers itself in `GENERATORS`.
+A new generator subclasses `MapGenerator`; its entry in the method table (`engine.methods`) names it.
 """
 from __future__ import annotations
 
-from fsa.generators.feature_maps import GENERATORS, GeneratorContext, MapGenerator, build_generator
+from fsa.generators.feature_maps import FusionGenerator, GeneratorContext, MapGenerator, ResampleGenerator
 
-__all__ = ["GENERATORS", "GeneratorContext", "MapGenerator", "build_generator"]
+__all__ = ["FusionGenerator", "GeneratorContext", "MapGenerator", "ResampleGenerator"]

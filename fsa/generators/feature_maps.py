@@ -24,7 +24,7 @@ class GeneratorContext:
 
 
 class MapGenerator:
-    name = ""
+    """A phase III map method's generator (the `implementation` of its engine.methods entry)."""
 
     def __init__(self, ctx: GeneratorContext):
         self.ctx = ctx
@@ -42,8 +42,6 @@ class MapGenerator:
 class FusionGenerator(MapGenerator):
     """FSA (DESIGN 2.6): each tail sample's class-specific vectors fused with the class-generic
     vectors of a donor from one of its confusing classes; the fused map keeps the tail label."""
-
-    name = "fsa"
 
     def __init__(self, ctx: GeneratorContext):
         super().__init__(ctx)
@@ -75,19 +73,8 @@ class ResampleGenerator(MapGenerator):
     samples of the same tail classes instead of fused maps. The gap between this and `fsa` is what
     the augmentation adds beyond re-balancing."""
 
-    name = "none"
-
     def extra_indices(self, tail_labels: Tensor, generator: torch.Generator) -> Tensor:
         return self.ctx.composer.sample_from_classes(tail_labels.repeat_interleave(self.ctx.na).cpu(), generator)
 
     def generate(self, tail_maps, tail_cams, tail_labels, extra_maps, extra_cams, extra_labels, generator):
         return extra_maps, extra_labels
-
-
-GENERATORS: dict[str, type[MapGenerator]] = {g.name: g for g in (FusionGenerator, ResampleGenerator)}
-
-
-def build_generator(name: str, ctx: GeneratorContext) -> MapGenerator:
-    if name not in GENERATORS:
-        raise UserError(f"Unknown finetune.generator '{name}'. Available: {', '.join(GENERATORS)}.")
-    return GENERATORS[name](ctx)

@@ -20,7 +20,6 @@ model (``checkpoint_selection``): the best validation score where the run has a 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -28,31 +27,16 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis.plots import bar_chart, per_class_chart
+from engine.methods import METHODS
 from utils.config import config_name
 from utils.errors import UserError
 from utils.run_dir import RunPaths, load_results, read_results, write_json_atomic
 
-__all__ = ["ROWS", "METRICS", "REPORT_DIR", "discover_rows", "collect", "build_report", "format_value", "run",
+__all__ = ["METRICS", "REPORT_DIR", "discover_rows", "collect", "build_report", "format_value", "run",
            "report_dir", "is_up_to_date"]
 
-# (label, run folder under checkpoints/) in table order; other phase_iii_* folders follow by name
-ROWS: tuple[tuple[str, str], ...] = (
-    ("Phase I baseline (CE)", "phase_i"),
-    ("cRT control (offline, no fusion)", "phase_iii_offline-none"),
-    ("FSA offline", "phase_iii_offline"),
-    ("cRT control (online, no fusion)", "phase_iii_online-none"),
-    ("FSA online", "phase_iii_online"),
-    ("TailCalib (offline)", "phase_iii_offline-tailcalib"),
-    ("TailCalibX (online)", "phase_iii_online-tailcalibx"),
-)
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "head", "tail")
-# (method folder, reference folder): each FSA run against its same-mode control and against phase I
-PAIRED: tuple[tuple[str, str], ...] = (
-    ("phase_iii_offline", "phase_iii_offline-none"),
-    ("phase_iii_offline", "phase_i"),
-    ("phase_iii_online", "phase_iii_online-none"),
-    ("phase_iii_online", "phase_i"),
-)
 PAIRED_METRICS: tuple[str, ...] = ("top1", "tail")
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
@@ -60,10 +44,6 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
          2.0518, 2.0484, 2.0452, 2.0423)
 REPORT_DIR = "reports"
 ABSENT = "—"
-# fixed figure sizes (inches at 100 dpi) so the PNGs have a known size in pixels
-BAR_FIGSIZE = (9.0, 5.0)
-PER_CLASS_FIGSIZE = (8.0, 5.0)
-DPI = 100
 
 
 def report_dir(config: str, root: Path = Path(".")) -> Path:
@@ -152,13 +132,14 @@ class PairedDifference:
 
 
 def paired_differences(rows: list["Row"]) -> list[PairedDifference]:
-    """Every ``PAIRED`` comparison whose two rows share at least one note, for each ``PAIRED_METRICS``."""
+    """Every paired comparison of the method table (each method against its control, then against
+    the phase I baseline) whose two rows share at least one note, for each ``PAIRED_METRICS``."""
     by_phase = {row.phase: row for row in rows}
     out = []
-    for method, reference in PAIRED:
-        if method not in by_phase or reference not in by_phase:
+    for method, reference in METHODS.paired():
+        if method.folder not in by_phase or reference.folder not in by_phase:
             continue
-        a, b = by_phase[method], by_phase[reference]
+        a, b = by_phase[method.folder], by_phase[reference.folder]
         for metric in PAIRED_METRICS:
             per_note = {note: float(a.runs[note][metric]) - float(b.runs[note][metric])
                         for note in a.runs if note in b.runs
@@ -171,7 +152,9 @@ def paired_differences(rows: list["Row"]) -> list[PairedDifference]:
 @dataclass
 class Row:
     label: str
-    phase: str
+    phase: str                 # its run folder under checkpoints/
+    id: str | None = None      # the method-table id (None: a run folder the table does not know)
+    group: str | None = None
     runs: dict[str, dict] = field(default_factory=dict)  # note -> results.json of a finished run
     sources: dict[str, str] = field(default_factory=dict)  # note -> path of that results.json
 
@@ -201,28 +184,25 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def discover_rows(config: str, root: Path = Path(".")) -> list[tuple[str, str]]:
-    """The fixed rows, then every other ``checkpoints/phase_iii_*/<config>`` folder (label = folder)."""
-    rows = list(ROWS)
-    known = {phase for _, phase in rows}
+def discover_rows(config: str, root: Path = Path(".")) -> list[Row]:
+    """Empty rows of the method table (table order), then every other ``checkpoints/phase_iii_*/<config>``
+    folder (label = folder)."""
+    rows = [Row(m.label, m.folder, m.id, m.group) for m in METHODS]
+    known = {row.phase for row in rows}
     ckpt_root = Path(root) / "checkpoints"
     if ckpt_root.is_dir():
         for folder in sorted(ckpt_root.glob("phase_iii_*")):
             if folder.name not in known and (folder / config).is_dir():
-                rows.append((folder.name, folder.name))
+                rows.append(Row(folder.name, folder.name))
     return rows
 
 
 def _rerun_command(phase: str, config: str, note: str) -> str:
     """The command that writes ``checkpoints/<phase>/<config>/<note>`` again from scratch."""
-    if phase == "phase_i":
-        from engine.phase_i import phase_i_command  # heavy imports, only for this error message
-
-        return f"{phase_i_command(config, note)} --overwrite"
-    from engine.phase_iii_runs import parse_phase_name, phase_iii_command
-
-    mode, generator = parse_phase_name(phase)
-    return f"{phase_iii_command(mode, config, note, generator)} --overwrite"
+    method = METHODS.by_folder(phase)
+    if method is None:
+        return f"the command that made checkpoints/{phase}/{config}/{note}, with --overwrite"
+    return method.command(config, note, "--overwrite")
 
 
 def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:
@@ -232,8 +212,8 @@ def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:
     that silently lacks a seed would be taken for the complete result."""
     config = config_name(config)
     rows, broken = [], []
-    for label, phase in discover_rows(config, root):
-        row = Row(label, phase)
+    for row in discover_rows(config, root):
+        phase = row.phase
         for note in notes:
             path = RunPaths(phase, config, note, Path(root)).results
             try:
@@ -355,74 +335,6 @@ def _csv(rows: list[Row], notes: list[str]) -> str:
     return buf.getvalue()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _bar_chart(path: Path, config: str, notes: list[str], rows: list[Row]) -> None:
-    plt = _pyplot()
-    metrics = [m for m in METRICS if any(row.stat(m).n for row in rows)]
-    fig, ax = plt.subplots(figsize=BAR_FIGSIZE, dpi=DPI)
-    width = 0.8 / max(len(rows), 1)
-    colors = plt.get_cmap("tab10")
-    for i, row in enumerate(rows):
-        stats = [row.stat(m) for m in metrics]
-        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(metrics))]
-        means = [s.mean if s.mean is not None else 0.0 for s in stats]
-        errs = [s.std if s.std is not None else 0.0 for s in stats]
-        keep = [k for k, s in enumerate(stats) if s.n]  # an absent group draws no bar
-        with_err = any(stats[k].std is not None for k in keep)
-        ax.bar([xs[k] for k in keep], [means[k] for k in keep], width * 0.95,
-               yerr=[errs[k] for k in keep] if with_err else None, capsize=3, label=row.label, color=colors(i % 10))
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels(metrics)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    shown = f"mean ± sample std over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
-    ax.set_title(f"{config}: test accuracy of the selected models ({shown})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(rows), 3), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-
-
-def _per_class_chart(path: Path, config: str, notes: list[str], rows: list[Row]) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=PER_CLASS_FIGSIZE, dpi=DPI)
-    colors = plt.get_cmap("tab10")
-    drawn = 0
-    for i, row in enumerate(rows):
-        data = row.per_class()
-        if data is None:
-            continue
-        counts, accuracy = data
-        points = sorted((max(n, 1), a) for n, a in zip(counts, accuracy) if a is not None)
-        if not points:
-            continue
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o" if len(xs) <= 100 else None, markersize=3, linewidth=1.2, label=row.label,
-                color=colors(i % 10))
-        drawn += 1
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("per-class test accuracy (%)")
-    ax.set_ylim(-2, 102)
-    shown = f"mean over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
-    ax.set_title(f"{config}: per-class accuracy, selected models ({shown})")
-    ax.grid(alpha=0.3, which="both")
-    if drawn:
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
@@ -431,6 +343,8 @@ def _report_json(config: str, notes: list[str], rows: list[Row], files: dict) ->
     for row in rows:
         per_class = row.per_class()
         out_rows.append({
+            "id": row.id,
+            "group": row.group,
             "label": row.label,
             "phase": row.phase,
             "n": row.n,
@@ -462,7 +376,7 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
         raise UserError("--notes needs at least one note name (e.g. --notes default).")
     rows = collect(config, notes, root)
     if not rows:
-        looked = ", ".join(f"checkpoints/{phase}/{config}/<note>" for _, phase in ROWS[:4])
+        looked = ", ".join(f"checkpoints/{m.folder}/{config}/<note>" for m in list(METHODS)[:4])
         raise UserError(
             f"No finished run of config '{config}' for note(s) {', '.join(notes)} (looked for results.json with "
             f"finished: true in {looked}, ...). Run the phases first, e.g. python pipeline.py --config {config}"
@@ -474,8 +388,8 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
     markdown = _markdown(config, notes, rows)
     (out / "ablation.md").write_text(markdown)
     (out / "ablation.csv").write_text(_csv(rows, notes))
-    _bar_chart(out / "ablation.png", config, notes, rows)
-    _per_class_chart(out / "per_class.png", config, notes, rows)
+    bar_chart(out / "ablation.png", config, notes, rows, METRICS)
+    per_class_chart(out / "per_class.png", config, notes, rows)
     data = _report_json(config, notes, rows, files)
     write_json_atomic(out / "report.json", data)  # written last: it marks a complete report
     if echo:
@@ -502,5 +416,5 @@ def is_up_to_date(config: str, notes: list[str], root: Path = Path(".")) -> bool
     return all(Path(src).stat().st_mtime <= made for src in current.values())
 
 
-def run(args: argparse.Namespace) -> dict:
-    return build_report(args.config, list(args.notes), Path("."))
+def run(config: str, notes: list[str]) -> dict:
+    return build_report(config, notes, Path("."))

@@ -1,0 +1,325 @@
+"""The phases' outputs as typed objects: the only module that reads or writes them.
+
+Phases meet only through these files, so each is read and written here, with its checks:
+
+- phase I run (``checkpoints/phase_i/<config>/<note>/``): :class:`PhaseIRun` — its saved config, the
+  datasets rebuilt from it (same long-tailed subset), its checkpoints and how ``best_model.pt`` was
+  selected, and the checkpoint payload that every backbone run writes;
+- phase II outputs (``features/<config>/<note>/``): :func:`write_phase_ii` / :func:`read_phase_ii`
+  (``score_matrix.pt``, ``confusion.json``, ``split.json``, ``split_statistics.json``,
+  ``provenance.json``), :func:`open_store` (the feature store).
+
+``provenance.json`` records the sha256 of the phase I checkpoint and config a phase II folder was made
+from; readers refuse phase II outputs of another (retrained or edited) phase I run::
+
+    {"format": "fsa-lt-provenance/1", "config": NAME, "note": NOTE,
+     "phase_i_checkpoint": {"path": ..., "sha256": ..., "bytes": ...},
+     "phase_i_config": {"path": ..., "sha256": ...},
+     "phase_ii_config": {...resolved phase II config...}, "features_dir": ..., "created": ..., "torch": ...}
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from datasets import DatasetBundle, build_datasets
+from fsa.confusion import confusing_table
+from fsa.feature_store import FeatureStore
+from models import LTModel, build_model
+from utils.checkpoint import apply_weights, load_checkpoint
+from utils.cli import script_command
+from utils.config import load_config
+from utils.errors import UserError
+from utils.run_dir import RunPaths, read_results, write_json_atomic
+
+__all__ = ["PhaseIRun", "open_phase_i_run", "build_phase_i_model", "checkpoint_payload", "phase_i_command",
+           "phase_ii_command", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "open_store", "explained_classes",
+           "sha256_file", "make_provenance", "read_provenance", "check_provenance", "STORE_DIR", "PROVENANCE_FILE"]
+
+STORE_DIR = "store"
+PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FORMAT = "fsa-lt-provenance/1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase I
+# ------------------------------------------------------------------------------------------------
+def phase_i_command(config: str, note: str, *extra: str) -> str:
+    return script_command("phase_i_train_or_test.py", config, note, *extra)
+
+
+def build_phase_i_model(cfg: dict, bundle: DatasetBundle, device: torch.device) -> LTModel:
+    """The (untrained) model of a phase I config for its datasets."""
+    return build_model(cfg["model"]["arch"], bundle.num_classes, bundle.in_channels).to(device)
+
+
+def checkpoint_payload(model: LTModel, cfg: dict, bundle: DatasetBundle, phase: str, **extra) -> dict:
+    """A backbone + classifier checkpoint: everything a later phase needs to rebuild and check the
+    model; tensors and plain values only."""
+    return {
+        "phase": phase,
+        "model": model.state_dict(),
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "in_channels": model.in_channels,
+        "dataset": bundle.name,
+        "train_counts": list(bundle.train_counts),
+        "config": cfg,
+        **extra,
+    }
+
+
+def load_backbone(path: Path, cfg: dict, bundle: DatasetBundle, device: torch.device, produced_by: str) -> LTModel:
+    """The model of phase I config `cfg` with the backbone checkpoint at `path` loaded (and checked)."""
+    payload = load_checkpoint(path, produced_by=produced_by)
+    if payload.get("dataset") not in (None, bundle.name):
+        raise UserError(
+            f"Checkpoint {path} was trained on dataset '{payload.get('dataset')}', but this run uses "
+            f"'{bundle.name}'. Use the checkpoint of the matching config."
+        )
+    model = build_phase_i_model(cfg, bundle, device)
+    apply_weights(model, payload, path)
+    return model
+
+
+@dataclass
+class PhaseIRun:
+    """A phase I run that a later stage builds on."""
+
+    paths: RunPaths          # phase I paths (checkpoint_dir = the phase I run folder)
+    cfg: dict                # its resolved config (config.yaml)
+    bundle: DatasetBundle    # built with run_dir = the phase I run, so its train_subset.json is reused
+
+    @property
+    def config_path(self) -> Path:
+        return self.paths.checkpoint_dir / "config.yaml"
+
+    @property
+    def hr(self) -> float:
+        """The head / tail share of every phase built on this run (one hr: phase I's eval.hr)."""
+        return self.cfg["eval"]["hr"]
+
+    def command(self, *extra: str) -> str:
+        return phase_i_command(self.paths.config, self.paths.note, *extra)
+
+    def load_model(self, device: torch.device, checkpoint: Path | None = None, produced_by: str | None = None) -> LTModel:
+        """The model with `checkpoint` (default: the run's best_model.pt) loaded."""
+        return load_backbone(checkpoint or self.paths.best, self.cfg, self.bundle, device, produced_by or self.command())
+
+    def selection_of(self, checkpoint: Path) -> dict | None:
+        """How the model at `checkpoint` was chosen (the run's `checkpoint_selection`), for the records
+        of the phases that start from it; None for a file other than the run's best_model.pt."""
+        results = read_results(self.paths.results)
+        if results is None or Path(checkpoint).resolve() != self.paths.best.resolve():
+            return None
+        return results.get("checkpoint_selection")
+
+
+def open_phase_i_run(config: str, note: str, root: Path = Path("."), *, needed_by: str = "phase II",
+                     need_checkpoint: bool = False) -> PhaseIRun:
+    """Find the phase I run of (config, note) and rebuild its datasets; UserError naming the phase I
+    command when it (or, with `need_checkpoint`, its best_model.pt) does not exist."""
+    paths = RunPaths("phase_i", config, note, Path(root))
+    config_path = paths.checkpoint_dir / "config.yaml"
+    if not config_path.is_file() or (need_checkpoint and not paths.best.is_file()):
+        missing = config_path if not config_path.is_file() else paths.best
+        raise UserError(
+            f"{needed_by} needs the phase I run of config '{config}' (note '{note}'), but "
+            f"{missing} does not exist. Run phase I first: {phase_i_command(config, note)}"
+        )
+    cfg = load_config(str(config_path), "phase_i")
+    return PhaseIRun(paths=paths, cfg=cfg, bundle=build_datasets(cfg["dataset"], paths.checkpoint_dir))
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase II
+# ------------------------------------------------------------------------------------------------
+def phase_ii_command(config: str, note: str, *, overwrite: bool = False) -> str:
+    return script_command("phase_ii_extract_feature.py", config, note, *(["--overwrite"] if overwrite else []))
+
+
+def _none_if_nan(values: list[float]) -> list[float | None]:
+    return [None if (v is None or math.isnan(v)) else float(v) for v in values]
+
+
+def write_phase_ii(folder: Path, *, matrix: torch.Tensor, nf: int, hr: float, head: list[int], tail: list[int],
+                   confusing: dict[int, list[int]], counts: list[int], names: list[str], statistics: dict,
+                   ts: float, tg: float, cam: dict) -> None:
+    """Phase II's split, confusing classes and split statistics (``statistics``: SplitStatistics.result();
+    ``cam``: layer, method, shape)."""
+    torch.save(matrix, folder / "score_matrix.pt")
+    write_json_atomic(folder / "confusion.json", {
+        "nf": nf,
+        "rows": "true class (S[t, j] = mean softmax score of class j over the training samples of class t)",
+        "tail": tail,
+        "confusing": {str(t): c for t, c in confusing.items()},
+        "confusing_names": {names[t]: [names[j] for j in c] for t, c in confusing.items()},
+        "score_matrix": [[float(v) for v in row] for row in matrix.tolist()],
+        "class_names": names,
+    })
+    write_json_atomic(folder / "split.json", {
+        "hr": hr, "head": head, "tail": tail, "train_counts": list(counts), "class_names": names,
+    })
+    specific = _none_if_nan(statistics["specific"].cpu().tolist())
+    generic = _none_if_nan(statistics["generic"].cpu().tolist())
+    count = [int(c) for c in statistics["count"].cpu().tolist()]
+    total = max(sum(count), 1)
+    write_json_atomic(folder / "split_statistics.json", {
+        "ts": ts, "tg": tg, "cam_layer": cam["layer"], "cam_method": cam["method"], "cam_shape": list(cam["shape"]),
+        "specific": specific, "generic": generic, "count": count,
+        "mean_specific": sum((s or 0.0) * c for s, c in zip(specific, count)) / total,
+        "mean_generic": sum((g or 0.0) * c for g, c in zip(generic, count)) / total,
+        "per_class": {names[i]: {"class": i, "specific": specific[i], "generic": generic[i], "count": count[i]}
+                      for i in range(len(names))},
+        "class_names": names,
+    })
+
+
+@dataclass
+class PhaseIIOutputs:
+    """What later stages read from `features/<config>/<note>/`, checked against the phase I run."""
+
+    folder: Path
+    hr: float                # the head / tail share of the split (phase I's eval.hr)
+    head: list[int]
+    tail: list[int]
+    ts: float                # CAM thresholds of the class-specific / class-generic split
+    tg: float
+    confusing: torch.Tensor  # [C, nf], -1 where a class has no confusing classes
+    checkpoint: Path         # the phase I checkpoint they were computed from
+
+
+def read_phase_ii(folder: Path, phase_i: PhaseIRun) -> PhaseIIOutputs:
+    """Load phase II's split, thresholds and confusing classes, after checking they match phase I."""
+    if not (folder / "results.json").is_file():
+        raise UserError(f"No phase II outputs in {folder}. Run phase II first: "
+                        f"{phase_ii_command(phase_i.paths.config, phase_i.paths.note)}")
+    prov = read_provenance(folder)
+    checkpoint = Path(prov["phase_i_checkpoint"]["path"])
+    if not checkpoint.is_file():
+        checkpoint = phase_i.paths.best
+    check_provenance(folder, checkpoint, phase_i.config_path)
+    split = json.loads((folder / "split.json").read_text())
+    thresholds = json.loads((folder / "split_statistics.json").read_text())
+    confusion = json.loads((folder / "confusion.json").read_text())
+    table = confusing_table({int(k): v for k, v in confusion["confusing"].items()}, phase_i.bundle.num_classes,
+                            confusion["nf"])
+    return PhaseIIOutputs(folder, float(split["hr"]), list(split["head"]), list(split["tail"]),
+                          float(thresholds["ts"]), float(thresholds["tg"]), table, checkpoint)
+
+
+def open_store(folder: Path, config: str, note: str) -> FeatureStore:
+    """Phase II's feature store; a UserError naming the phase II command when it was not written."""
+    store_dir = folder / STORE_DIR
+    if not (store_dir / "meta.json").is_file():
+        raise UserError(f"Phase II stored no feature maps in {store_dir} (store.enabled was false or it did not finish), "
+                        f"so this method has nothing to read. Rerun phase II with the store on: "
+                        f"{phase_ii_command(config, note, overwrite=True)} --opts store.enabled=true")
+    return FeatureStore(store_dir)
+
+
+def explained_classes(folder: Path) -> list[int]:
+    """Every tail class of phase II's ``confusion.json`` followed by its confusing classes, each once
+    (visualize's default classes); the caller checks provenance first."""
+    data = json.loads((folder / "confusion.json").read_text())
+    chosen: list[int] = []
+    for tail, donors in data.get("confusing", {}).items():
+        for c in [int(tail), *map(int, donors)]:
+            if c not in chosen:
+                chosen.append(c)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance
+# ------------------------------------------------------------------------------------------------
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_provenance(*, config: str, note: str, checkpoint_path: Path, phase_i_config_path: Path,
+                    phase_ii_config: dict, features_dir: Path) -> dict:
+    checkpoint_path, phase_i_config_path = Path(checkpoint_path), Path(phase_i_config_path)
+    return {
+        "format": PROVENANCE_FORMAT,
+        "config": config,
+        "note": note,
+        "phase_i_checkpoint": {
+            "path": str(checkpoint_path.resolve()),
+            "sha256": sha256_file(checkpoint_path),
+            "bytes": checkpoint_path.stat().st_size,
+        },
+        "phase_i_config": {"path": str(phase_i_config_path.resolve()), "sha256": sha256_file(phase_i_config_path)},
+        "phase_ii_config": phase_ii_config,
+        "features_dir": str(Path(features_dir).resolve()),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def _names(features_dir: Path, provenance: dict | None) -> tuple[str, str]:
+    if provenance and provenance.get("config"):
+        return str(provenance["config"]), str(provenance.get("note", "default"))
+    features_dir = Path(features_dir)
+    return features_dir.parent.name or "NAME", features_dir.name or "default"
+
+
+def read_provenance(features_dir: Path | str) -> dict:
+    """The parsed ``provenance.json``; a missing or unreadable file is a UserError naming phase II."""
+    features_dir = Path(features_dir)
+    path = features_dir / PROVENANCE_FILE
+    config, note = _names(features_dir, None)
+    if not path.is_file():
+        raise UserError(
+            f"No phase II outputs in {features_dir} ({PROVENANCE_FILE} missing). Run phase II first: "
+            f"{phase_ii_command(config, note, overwrite=(features_dir / 'results.json').is_file())}"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is unreadable ({exc}); rerun {phase_ii_command(config, note, overwrite=True)}") from exc
+    if not isinstance(data, dict) or data.get("format") != PROVENANCE_FORMAT:
+        raise UserError(f"{path} is not an FSA-LT provenance file; rerun {phase_ii_command(config, note, overwrite=True)}")
+    return data
+
+
+def check_provenance(features_dir: Path | str, phase_i_checkpoint_path: Path | str,
+                     phase_i_config_path: Path | str) -> dict:
+    """Raise UserError unless the phase II outputs in ``features_dir`` were made from exactly this
+    phase I checkpoint file and this phase I ``config.yaml`` (compared by sha256 of the bytes);
+    also refuse an unfinished phase II. Returns the provenance dict."""
+    features_dir = Path(features_dir)
+    prov = read_provenance(features_dir)
+    config, note = _names(features_dir, prov)
+    rerun = phase_ii_command(config, note, overwrite=True)
+    results = read_results(features_dir / "results.json")
+    if not (results or {}).get("finished"):
+        raise UserError(f"phase II in {features_dir} did not finish (no finished results.json): rerun {rerun}")
+    for key, path, what in (("phase_i_checkpoint", phase_i_checkpoint_path, "checkpoint"),
+                            ("phase_i_config", phase_i_config_path, "config")):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"phase I {what} {path} does not exist; cannot check it against the phase II outputs "
+                            f"in {features_dir}.")
+        recorded = prov.get(key, {}).get("sha256")
+        if recorded != sha256_file(path):
+            raise UserError(
+                f"phase II outputs were made from a different phase I {what}: {features_dir} was computed from "
+                f"{prov.get(key, {}).get('path', '?')}, whose content differs from {path} (retrained or edited "
+                f"since). Rerun {rerun}"
+            )
+    return prov
+
+
+def write_provenance(features_dir: Path, provenance: dict) -> None:
+    write_json_atomic(Path(features_dir) / PROVENANCE_FILE, provenance)

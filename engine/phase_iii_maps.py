@@ -1,0 +1,279 @@
+"""Phase III map methods (kind ``maps`` of the method table, e.g. FSA and its cRT control):
+fine-tune the classifier (optionally the last stage) with generated tail rows on CAM-layer maps.
+
+online  -- every iteration recomputes feature maps and CAMs of the sampled images with the current
+           network (input augmentation on, CAMs in eval mode), then generates and steps.
+offline -- feature maps and CAMs come from phase II's store; training never touches an image.
+
+The method's generator (a :class:`fsa.generators.MapGenerator`, its table entry's
+``implementation``) names the extra samples it needs and turns their maps into the batch's
+generated rows. The backbone stays in eval mode throughout (BatchNorm statistics frozen, CAMs as in
+phase II); only `fc` -- and with `finetune.unfreeze` (online) the last stage -- receives gradients.
+
+Under torchrun every rank draws the same batch plan (a pure function of seed and iteration) and
+takes every W-th of its tail and head rows; the trainable part is wrapped in
+DistributedDataParallel and the loss is scaled so that the averaged gradient is that of the whole
+batch. `finetune.nt` / `na` therefore describe the global batch, whatever the number of processes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from datasets import DatasetBundle
+from datasets.loader import BatchLoader
+from engine.accel import NO_ACCEL, Accel
+from engine.artifacts import checkpoint_payload
+from engine.loops import StepResult, TrainingTask, fit
+from engine.methods import Method
+from engine.optim import build_optimizer
+from engine.phase_iii import PhaseIIIInputs
+from engine.recorder import start_recording, write_test_results
+from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
+from fsa.feature_store import FeatureStore
+from fsa.generators import GeneratorContext, MapGenerator
+from fsa.gradcam import features_and_cams
+from models import LTModel
+from utils.checkpoint import apply_weights, load_checkpoint
+from utils.errors import UserError
+from utils import distributed
+from utils.run_dir import read_results
+from utils.seeding import seed_everything, stream_seed
+
+
+def run(inputs: PhaseIIIInputs, method: Method) -> dict:
+    """Train (or, with ``phase: test``, evaluate) map method `method` on `inputs`."""
+    cfg, f, model, bundle = inputs.cfg, inputs.cfg["finetune"], inputs.model, inputs.bundle
+    ctx = distributed.context()
+    if ctx.world_size > f["nt"]:
+        raise UserError(f"finetune.nt={f['nt']} tail samples per iteration cannot be shared by {ctx.world_size} processes "
+                        f"(each needs at least one): raise finetune.nt to >= {ctx.world_size} or use fewer processes.")
+    if cfg["phase"] == "test":
+        ckpt = Path(inputs.spec.checkpoint) if inputs.spec.checkpoint else inputs.paths.best
+        apply_weights(model, load_checkpoint(ckpt, produced_by=inputs.command), ckpt)
+        return write_test_results(inputs.paths, ckpt, inputs.eval_sets.test_report(model, bundle.train_counts, inputs.hr,
+                                                                                  accel=inputs.accel))
+
+    p2 = inputs.p2
+    composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
+    generator = method.load_implementation()(GeneratorContext(
+        labels=bundle.train.targets, confusing=p2.confusing, composer=composer, na=f["na"], ts=p2.ts, tg=p2.tg))
+    run_mode, logger = inputs.open_run()
+    if run_mode == "finished":
+        return read_results(inputs.paths.results) or {}
+
+    # offline maps come from the store, so the last stage could not learn anything there
+    unfreeze = f["unfreeze"] and method.mode == "online"
+    trainable = _set_trainable(model, unfreeze)
+    optimizer = build_optimizer(trainable, f)
+    # fp16 autocast gradients reach the unfrozen last stage through the online maps: scale them
+    scaler = inputs.accel.grad_scaler() if unfreeze else None
+    scaler = scaler if scaler is not None and scaler.is_enabled() else None
+    start, recorder = start_recording(
+        inputs.paths, run_mode, logger,
+        lambda **extra: checkpoint_payload(model, cfg, bundle, inputs.paths.phase, **extra),
+        restore=lambda state, path: apply_weights(model, state, path), optimizer=optimizer, scaler=scaler,
+        step_name="iteration", total_steps=f["iterations"], command=inputs.command,
+        select_on_val=bundle.val is not None)
+    logger.info(f"{method.mode} fine-tuning, {method.label} (generator {method.generator}), tail classes {p2.tail}, "
+                f"head classes {p2.head}, batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
+                f"{sum(p.numel() for p in trainable)} parameters, device {inputs.device}, {ctx.world_size} process(es); "
+                f"{inputs.accel.describe()}")
+    task = MapTraining(inputs, generator, composer, unfreeze, start)
+    fit(task, optimizer, recorder, start=start, scaler=scaler)
+    return recorder.finish(**inputs.records(), iterations=f["iterations"], train_samples=len(bundle.train))
+
+
+class MapTraining(TrainingTask):
+    """A map method's side of the loop: one batch per iteration, evaluated (and booked) every
+    ``finetune.eval_every`` iterations, iteration 0 = the phase I model itself."""
+
+    step_name = "iteration"
+    evaluate_first = True
+    progress_over_units = True
+
+    def __init__(self, inputs: PhaseIIIInputs, generator: MapGenerator, composer: TailHeadComposer, unfreeze: bool,
+                 start: int):
+        f, ctx = inputs.cfg["finetune"], distributed.context()
+        self.inputs, self.generator, self.seed, self.lr_value = inputs, generator, inputs.cfg["seed"], f["lr"]
+        self.total, self.eval_every, self.record_every = f["iterations"], f["eval_every"], f["eval_every"]
+        self.global_rows, self.world_size = batch_size(f["nt"], f["na"]), ctx.world_size
+        model = inputs.model
+        self.head: torch.nn.Module = _Head(model)
+        if ctx.enabled:
+            self.head = DistributedDataParallel(self.head, device_ids=[inputs.device] if inputs.device.type == "cuda" else None,
+                                                broadcast_buffers=False)
+        self.draws = IterationDraws(composer, generator, self.seed, ctx.rank, ctx.world_size)
+        if inputs.method.mode == "online":
+            self.fetch = _OnlineMaps(model, inputs.bundle, inputs.device, unfreeze, inputs.accel)
+            if not self.fetch.in_memory:  # file datasets: DataLoader workers load the next iterations' images ahead
+                self.fetch.prefetch(self.draws, start, f["iterations"], f["num_workers"])
+        else:
+            self.fetch = _OfflineMaps(inputs.store, inputs.device)
+
+    def begin(self, unit: int) -> None:
+        seed_everything(stream_seed(self.seed, unit))
+
+    def batches(self, unit: int) -> list:
+        return [self.draws(unit)]
+
+    def step(self, batch) -> StepResult:
+        plan, rng, extra = batch
+        loss, logits, targets = batch_loss(self.inputs.model, self.generator, plan, rng, self.fetch, extra=extra,
+                                           head=self.head, global_rows=self.global_rows, world_size=self.world_size)
+        return StepResult(loss, 1, logits, targets)  # every rank's scaled loss sums to the global batch's
+
+    def unit_stats(self, unit: int, seconds: float) -> dict:
+        return {"lr": self.lr_value}
+
+    def evaluate(self) -> tuple[dict, dict | None]:
+        inp = self.inputs
+        return inp.eval_sets.evaluate(inp.model, inp.bundle.train_counts, inp.hr, accel=inp.accel)
+
+
+def _set_trainable(model: LTModel, unfreeze: bool) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = [model.fc, model.last_stage] if unfreeze else [model.fc]
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    model.eval()  # BatchNorm frozen; see the module docstring
+    return params
+
+
+class IterationDraws:
+    """This rank's sample draws of phase III iteration `i`: `(plan, rng, extra)` where `plan` holds the
+    real tail / head indices (under torchrun: every W-th row of the global plan), `extra` the samples
+    the generator needs (donors, or more tail samples for `none`) and `rng` the generator for the
+    iteration's remaining draws. A pure function of (seed, i, rank): the training loop and the
+    file-dataset prefetcher both call it and get the same indices."""
+
+    def __init__(self, composer: TailHeadComposer, generator: MapGenerator, seed: int, rank: int = 0, world_size: int = 1):
+        self.composer, self.generator, self.seed = composer, generator, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, iteration: int) -> tuple[BatchPlan, torch.Generator, torch.Tensor]:
+        plan, rng = self.composer.plan(iteration)
+        if self.world_size > 1:  # this rank's share of the global plan, and its own stream for the other draws
+            plan = BatchPlan(tail=plan.tail[self.rank::self.world_size], head=plan.head[self.rank::self.world_size])
+            rng = torch.Generator().manual_seed(stream_seed(self.seed, iteration, 1 + self.rank))
+        extra = self.generator.extra_indices(self.generator.ctx.labels[plan.tail], rng)
+        return plan, rng, extra
+
+    def images(self, iteration: int) -> list[int]:
+        """Every training index whose image iteration `iteration` fetches, in `batch_loss`'s order."""
+        plan, _, extra = self(iteration)
+        return torch.cat([plan.tail, extra, plan.head]).tolist()
+
+    def image_seed(self, iteration: int) -> int:
+        """The seed of this rank's file-dataset augmentation at iteration `iteration` (each image's seed
+        derives from it; in-memory datasets augment with `rng` instead). A stream apart from `rng`'s."""
+        return stream_seed(self.seed, iteration, 1 + self.rank, "phase_iii.images")
+
+
+class _IterationBatches:
+    """Batch sampler over iterations [start, stop): the image indices of each (for a DataLoader)."""
+
+    def __init__(self, draws: IterationDraws, start: int, stop: int):
+        self.draws, self.start, self.stop = draws, start, stop
+
+    def __iter__(self):
+        return (self.draws.images(i) for i in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def seeds(self) -> list[int]:
+        """Each iteration's image seed: the images of iteration i do not depend on where the run (re)started."""
+        return [self.draws.image_seed(i) for i in range(self.start, self.stop)]
+
+
+class _Head(torch.nn.Module):
+    """`model.head` as a module of its own: what DistributedDataParallel wraps in phase III (the
+    trainable `fc`, and with unfreeze the last stage, whose gradients flow through the maps)."""
+
+    def __init__(self, model: LTModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fmaps: torch.Tensor) -> torch.Tensor:
+        return self.model.head(fmaps)
+
+
+class _OnlineMaps:
+    """Feature maps + CAMs of training images, recomputed with the current network (augmented)."""
+
+    def __init__(self, model: LTModel, bundle: DatasetBundle, device: torch.device, with_grad: bool,
+                 accel: Accel = NO_ACCEL):
+        self.model, self.device, self.with_grad, self.accel = model, device, with_grad, accel
+        self.train = bundle.train.with_augment(True)
+        self.labels = bundle.train.targets
+        self.in_memory = hasattr(self.train, "get_batch")
+        self._ahead = None
+
+    def prefetch(self, draws: IterationDraws, start: int, stop: int, num_workers: int) -> None:
+        """Load the images of iterations start..stop-1 through one persistent DataLoader (workers,
+        pinned memory), in order; each call then takes the next batch and checks its indices."""
+        batches = _IterationBatches(draws, start, stop)
+        self._ahead = iter(BatchLoader(self.train, batches, self.device, num_workers=num_workers,
+                                       batch_seeds=batches.seeds()))
+
+    def _images(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ahead is None:  # in-memory: gather + augment on the device now, with the iteration's rng
+            x, y, _ = next(iter(BatchLoader(self.train, [indices.tolist()], self.device, generator=rng)))
+            return x, y
+        x, y, idx = next(self._ahead)
+        if not torch.equal(idx.cpu(), indices.cpu()):
+            raise RuntimeError("phase III prefetch is out of step with the training loop")
+        return x, y
+
+    def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = self._images(indices, rng)
+        with self.accel.autocast():
+            fmaps, cams, _ = features_and_cams(self.model, self.accel.inputs(x), y, with_grad=self.with_grad)
+        return fmaps.float(), cams.float(), y
+
+
+class _OfflineMaps:
+    """Feature maps + CAMs from phase II's store; each row reads a random stored view."""
+
+    def __init__(self, store: FeatureStore, device: torch.device):
+        self.store, self.device = store, device
+
+    def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        views = torch.randint(self.store.views, (len(indices),), generator=rng)
+        fmaps, cams, labels = self.store.get(indices, views)
+        return fmaps.to(self.device), cams.to(self.device), labels.to(self.device)
+
+
+def batch_loss(model: LTModel, generator: MapGenerator, plan, rng: torch.Generator, fetch, *,
+               extra: torch.Tensor | None = None, head: torch.nn.Module | None = None, global_rows: int | None = None,
+               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(loss, logits, targets)` of one batch: real tail, generated, real head rows; cross-entropy on
+    the classifier head.
+
+    `head` defaults to `model.head`; under torchrun it is the DDP-wrapped head, this rank holds a
+    share of the `global_rows` rows, and its loss is the sum over its rows * world_size / global_rows,
+    so the gradient DDP averages over the ranks is that of the mean over the whole batch."""
+    nt = len(plan.tail)
+    tail_labels = generator.ctx.labels[plan.tail]
+    if extra is None:  # (IterationDraws draws it with the plan)
+        extra = generator.extra_indices(tail_labels, rng)
+    # one fetch (one forward pass online) for every real sample of the batch
+    maps, cams, labels = fetch(torch.cat([plan.tail, extra, plan.head]), rng)
+    n_extra = len(extra)
+    tail_maps, extra_maps, head_maps = maps[:nt], maps[nt:nt + n_extra], maps[nt + n_extra:]
+    tail_cams, extra_cams = cams[:nt], cams[nt:nt + n_extra]
+    tail_y, extra_y, head_y = labels[:nt], labels[nt:nt + n_extra], labels[nt + n_extra:]
+    generated, generated_y = generator.generate(tail_maps, tail_cams, tail_y, extra_maps, extra_cams, extra_y, rng)
+    logits = (head or model.head)(torch.cat([tail_maps, generated.to(tail_maps.dtype), head_maps]))
+    targets = torch.cat([tail_y, generated_y.to(tail_y.device), head_y])
+    if world_size > 1:
+        loss = F.cross_entropy(logits, targets, reduction="sum") * (world_size / global_rows)
+    else:
+        loss = F.cross_entropy(logits, targets)
+    return loss, logits, targets

@@ -1,0 +1,78 @@
+"""The package layering of docs/ARCHITECTURE.md, read from the module-level imports (no imports run):
+scripts -> analysis -> engine -> fsa / models / datasets -> utils, and no import cycle."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("utils", "datasets", "models", "fsa", "engine", "analysis")
+# what each package may import at module level (besides itself)
+ALLOWED = {
+    "utils": set(),
+    "models": {"utils"},
+    "datasets": {"utils"},
+    "fsa": {"utils", "models", "datasets"},
+    "engine": {"utils", "models", "datasets", "fsa"},
+    "analysis": {"utils", "engine"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Project modules imported at module level (not inside functions, not under TYPE_CHECKING)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ([node] if isinstance(node, (ast.Import, ast.ImportFrom)) else []):
+            names = [a.name for a in sub.names] if isinstance(sub, ast.Import) else [sub.module or ""]
+            if isinstance(sub, ast.ImportFrom) and sub.module in PACKAGES:  # from utils import distributed
+                names += [f"{sub.module}.{a.name}" for a in sub.names]
+            found |= {n for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+def project_modules() -> dict[str, set[str]]:
+    modules = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in top_level_imports(path) if m in modules and m != name}
+    return graph
+
+
+def test_packages_import_only_the_layers_below_them():
+    wrong = [f"{name} imports {dep}" for name, deps in project_modules().items() for dep in deps
+             if dep.split(".")[0] != name.split(".")[0] and dep.split(".")[0] not in ALLOWED[name.split(".")[0]]]
+    assert not wrong, wrong
+
+
+def test_no_import_cycle():
+    graph = project_modules()
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == 1:
+            pytest.fail("import cycle: " + " -> ".join(trail[trail.index(node):] + [node]))
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            visit(dep, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        visit(node, [])
+
+
+def test_the_checker_sees_a_cycle(monkeypatch):
+    """The cycle check is not vacuous: the old engine.phase_iii <-> phase_iii_features pair is caught."""
+    graph = project_modules()
+    graph["engine.phase_iii"] = graph["engine.phase_iii"] | {"engine.phase_iii_features"}
+    monkeypatch.setitem(globals(), "project_modules", lambda: graph)
+    with pytest.raises(pytest.fail.Exception, match="import cycle"):
+        test_no_import_cycle()
