@@ -36,11 +36,14 @@ def main() -> None:
                         help="config overrides, each passed to every phase whose config has KEY (e.g. train.lr=0.05 "
                              "finetune.iterations=1000); finished steps are not rerun, so use a new --note for a variant")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")
+    parser.add_argument("--suite", default="fsa", choices=("fsa", "full"),
+                        help="fsa (default): the FSA chain, its cRT controls, TailCalib(X) and the post-hoc methods "
+                             "(seconds); full: also the re-trained classifiers (LWS, cRT)")
     args = parser.parse_args()
     from engine import pipeline  # imported after argument parsing so --help stays fast
 
     spec = pipeline.PipelineSpec(config=args.config, note=args.note, seeds=tuple(args.seeds) if args.seeds else None,
-                                 opts=tuple(args.opts), device=args.device)
+                                 opts=tuple(args.opts), device=args.device, suite=args.suite)
     try:
         pipeline.run(spec)
     except KeyboardInterrupt:

@@ -254,12 +254,30 @@ def format_value(stat: Stat, several_notes: bool, row_n: int) -> str:
 def _markdown_table(rows: list[Row], several: bool) -> str:
     header = ["method", *METRICS] + (["n"] if several else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    group: object = ()
     for row in rows:
+        if row.group != group:  # a header row per method-table group (baseline, decoupled, FSA, TailCalib)
+            group = row.group
+            lines.append(f"| *{group or 'other'}* |" + " |" * (len(header) - 1))
         cells = [row.label, *(format_value(row.stat(m), several, row.n) for m in METRICS)]
         if several:
             cells.append(str(row.n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cost_markdown(rows: list[Row]) -> list[str]:
+    """Each row's training cost: rows through the trained part (samples_seen) and wall time, means over notes."""
+    lines = ["", "## Training cost", "", "| method | rows trained on | wall time (s) |", "|:---|---:|---:|"]
+    for row in rows:
+        seen, wall = row.stat("samples_seen"), row.stat("wall_time_s")
+        lines.append(f"| {row.label} | {ABSENT if seen.mean is None else f'{seen.mean:,.0f}'} | "
+                     f"{ABSENT if wall.mean is None else f'{wall.mean:.1f}'} |")
+    lines += ["", "Rows trained on: images (phase I), batch rows (FSA, cRT control: iterations x batch) or feature "
+              "rows (TailCalib, LWS, cRT: epochs x rows) that passed through the trained part; 0 = chosen, not "
+              "trained (post-hoc). Every phase III row starts from the phase I model, so its cost adds to phase I's; "
+              "the offline rows also share phase II's extraction. Mean over the notes."]
+    return lines
 
 
 def _selection_text(rows: list[Row]) -> str:
@@ -296,6 +314,7 @@ def _markdown(config: str, notes: list[str], rows: list[Row]) -> str:
         f"the fewest largest classes holding a share hr of the training samples{hr_text}, tail = the rest. "
         f"{ABSENT} = the group has no class in this training set (absent, not 0).",
     ]
+    parts += _cost_markdown(rows)
     parts += _paired_markdown(paired_differences(rows))
     missing = [f"{row.label}: {', '.join(n for n in notes if n not in row.runs)}"
                for row in rows if row.n < len(notes)]

@@ -27,12 +27,14 @@ from utils.errors import UserError
 
 STAGES = ("phase_i", "phase_iii")
 MODES = ("online", "offline")
-KINDS = ("backbone", "maps", "features")
+KINDS = ("backbone", "maps", "features", "decoupled")
 # what a method reads: the phase I model, phase II's head/tail split and confusing classes, phase II's
 # feature store, the training images
 INPUTS = ("phase_i_model", "phase_ii_split", "phase_ii_store", "images")
 # the runner of each kind: run(inputs: PhaseIIIInputs, method: Method) -> results dict
-RUNNERS = {"maps": "engine.phase_iii_maps:run", "features": "engine.phase_iii_features:run"}
+RUNNERS = {"maps": "engine.phase_iii_maps:run", "features": "engine.phase_iii_features:run",
+           "decoupled": "engine.phase_iii_decoupled:run"}
+SUITES = ("fsa", "full")  # pipeline.py --suite: fsa = the chain, its controls, the post-hoc methods; full adds the rest
 DEFAULT_GENERATOR = "fsa"  # its runs keep the plain folder name phase_iii_<mode>
 BASELINE = "ce"
 
@@ -57,6 +59,7 @@ class Method:
     control: str | None = None
     versus_baseline: bool = False
     summary: str = ""
+    suites: tuple[str, ...] = SUITES  # the pipeline suites that run it
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES or self.kind not in KINDS:
@@ -65,6 +68,8 @@ class Method:
             raise ValueError(f"method {self.id}: a phase III method needs a mode, a generator and kind maps|features")
         if unknown := set(self.consumes) - set(INPUTS):
             raise ValueError(f"method {self.id}: unknown inputs {sorted(unknown)}")
+        if unknown := set(self.suites) - set(SUITES):
+            raise ValueError(f"method {self.id}: unknown suites {sorted(unknown)}")
 
     @property
     def folder(self) -> str:
@@ -182,9 +187,26 @@ def _fsa_mode(mode: str, source: str, summary: str) -> list[Method]:
     return [control, fsa]
 
 
+def _decoupled() -> list[Method]:
+    """Decoupled classifiers on the frozen phase I backbone, from phase II's stored pooled features."""
+    common = dict(group="decoupled", stage="phase_iii", kind="decoupled", mode="offline",
+                  consumes=("phase_i_model", "phase_ii_split", "phase_ii_store"), versus_baseline=True)
+    return [
+        Method("la_posthoc", "Post-hoc logit adjustment", generator="la_posthoc", **common,
+               summary="phase I logits - tau * log(prior), tau chosen on the validation split (else decoupled.tau)"),
+        Method("tau_norm", "tau-normalised classifier", generator="tau_norm", **common,
+               summary="phase I classifier rows divided by their norm ** tau, no bias (tau as la_posthoc)"),
+        Method("lws", "LWS (learned class scales)", generator="lws", suites=("full",), **common,
+               summary="phase I classifier with per-class logit scales trained on class-balanced batches"),
+        Method("crt", "cRT (re-trained classifier)", generator="crt", suites=("full",), **common,
+               summary="linear classifier re-initialised and trained on class-balanced batches"),
+    ]
+
+
 METHODS = MethodTable([
     Method("ce", "Phase I baseline (CE)", "baseline", "phase_i", "backbone", consumes=("images",),
            summary="backbone + classifier trained with cross-entropy on the long-tailed set"),
+    *_decoupled(),
     *_fsa_mode("offline", "phase_ii_store", "feature space augmentation from phase II's stored maps and CAMs"),
     *_fsa_mode("online", "images", "feature space augmentation, maps and CAMs recomputed from augmented images "
                                    "every iteration"),

@@ -133,4 +133,6 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     task = BackboneTraining(cfg, bundle, model, accel.compiled(train_model), device, accel)
     fit(task, optimizer, recorder, start=start, scaler=scaler)
-    return recorder.finish(epochs=t["epochs"], processes=ctx.world_size, **bundle.split_sizes())
+    return recorder.finish(epochs=t["epochs"], processes=ctx.world_size, train_samples=len(bundle.train),
+                           samples_seen=t["epochs"] * task.sampler.samples_per_epoch(),
+                           **bundle.split_sizes())

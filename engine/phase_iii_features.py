@@ -123,7 +123,7 @@ def pooled_features(model: LTModel, dataset, batch_size: int, device: torch.devi
     return rows["pooled"], rows["label"].to(device)
 
 
-class _FeatureSource:
+class FeatureSource:
     """Training features of an epoch and the (fixed) test features, offline or online; the validation
     features (runs with a validation split) always come from a forward pass over its images."""
 
@@ -165,10 +165,11 @@ def _generate(feats: torch.Tensor, labels: torch.Tensor, tc: dict, seed: int, nu
     return X.to(device=device, dtype=torch.float32), y.to(device), generated
 
 
-def _evaluate(fc: nn.Linear, test_z: torch.Tensor, test_y: torch.Tensor, train_counts: list[int], hr: float) -> dict:
+def evaluate_features(classifier: nn.Module, z: torch.Tensor, y: torch.Tensor, train_counts: list[int], hr: float) -> dict:
+    """The classification report of `classifier` on feature rows `z` with labels `y`."""
     with torch.no_grad():
-        preds = fc(test_z).argmax(1)
-    return classification_report(preds, test_y, train_counts, hr)
+        preds = classifier(z).argmax(1)
+    return classification_report(preds, y, train_counts, hr)
 
 
 def _check_values(tc: dict) -> None:
@@ -243,7 +244,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
                 f"finetune.iterations/nt/na/eval_every/unfreeze do not apply to {method.generator}.")
 
     started = time.perf_counter()
-    source = _FeatureSource(method.mode, model, bundle, inputs.store, inputs.device, eval_batch, f["num_workers"],
+    source = FeatureSource(method.mode, model, bundle, inputs.store, inputs.device, eval_batch, f["num_workers"],
                             inputs.accel)
     test_raw, test_y = source.test
     with torch.no_grad():
@@ -259,27 +260,65 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     return recorder.finish(
         **inputs.records(), epochs=tc["epochs"], iterations=progress["total_steps"],
         selected_iteration=None if selected_epoch is None else selected_epoch * steps_per_epoch,
-        train_samples=len(bundle.train), generated_per_class=expected, generated_total=sum(expected),
+        train_samples=len(bundle.train), samples_seen=tc["epochs"] * balanced_to * num_classes,
+        generated_per_class=expected, generated_total=sum(expected),
         balanced_to=balanced_to, classifier_init=tc["init"], neighbours=tc["neighbours"], lr=lr,
         feature_transform=transform, phase_i_reference=phase_i_ref)
 
 
-class FeatureTraining(TrainingTask):
-    """A feature method's side of the loop: per epoch (re)generate (offline: once), then seeded
-    shuffled minibatches of real + generated transformed features through the linear classifier."""
+class ClassifierTraining(TrainingTask):
+    """A classifier on rows of features (`classifier(z) -> logits`), trained by epochs of minibatches
+    with cross-entropy and evaluated on fixed test (and validation) features: the loop side that every
+    feature-level method shares. `batches` is a seeded permutation (stream `shuffle_stream`); a
+    method overrides it to sample otherwise (class-balanced, engine.phase_iii_decoupled)."""
 
     step_name = "epoch"
 
-    def __init__(self, inputs: PhaseIIIInputs, source: _FeatureSource, fc: nn.Linear, transform: dict,
+    def __init__(self, classifier: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | None,
+                 test: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, *,
+                 train_counts: list[int], hr: float, seed: int, epochs: int, batch_size: int, lr: float,
+                 progress: dict, shuffle_stream: str):
+        self.classifier, self.data, self.test, self.val = classifier, data, test, val
+        self.train_counts, self.hr, self.seed, self.total = train_counts, hr, seed, epochs
+        self.batch_size, self.lr_value, self.progress, self.shuffle_stream = batch_size, lr, progress, shuffle_stream
+
+    def begin(self, unit: int) -> None:
+        self.classifier.train()
+
+    def batches(self, unit: int) -> list[torch.Tensor]:
+        X = self.data[0]
+        shuffle = torch.Generator().manual_seed(stream_seed(self.seed, self.shuffle_stream, unit))
+        return list(torch.randperm(X.shape[0], generator=shuffle).to(X.device).split(self.batch_size))
+
+    def step(self, batch: torch.Tensor) -> StepResult:
+        X, y = self.data
+        xb, yb = X[batch], y[batch]
+        logits = self.classifier(xb)
+        return StepResult(F.cross_entropy(logits, yb), len(batch), logits, yb)
+
+    def unit_stats(self, unit: int, seconds: float) -> dict:
+        self.progress["total_steps"] += -(-self.data[0].shape[0] // self.batch_size)
+        return {"lr": self.lr_value, "iteration": self.progress["total_steps"]}
+
+    def evaluate(self) -> tuple[dict, dict | None]:
+        report = evaluate_features(self.classifier, *self.test, self.train_counts, self.hr)
+        return report, None if self.val is None else evaluate_features(self.classifier, *self.val, self.train_counts,
+                                                                        self.hr)
+
+
+class FeatureTraining(ClassifierTraining):
+    """TailCalib's side of the loop: per epoch (re)generate (offline: once), then seeded shuffled
+    minibatches of real + generated transformed features through the linear classifier."""
+
+    def __init__(self, inputs: PhaseIIIInputs, source: FeatureSource, fc: nn.Linear, transform: dict,
                  expected: list[int], lr: float, progress: dict):
         tc = inputs.cfg["tailcalib"]
-        self.inputs, self.source, self.fc, self.tc, self.lr_value = inputs, source, fc, tc, lr
-        self.seed, self.expected, self.progress = inputs.cfg["seed"], expected, progress
-        self.total = tc["epochs"]
-        self.train_counts, self.hr = list(inputs.bundle.train_counts), inputs.hr
-        self.test = (apply_feature_transform(source.test[0], transform), source.test[1])
-        self.val = None if source.val is None else (apply_feature_transform(source.val[0], transform), source.val[1])
-        self.data: tuple[torch.Tensor, torch.Tensor] | None = None
+        val = None if source.val is None else (apply_feature_transform(source.val[0], transform), source.val[1])
+        super().__init__(fc, None, (apply_feature_transform(source.test[0], transform), source.test[1]), val,
+                         train_counts=list(inputs.bundle.train_counts), hr=inputs.hr, seed=inputs.cfg["seed"],
+                         epochs=tc["epochs"], batch_size=tc["batch_size"], lr=lr, progress=progress,
+                         shuffle_stream="tailcalib.shuffle")
+        self.inputs, self.source, self.tc, self.expected = inputs, source, tc, expected
         self.generate_s = 0.0
 
     def begin(self, unit: int) -> None:
@@ -293,27 +332,12 @@ class FeatureTraining(TrainingTask):
                 raise RuntimeError(f"TailCalib generated {generated} per class, expected {self.expected}")
             self.data = (X, y)
         self.generate_s = time.perf_counter() - t0
-        self.fc.train()
-
-    def batches(self, unit: int) -> list[torch.Tensor]:
-        X = self.data[0]
-        shuffle = torch.Generator().manual_seed(stream_seed(self.seed, "tailcalib.shuffle", unit))
-        return list(torch.randperm(X.shape[0], generator=shuffle).to(X.device).split(self.tc["batch_size"]))
-
-    def step(self, batch: torch.Tensor) -> StepResult:
-        X, y = self.data
-        xb, yb = X[batch], y[batch]
-        logits = self.fc(xb)
-        return StepResult(F.cross_entropy(logits, yb), len(batch), logits, yb)
+        super().begin(unit)
 
     def unit_stats(self, unit: int, seconds: float) -> dict:
-        self.progress["total_steps"] += -(-self.data[0].shape[0] // self.tc["batch_size"])
-        return {"lr": self.lr_value, "generate_s": self.generate_s, "iteration": self.progress["total_steps"],
+        stats = super().unit_stats(unit, seconds)
+        return {"lr": stats["lr"], "generate_s": self.generate_s, "iteration": stats["iteration"],
                 "train_features": int(self.data[0].shape[0])}
-
-    def evaluate(self) -> tuple[dict, dict | None]:
-        report = _evaluate(self.fc, *self.test, self.train_counts, self.hr)
-        return report, None if self.val is None else _evaluate(self.fc, *self.val, self.train_counts, self.hr)
 
 
 def _test(inputs: PhaseIIIInputs, batch_size: int, num_workers: int) -> dict:
@@ -325,7 +349,7 @@ def _test(inputs: PhaseIIIInputs, batch_size: int, num_workers: int) -> dict:
         raise UserError(f"{ckpt} is not a TailCalib feature-classifier checkpoint (no feature_transform); it cannot be "
                         f"evaluated by finetune.generator={inputs.method.generator}.")
     check_compatible(payload, ckpt, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
-    source = _FeatureSource(inputs.method.mode, model, inputs.bundle, inputs.store, inputs.device, batch_size,
+    source = FeatureSource(inputs.method.mode, model, inputs.bundle, inputs.store, inputs.device, batch_size,
                             num_workers, inputs.accel)
     test_raw, test_y = source.test
     preds = feature_logits(payload, test_raw).argmax(1)

@@ -84,7 +84,8 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
                 f"{inputs.accel.describe()}")
     task = MapTraining(inputs, generator, composer, unfreeze, start)
     fit(task, optimizer, recorder, start=start, scaler=scaler)
-    return recorder.finish(**inputs.records(), iterations=f["iterations"], train_samples=len(bundle.train))
+    return recorder.finish(**inputs.records(), iterations=f["iterations"], train_samples=len(bundle.train),
+                           samples_seen=f["iterations"] * batch_size(f["nt"], f["na"]))
 
 
 class MapTraining(TrainingTask):

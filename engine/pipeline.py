@@ -4,8 +4,10 @@
     python pipeline.py --config cifar10-LT_resnet18 --seeds 0 1 2 --device 0
 
 Order, for each note: phase I -> phase II -> every phase III method of the method table
-(``engine.methods.METHODS``, in table order: each FSA mode after its cRT control, then TailCalib and
-TailCalibX) -> visualize; then one report over all notes.
+(``engine.methods.METHODS``) in the chosen suite, in table order (the decoupled classifiers, each FSA
+mode after its cRT control, then TailCalib and TailCalibX) -> visualize; then one report over all
+notes. ``--suite fsa`` (default) leaves out the methods that re-train a classifier (LWS, cRT);
+``--suite full`` runs them too.
 
 Every step calls its phase runner in this process with the spec its script would build.
 A step whose finished outputs exist is skipped; an interrupted training run (``last.pt`` without a
@@ -33,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from datasets.fashion_mnist import ensure_fashion_mnist
-from engine.methods import BASELINE, METHODS, Method
+from engine.methods import BASELINE, METHODS, SUITES, Method
 from engine.recorder import SPEED_SETTINGS
 from utils import distributed
 from utils.cli import RunSpec, VisualizeSpec
@@ -70,10 +72,12 @@ class Step:
         return "phase_ii" if self.kind == "visualize" else self.kind
 
 
-def plan_steps() -> list[Step]:
-    """The steps of one note: phase I, phase II, every phase III method in table order, visualize."""
+def plan_steps(suite: str = "fsa") -> list[Step]:
+    """The steps of one note: phase I, phase II, every phase III method of `suite` in table order, visualize."""
+    if suite not in SUITES:
+        raise UserError(f"--suite {suite}: choose one of {', '.join(SUITES)}.")
     steps = [Step("phase_i", "phase I", METHODS.get(BASELINE)), Step("phase_ii", "phase II")]
-    steps += [Step("phase_iii", f"phase III {m.label}", m) for m in METHODS.stage("phase_iii")]
+    steps += [Step("phase_iii", f"phase III {m.label}", m) for m in METHODS.stage("phase_iii") if suite in m.suites]
     return [*steps, Step("visualize", "visualize")]
 
 
@@ -304,6 +308,7 @@ class PipelineSpec:
     seeds: tuple[int, ...] | None = None
     opts: tuple[str, ...] = ()
     device: str = "auto"
+    suite: str = "fsa"
 
 
 def run(spec: PipelineSpec) -> dict:
@@ -325,10 +330,10 @@ def run(spec: PipelineSpec) -> dict:
         if cfgs[phase]["phase"] != "train":
             raise UserError(f"the {phase} config of '{name}' sets phase: {cfgs[phase]['phase']}, but the pipeline trains. "
                             f"Test a checkpoint with the phase's own script instead.")
-    steps = plan_steps()
+    steps = plan_steps(spec.suite)
     check_existing_runs(steps, sources, name, runs, user_opts)
     notes = [note for note, _ in runs]
-    say(f"config '{name}', note(s) {', '.join(notes)}, device {device}: "
+    say(f"config '{name}', note(s) {', '.join(notes)}, device {device}, suite {spec.suite}: "
         f"{' -> '.join(s.label for s in steps)} -> report")
     if any(user_opts.values()):
         say("--opts: " + "; ".join(f"{PHASE_LABELS[phase]}: {shlex.join(user_opts[phase]) or '(none)'}"

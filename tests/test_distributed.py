@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from datasets.base import InMemoryDataset
 from engine.loops import predict
+from engine.methods import METHODS
 from models import build_model
 from tests.helpers import copy_phase_i, run_main_in_process, run_script, run_torchrun
 from utils import distributed
@@ -147,7 +148,8 @@ def test_the_pipeline_under_torchrun_runs_every_phase_on_two_processes(tmp_path)
     proc = run_torchrun("pipeline.py", *SMOKE, cwd=tmp_path)
     assert proc.stdout.count("[pipeline] done in") == 1  # rank 0 talks, the other rank is silent
     runs = sorted((tmp_path / "checkpoints").glob("*/smoke/default/results.json"))
-    assert len(runs) == 7  # phase I; phase III online, offline, both cRT controls, TailCalib, TailCalibX
+    # phase I and every phase III method of the default suite (FSA, its controls, post-hoc, TailCalib(X))
+    assert [p.parent.parent.parent.name for p in runs] == sorted(m.folder for m in METHODS if "fsa" in m.suites)
     for path in runs:
         results = json.loads(path.read_text())
         assert results["finished"] and results["processes"] == 2 and results["num_test_samples"] == 240, path

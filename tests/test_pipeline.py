@@ -32,7 +32,8 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
     out = proc.stdout
     steps = progress(out)
     finished = [line for line in steps if line.endswith(" s") and " finished in " in line]
-    labels = ["phase I:", "phase II:", "phase III cRT control (offline, no fusion):", "phase III FSA offline:",
+    labels = ["phase I:", "phase II:", "phase III Post-hoc logit adjustment:", "phase III tau-normalised classifier:",
+              "phase III cRT control (offline, no fusion):", "phase III FSA offline:",
               "phase III cRT control (online, no fusion):", "phase III FSA online:", "phase III TailCalib (offline):",
               "phase III TailCalibX (online):", "visualize:"]
     for label in labels:
@@ -45,7 +46,7 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
         assert re.search(rf"^\| {re.escape(row)} \| \d+\.\d\d \| — \|", out, re.M), row  # smoke: many-shot absent
     assert "final evaluation" in out
     # the outputs of every step
-    for method in METHODS:  # every method of the table, in its run folder
+    for method in (m for m in METHODS if "fsa" in m.suites):  # every method of the default suite, in its run folder
         results = json.loads((cwd / "checkpoints" / method.folder / "smoke/default/results.json").read_text())
         assert results["finished"] is True, method.folder
         assert results.get("method", "ce") == method.id
@@ -130,9 +131,10 @@ def test_steps_get_the_scripts_arguments_and_a_failure_stops_the_chain(tmp_path,
     with pytest.raises(UserError, match="the cRT step says no"):
         pipeline.run(pipeline.PipelineSpec(config="smoke", seeds=(3, 4), device="cpu",
                                            opts=("train.epochs=2", "finetune.iterations=5", "split.ts=0.7")))
-    assert [step.label for step, _ in called] == ["phase I", "phase II", "phase III cRT control (offline, no fusion)",
-                                                  "phase III FSA offline", "phase III cRT control (online, no fusion)"]
-    p1, p2, crt_offline, offline, crt = (spec for _, spec in called)
+    assert [step.label for step, _ in called] == [
+        "phase I", "phase II", "phase III Post-hoc logit adjustment", "phase III tau-normalised classifier",
+        "phase III cRT control (offline, no fusion)", "phase III FSA offline", "phase III cRT control (online, no fusion)"]
+    p1, p2, _, _, crt_offline, offline, crt = (spec for _, spec in called)
     assert p1 == RunSpec(config="smoke", device="cpu", note="seed3", opts=("seed=3", "train.epochs=2"))
     assert p2 == RunSpec(config="smoke", device="cpu", note="seed3", opts=("seed=3", "split.ts=0.7"))
     assert offline.opts == ("seed=3", "finetune.iterations=5", "finetune.generator=fsa") and offline.resume is False
@@ -140,7 +142,7 @@ def test_steps_get_the_scripts_arguments_and_a_failure_stops_the_chain(tmp_path,
     out = capsys.readouterr().out
     assert "phase I: started with --opts seed=3 train.epochs=2" in out
     assert "--opts: phase I: train.epochs=2; phase II and visualize: split.ts=0.7; phase III: finetune.iterations=5" in out
-    assert "smoke/seed3 5/" in out and "phase III cRT control (online, no fusion): failed after" in out
+    assert "smoke/seed3 7/" in out and "phase III cRT control (online, no fusion): failed after" in out
     assert "smoke/seed4" not in out and not (tmp_path / "reports").exists()
 
 
@@ -204,11 +206,16 @@ def test_seed_notes_and_opts():
 
 def test_plan_is_the_method_table_in_order():
     steps = pipeline.plan_steps()
-    assert [s.kind for s in steps] == ["phase_i", "phase_ii", *["phase_iii"] * 6, "visualize"]
+    assert [s.kind for s in steps] == ["phase_i", "phase_ii", *["phase_iii"] * 8, "visualize"]
     assert [s.folder() for s in steps] == [
-        "phase_i", "phase_ii", "phase_iii_offline-none", "phase_iii_offline", "phase_iii_online-none", "phase_iii_online",
-        "phase_iii_offline-tailcalib", "phase_iii_online-tailcalibx", "visualize"]
-    assert [s.method.id for s in steps if s.method] == [m.id for m in METHODS]
+        "phase_i", "phase_ii", "phase_iii_offline-la_posthoc", "phase_iii_offline-tau_norm", "phase_iii_offline-none",
+        "phase_iii_offline", "phase_iii_online-none", "phase_iii_online", "phase_iii_offline-tailcalib",
+        "phase_iii_online-tailcalibx", "visualize"]
+    assert [s.method.id for s in steps if s.method] == [m.id for m in METHODS if m.id not in ("lws", "crt")]
+    full = pipeline.plan_steps("full")
+    assert [s.method.id for s in full if s.method] == [m.id for m in METHODS]
+    with pytest.raises(UserError, match="--suite"):
+        pipeline.plan_steps("most")
 
 
 def test_step_state_decides_skip_resume_or_fresh(tmp_path, monkeypatch):

@@ -50,14 +50,16 @@ def fake_runs(tmp_path) -> Path:
     return tmp_path
 
 
-def table_rows(markdown: str) -> dict[str, list[str]]:
-    """The rows of the main table (the first one; the paired differences follow in a table of their own)."""
+def table_rows(markdown: str, groups: bool = False) -> dict[str, list[str]]:
+    """The rows of the main table (the first one; cost and paired differences follow in tables of their
+    own); the group header rows (``*FSA*``) only with `groups`."""
     rows = {}
     main_table = markdown.split("\n\n## ")[0]
     for line in main_table.splitlines():
         if line.startswith("| ") and not line.startswith("| method"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
+            if groups or not cells[0].startswith("*"):
+                rows[cells[0]] = cells[1:]
     return rows
 
 
@@ -80,6 +82,11 @@ def test_markdown_numbers_are_mean_and_sample_std_over_notes(fake_runs, capsys):
                           "phase_iii_online-mine"]
     assert "FSA online" not in markdown and "TailCalib (offline)" not in markdown
     assert "0.00 ± 0.00" not in rows["Phase I baseline (CE)"][1]
+    # rows grouped as in the method table, a header row per group; a folder the table lacks under "other"
+    assert list(table_rows(markdown, groups=True)) == [
+        "*baseline*", "Phase I baseline (CE)", "*FSA*", "cRT control (offline, no fusion)", "FSA offline", "*other*",
+        "phase_iii_online-mine"]
+    assert table_rows(markdown, groups=True)["*FSA*"] == [""] * 7
     # what the numbers are, and the notes
     assert "selected model" in markdown and "final evaluation (no validation split" in markdown
     assert "`seed0`, `seed1`, `seed2`" in markdown
@@ -216,3 +223,15 @@ def test_a_single_note_has_no_interval(tmp_path):
     write_results(tmp_path, "phase_iii_offline", "default", top1=63.0)
     (d,) = [d for d in build_report(CONFIG, ["default"], tmp_path, echo=False)["paired"] if d["metric"] == "top1"]
     assert d["per_note"] == {"default": 3.0} and d["ci95"] is None and "no interval" in d["verdict"]
+
+
+def test_cost_table_gives_rows_trained_on_and_wall_time(fake_runs):
+    for note, seen, wall in zip(NOTES, (1000, 1000, 1300), (10.0, 12.0, 14.0)):
+        path = fake_runs / "checkpoints/phase_i" / CONFIG / note / "results.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "samples_seen": seen, "wall_time_s": wall}))
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    cost = markdown.split("## Training cost")[1].split("\n\n## ")[0]
+    assert "| Phase I baseline (CE) | 1,100 | 12.0 |" in cost
+    assert "| FSA offline | — | — |" in cost  # not recorded: absent, never 0

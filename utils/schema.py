@@ -220,6 +220,16 @@ PHASE_III = {
         # k nearest class means among all classes (the release: a sample's own class usually is one) or others only
         "neighbours": F("all", str, choices=("all", "others")),
     },
+    # decoupled classifiers (engine/phase_iii_decoupled.py); momentum / weight decay come from finetune
+    "decoupled": {
+        "epochs": F(10),        # lws / crt
+        "batch_size": F(512),
+        "lr": F(0.1, float),    # constant
+        # la_posthoc / tau_norm: tau is the grid value with the best validation mean class accuracy, or the
+        # fixed tau without a validation split
+        "tau": F(1.0, float),
+        "tau_grid": F([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], list, item=float),
+    },
     "eval": {"batch_size": F(256)},
     "accel": ACCEL,
 }
@@ -280,6 +290,11 @@ def validate_values(cfg: dict, phase: str) -> None:
                  f"finetune.nt must be >= 1 and finetune.na >= 0 (batch = 2*nt*(1+na)), got nt={f['nt']}, na={f['na']}.")
         _require(f["eval_every"] >= 1, "finetune.eval_every must be >= 1.")
         _require(cfg["tailcalib"]["k"] >= 1, "tailcalib.k must be >= 1.")
+        dc = cfg["decoupled"]
+        _require(dc["epochs"] >= 1 and dc["batch_size"] >= 1 and dc["lr"] > 0,
+                 "decoupled.epochs and decoupled.batch_size must be >= 1 and decoupled.lr > 0.")
+        _require(bool(dc["tau_grid"]) and all(t >= 0 for t in [dc["tau"], *dc["tau_grid"]]),
+                 "decoupled.tau_grid must list at least one tau, and every tau (and decoupled.tau) must be >= 0.")
 
 
 def schema_keys(phase: str) -> list[str]:

@@ -20,6 +20,7 @@ STREAMS = {
     "tailcalib.generate": 1,    # TailCalib's calibrated samples (per epoch online, once offline)
     "tailcalib.augment": 2,     # TailCalibX's augmented training images (per epoch)
     "tailcalib.shuffle": 3,     # the linear classifier's minibatch order (per epoch)
+    "decoupled.sample": 1,      # LWS / cRT class-balanced batches (per epoch)
 }
 
 
