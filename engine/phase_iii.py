@@ -20,7 +20,7 @@ from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_
                               read_phase_ii)
 from engine.loops import EvalSets
 from engine.methods import METHODS, MODES, Method
-from engine.recorder import open_run
+from engine.recorder import open_run, start_recording
 from utils.cli import RunSpec
 from utils.config import config_name, load_config
 from utils import distributed
@@ -70,6 +70,13 @@ class PhaseIIIInputs:
                 "phase_i_checkpoint": str(self.p2.checkpoint), "phase_ii_features": str(self.paths.features_dir),
                 "mode": self.method.mode}))
         return mode, logger
+
+    def start_recording(self, run_mode: str, logger, payload, *, restore, optimizer: torch.optim.Optimizer,
+                        step_name: str, total_steps: int, scaler: torch.amp.GradScaler | None = None):
+        """:func:`engine.recorder.start_recording` for this run (its folders, command and selection rule)."""
+        return start_recording(self.paths, run_mode, logger, payload, restore=restore, optimizer=optimizer,
+                               scaler=scaler, step_name=step_name, total_steps=total_steps, command=self.command,
+                               select_on_val=self.bundle.val is not None)
 
     def records(self) -> dict:
         """What every phase III results.json says about the method and its inputs."""

@@ -40,7 +40,7 @@ from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
 from engine.phase_iii_features import ClassifierTraining, FeatureSource, evaluate_features
-from engine.recorder import start_recording, write_test_results
+from engine.recorder import write_test_results
 from utils.checkpoint import apply_weights, load_checkpoint
 from utils.run_dir import read_results
 from utils.seeding import seed_everything, stream_seed
@@ -155,9 +155,8 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
             classifier.scales.data.copy_(state["scales"].to(classifier.scales.device))
         progress["total_steps"] = state.get("total_steps", 0)
 
-    start, recorder = start_recording(paths, run_mode, logger, payload, restore=restore, optimizer=optimizer,
-                                      step_name="epoch", total_steps=d["epochs"], command=inputs.command,
-                                      select_on_val=bundle.val is not None)
+    start, recorder = inputs.start_recording(run_mode, logger, payload, restore=restore, optimizer=optimizer,
+                                             step_name="epoch", total_steps=d["epochs"])
     logger.info(f"{method.label}: frozen {model.arch} backbone, pooled features of phase II's store, "
                 f"{'re-initialised linear classifier' if method.id == 'crt' else 'phase I classifier with learned class scales'}, "
                 f"class-balanced batches of {d['batch_size']}, {cfg['finetune']['optimizer']} lr {d['lr']}, "
@@ -199,10 +198,11 @@ def _choose_tau(inputs: PhaseIIIInputs, method: Method, source: FeatureSource, l
     report = evaluate_features(chosen_fc, *source.test, train_counts, inputs.hr)
     val_report = None if source.val is None else evaluate_features(chosen_fc, *source.val, train_counts, inputs.hr)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)  # nothing is trained
-    _, recorder = start_recording(paths, "new", logger,
-                                  lambda **extra: checkpoint_payload(model, cfg, bundle, paths.phase, tau=tau, **extra),
-                                  restore=lambda state, path: None, optimizer=optimizer, step_name="epoch",
-                                  total_steps=1, command=inputs.command, select_on_val=bundle.val is not None)
+    _, recorder = inputs.start_recording("new", logger,
+                                         lambda **extra: checkpoint_payload(model, cfg, bundle, paths.phase, tau=tau,
+                                                                            **extra),
+                                         restore=lambda state, path: None, optimizer=optimizer, step_name="epoch",
+                                         total_steps=1)
     logger.info(f"{method.label}: tau {tau} ({chosen}); validation mean class accuracy per tau: "
                 + (", ".join(f"{t:g}: {s:.2f}" for t, s in scores.items()) or "-"))
     recorder.record(1, {"tau": float(tau)}, report, time.perf_counter() - started, val_report=val_report)

@@ -71,7 +71,7 @@ from engine.loops import StepResult, TrainingTask, fit, ordered_map
 from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
-from engine.recorder import start_recording, write_test_results
+from engine.recorder import write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
 from models import LTModel
@@ -233,9 +233,8 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
         fc.load_state_dict(state["fc"])
         progress["total_steps"] = state.get("total_steps", 0)
 
-    start, recorder = start_recording(paths, run_mode, logger, payload, restore=restore, optimizer=optimizer,
-                                      step_name="epoch", total_steps=tc["epochs"], command=inputs.command,
-                                      select_on_val=bundle.val is not None)
+    start, recorder = inputs.start_recording(run_mode, logger, payload, restore=restore, optimizer=optimizer,
+                                             step_name="epoch", total_steps=tc["epochs"])
     logger.info(f"{method.mode} {method.generator}: frozen {model.arch} backbone, pooled features (D={model.feature_dim}) "
                 f"-> L2-normalise -> Tukey lambda {tc['tukey']}; calibration k {tc['k']} ({tc['neighbours']} class means), "
                 f"alpha {tc['alpha']}; every class filled to the head count {balanced_to} (generated per class "

@@ -31,7 +31,7 @@ from engine.loops import StepResult, TrainingTask, fit
 from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
-from engine.recorder import start_recording, write_test_results
+from engine.recorder import write_test_results
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.feature_store import FeatureStore
 from fsa.generators import GeneratorContext, MapGenerator
@@ -72,12 +72,10 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     # fp16 autocast gradients reach the unfrozen last stage through the online maps: scale them
     scaler = inputs.accel.grad_scaler() if unfreeze else None
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
-    start, recorder = start_recording(
-        inputs.paths, run_mode, logger,
-        lambda **extra: checkpoint_payload(model, cfg, bundle, inputs.paths.phase, **extra),
+    start, recorder = inputs.start_recording(
+        run_mode, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, inputs.paths.phase, **extra),
         restore=lambda state, path: apply_weights(model, state, path), optimizer=optimizer, scaler=scaler,
-        step_name="iteration", total_steps=f["iterations"], command=inputs.command,
-        select_on_val=bundle.val is not None)
+        step_name="iteration", total_steps=f["iterations"])
     logger.info(f"{method.mode} fine-tuning, {method.label} (generator {method.generator}), tail classes {p2.tail}, "
                 f"head classes {p2.head}, batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
                 f"{sum(p.numel() for p in trainable)} parameters, device {inputs.device}, {ctx.world_size} process(es); "
