@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")
     parser.add_argument("--suite", default="fsa", choices=("fsa", "full"),
                         help="fsa (default): the FSA chain, its cRT controls, TailCalib(X) and the post-hoc methods "
-                             "(seconds); full: also the re-trained classifiers (LWS, cRT)")
+                             "(seconds); full: also the re-trained classifiers (LWS, cRT) and the other phase I "
+                             "losses (focal, class-balanced, balanced softmax, logit-adjusted), each a phase I run")
     args = parser.parse_args()
     from engine import pipeline  # imported after argument parsing so --help stays fast
 

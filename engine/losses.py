@@ -26,16 +26,18 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
-class BalancedSoftmaxLoss(nn.Module):
-    """Ren et al. 2020 (= logit adjustment with tau 1): CE on logits + log(class prior)."""
+class LogitAdjustedLoss(nn.Module):
+    """Menon et al. 2021, logit-adjusted loss: CE on logits + tau * log(class prior). tau = 1 is the
+    balanced softmax of Ren et al. 2020 (LOSSES["balanced_softmax"])."""
 
-    def __init__(self, counts: list[int]):
+    def __init__(self, counts: list[int], tau: float = 1.0):
         super().__init__()
         prior = torch.tensor(counts, dtype=torch.float32).clamp_min(1)
+        self.tau = float(tau)
         self.register_buffer("log_prior", (prior / prior.sum()).log(), persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits + self.log_prior.to(logits.device), target)
+        return F.cross_entropy(logits + self.tau * self.log_prior.to(logits.device), target)
 
 
 def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
@@ -45,17 +47,20 @@ def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
     return (weights / weights.sum() * len(counts)).float()
 
 
-# name -> factory(counts, *, focal_gamma, cb_beta): counts are the training images per class
+# name -> factory(counts, *, focal_gamma, cb_beta, la_tau): counts are the training images per class.
+# Every name is also a phase I method of engine.methods (its run folder phase_i-<name>).
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "ce": lambda counts, **_: nn.CrossEntropyLoss(),
     "focal": lambda counts, *, focal_gamma, **_: FocalLoss(focal_gamma),
     "class_balanced": lambda counts, *, cb_beta, **_: nn.CrossEntropyLoss(weight=class_balanced_weights(counts, cb_beta)),
-    "balanced_softmax": lambda counts, **_: BalancedSoftmaxLoss(counts),
+    "balanced_softmax": lambda counts, **_: LogitAdjustedLoss(counts, 1.0),
+    "la_loss": lambda counts, *, la_tau, **_: LogitAdjustedLoss(counts, la_tau),
 }
 
 
-def build_loss(name: str, counts: list[int], *, focal_gamma: float = 1.0, cb_beta: float = 0.9999) -> nn.Module:
+def build_loss(name: str, counts: list[int], *, focal_gamma: float = 1.0, cb_beta: float = 0.9999,
+               la_tau: float = 1.0) -> nn.Module:
     """The `LOSSES` entry `name` for a training set with `counts` images per class."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name}; available: {', '.join(LOSSES)}")
-    return LOSSES[name](counts, focal_gamma=focal_gamma, cb_beta=cb_beta)
+    return LOSSES[name](counts, focal_gamma=focal_gamma, cb_beta=cb_beta, la_tau=la_tau)

@@ -37,6 +37,7 @@ RUNNERS = {"maps": "engine.phase_iii_maps:run", "features": "engine.phase_iii_fe
 SUITES = ("fsa", "full")  # pipeline.py --suite: fsa = the chain, its controls, the post-hoc methods; full adds the rest
 DEFAULT_GENERATOR = "fsa"  # its runs keep the plain folder name phase_iii_<mode>
 BASELINE = "ce"
+BASELINE_LOSS = "ce"  # its phase I runs keep the plain folder name phase_i
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,13 @@ class Method:
     versus_baseline: bool = False
     summary: str = ""
     suites: tuple[str, ...] = SUITES  # the pipeline suites that run it
+    loss: str | None = None  # phase I: the train.loss value that selects it
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES or self.kind not in KINDS:
             raise ValueError(f"method {self.id}: stage {self.stage!r} / kind {self.kind!r} unknown")
+        if self.stage == "phase_i" and (self.kind != "backbone" or not self.loss):
+            raise ValueError(f"method {self.id}: a phase I method is a backbone selected by its train.loss")
         if self.stage == "phase_iii" and (self.mode not in MODES or not self.generator or self.kind == "backbone"):
             raise ValueError(f"method {self.id}: a phase III method needs a mode, a generator and kind maps|features")
         if unknown := set(self.consumes) - set(INPUTS):
@@ -75,7 +79,7 @@ class Method:
     def folder(self) -> str:
         """Its run folder under checkpoints/ (``phase_iii_offline-none`` ...)."""
         if self.stage == "phase_i":
-            return "phase_i"
+            return "phase_i" if self.loss == BASELINE_LOSS else f"phase_i-{self.loss}"
         base = f"phase_iii_{self.mode}"
         return base if self.generator == DEFAULT_GENERATOR else f"{base}-{self.generator}"
 
@@ -85,7 +89,10 @@ class Method:
 
     def command(self, config: str, note: str, *extra: str) -> str:
         """The command line that makes this method's run of (config, note)."""
-        opts = [] if self.generator in (None, DEFAULT_GENERATOR) else ["--opts", f"finetune.generator={self.generator}"]
+        if self.stage == "phase_i":
+            opts = [] if self.loss == BASELINE_LOSS else ["--opts", f"train.loss={self.loss}"]
+        else:
+            opts = [] if self.generator == DEFAULT_GENERATOR else ["--opts", f"finetune.generator={self.generator}"]
         return script_command(self.script, config, note, *opts, *extra)
 
     def runner(self):
@@ -156,6 +163,14 @@ class MethodTable:
             f"finetune.generator={generator} ({other.label}) runs in phase III {other.mode} mode only: "
             f"{other.command(config, note)}. The {mode} script's generators: {', '.join(self.generators(mode))}.")
 
+    def phase_i(self, loss: str) -> Method:
+        """The phase I method that ``train.loss=loss`` trains."""
+        for m in self.stage("phase_i"):
+            if m.loss == loss:
+                return m
+        raise UserError(f"train.loss={loss} has no phase I method in the method table (engine/methods.py): add an "
+                        f"entry for it. Losses with one: {', '.join(m.loss for m in self.stage('phase_i'))}.")
+
     def paired(self) -> list[tuple[Method, Method]]:
         """``(method, reference)`` pairs of the report: each method against its control, then against the
         phase I baseline, in table order."""
@@ -187,6 +202,21 @@ def _fsa_mode(mode: str, source: str, summary: str) -> list[Method]:
     return [control, fsa]
 
 
+def _losses() -> list[Method]:
+    """Phase I re-weighting / re-margining losses, each its own phase I run (``--suite full``)."""
+    common = dict(group="losses", stage="phase_i", kind="backbone", consumes=("images",), versus_baseline=True,
+                  suites=("full",))
+    return [
+        Method("focal", "Focal loss", loss="focal", **common, summary="CE scaled by (1 - p_t)^train.focal_gamma"),
+        Method("class_balanced", "Class-balanced CE", loss="class_balanced", **common,
+               summary="CE weighted by the effective number of samples (train.cb_beta)"),
+        Method("balanced_softmax", "Balanced softmax", loss="balanced_softmax", **common,
+               summary="CE on logits + log(prior)"),
+        Method("la_loss", "Logit-adjusted loss", loss="la_loss", **common,
+               summary="CE on logits + train.la_tau * log(prior)"),
+    ]
+
+
 def _decoupled() -> list[Method]:
     """Decoupled classifiers on the frozen phase I backbone, from phase II's stored pooled features."""
     common = dict(group="decoupled", stage="phase_iii", kind="decoupled", mode="offline",
@@ -204,8 +234,9 @@ def _decoupled() -> list[Method]:
 
 
 METHODS = MethodTable([
-    Method("ce", "Phase I baseline (CE)", "baseline", "phase_i", "backbone", consumes=("images",),
+    Method("ce", "Phase I baseline (CE)", "baseline", "phase_i", "backbone", consumes=("images",), loss="ce",
            summary="backbone + classifier trained with cross-entropy on the long-tailed set"),
+    *_losses(),
     *_decoupled(),
     *_fsa_mode("offline", "phase_ii_store", "feature space augmentation from phase II's stored maps and CAMs"),
     *_fsa_mode("online", "images", "feature space augmentation, maps and CAMs recomputed from augmented images "

@@ -9,7 +9,8 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader, EpochBatches
 from engine.accel import Accel
-from engine.artifacts import build_phase_i_model, checkpoint_payload, load_backbone, phase_i_command
+from engine.artifacts import build_phase_i_model, checkpoint_payload, load_backbone
+from engine.methods import METHODS, Method
 from engine.loops import EvalSets, StepResult, TrainingTask, evaluate, fit
 from engine.losses import build_loss
 from engine.metrics import summary_line
@@ -30,23 +31,25 @@ PHASE = "phase_i"
 def run(spec: RunSpec) -> dict:
     cfg = load_config(spec.config, PHASE, list(spec.opts))
     check_arch(cfg["model"]["arch"])
-    paths = RunPaths(PHASE, config_name(spec.config), spec.note)
+    # the run folder of the loss's phase I method: phase_i (ce), phase_i-focal, ...
+    method = METHODS.phase_i(cfg["train"]["loss"])
+    paths = RunPaths(method.folder, config_name(spec.config), spec.note)
     device = distributed.setup_device(spec.device)
     lock_run(paths)
     accel = Accel.from_config(cfg["accel"], device)
     if cfg["phase"] == "test":
-        return _test(cfg, paths, device, accel, spec.checkpoint)
-    return _train(cfg, paths, device, accel, resume=spec.resume, overwrite=spec.overwrite)
+        return _test(cfg, paths, device, accel, spec.checkpoint, method.command(paths.config, paths.note))
+    return _train(cfg, paths, device, accel, method, resume=spec.resume, overwrite=spec.overwrite)
 
 
-def _test(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, checkpoint: str | None) -> dict:
+def _test(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, checkpoint: str | None, command: str) -> dict:
     ckpt_path = Path(checkpoint) if checkpoint else paths.best
     main = distributed.context().is_main
     if main:
         paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     logger = setup_logger(paths.checkpoint_dir) if main else silent_logger()
     bundle = build_datasets(cfg["dataset"], None)
-    model = load_backbone(ckpt_path, cfg, bundle, device, phase_i_command(paths.config, paths.note))
+    model = load_backbone(ckpt_path, cfg, bundle, device, command)
     accel.prepare_model(model)
     report = evaluate(model, bundle.test, cfg["eval"]["batch_size"], device, bundle.train_counts, cfg["eval"]["hr"],
                       accel=accel)
@@ -67,7 +70,7 @@ class BackboneTraining(TrainingTask):
         self.total, self.eval_every, self.save_every = t["epochs"], t["eval_every"], t["save_every"]
         self.rank = ctx.rank
         self.criterion = build_loss(t["loss"], bundle.train_counts, focal_gamma=t["focal_gamma"],
-                                    cb_beta=t["cb_beta"]).to(device)
+                                    cb_beta=t["cb_beta"], la_tau=t["la_tau"]).to(device)
         train_set = bundle.train.with_augment(cfg["dataset"]["augment"])
         self.sampler = EpochBatches(len(train_set), t["batch_size"], cfg["seed"], ctx.rank, ctx.world_size)
         self.augment_rng = torch.Generator()
@@ -106,8 +109,9 @@ class BackboneTraining(TrainingTask):
         return self.eval_sets.evaluate(self.model, self.bundle.train_counts, self.cfg["eval"]["hr"], accel=self.accel)
 
 
-def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, resume: bool, overwrite: bool) -> dict:
-    command = phase_i_command(paths.config, paths.note)
+def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, method: Method, *, resume: bool,
+           overwrite: bool) -> dict:
+    command = method.command(paths.config, paths.note)
     mode, logger = open_run(paths, cfg, resume=resume, overwrite=overwrite, command=command)
     if mode == "finished":
         return read_results(paths.results) or {}
@@ -123,7 +127,7 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
     logger.info(f"dataset {bundle.name}: {len(bundle.train)} train / {len(bundle.test)} test images, "
                 f"{bundle.num_classes} classes, train counts {bundle.train_counts}; device {device}, "
                 f"{ctx.world_size} process(es), global batch {t['batch_size']}; {accel.describe()}")
-    start, recorder = start_recording(paths, mode, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, PHASE, **extra),
+    start, recorder = start_recording(paths, mode, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, paths.phase, **extra),
                                       restore=lambda state, path: apply_weights(model, state, path),
                                       optimizer=optimizer, scaler=scaler, step_name="epoch", total_steps=t["epochs"],
                                       command=command, select_on_val=bundle.val is not None)
@@ -133,6 +137,6 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, *, re
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     task = BackboneTraining(cfg, bundle, model, accel.compiled(train_model), device, accel)
     fit(task, optimizer, recorder, start=start, scaler=scaler)
-    return recorder.finish(epochs=t["epochs"], processes=ctx.world_size, train_samples=len(bundle.train),
+    return recorder.finish(method=method.id, loss=t["loss"], epochs=t["epochs"], processes=ctx.world_size, train_samples=len(bundle.train),
                            samples_seen=t["epochs"] * task.sampler.samples_per_epoch(),
                            **bundle.split_sizes())

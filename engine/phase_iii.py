@@ -71,7 +71,7 @@ class PhaseIIIInputs:
                 "mode": self.method.mode}))
         return mode, logger
 
-    def start_recording(self, run_mode: str, logger, payload, *, restore, optimizer: torch.optim.Optimizer,
+    def start_recording(self, run_mode: str, logger, payload, *, restore, optimizer: torch.optim.Optimizer | None,
                         step_name: str, total_steps: int, scaler: torch.amp.GradScaler | None = None):
         """:func:`engine.recorder.start_recording` for this run (its folders, command and selection rule)."""
         return start_recording(self.paths, run_mode, logger, payload, restore=restore, optimizer=optimizer,

@@ -197,11 +197,10 @@ def _choose_tau(inputs: PhaseIIIInputs, method: Method, source: FeatureSource, l
     model.fc.load_state_dict(chosen_fc.state_dict())
     report = evaluate_features(chosen_fc, *source.test, train_counts, inputs.hr)
     val_report = None if source.val is None else evaluate_features(chosen_fc, *source.val, train_counts, inputs.hr)
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)  # nothing is trained
     _, recorder = inputs.start_recording("new", logger,
                                          lambda **extra: checkpoint_payload(model, cfg, bundle, paths.phase, tau=tau,
                                                                             **extra),
-                                         restore=lambda state, path: None, optimizer=optimizer, step_name="epoch",
+                                         restore=lambda state, path: None, optimizer=None, step_name="epoch",
                                          total_steps=1)
     logger.info(f"{method.label}: tau {tau} ({chosen}); validation mean class accuracy per tau: "
                 + (", ".join(f"{t:g}: {s:.2f}" for t, s in scores.items()) or "-"))

@@ -6,8 +6,9 @@
 Order, for each note: phase I -> phase II -> every phase III method of the method table
 (``engine.methods.METHODS``) in the chosen suite, in table order (the decoupled classifiers, each FSA
 mode after its cRT control, then TailCalib and TailCalibX) -> visualize; then one report over all
-notes. ``--suite fsa`` (default) leaves out the methods that re-train a classifier (LWS, cRT);
-``--suite full`` runs them too.
+notes. ``--suite fsa`` (default) leaves out the methods that re-train a classifier (LWS, cRT) and the
+phase I losses other than CE; ``--suite full`` runs them too, the losses last (each its own phase I
+run, ``phase_i-<loss>``; phases II and III build on the CE run).
 
 Every step calls its phase runner in this process with the spec its script would build.
 A step whose finished outputs exist is skipped; an interrupted training run (``last.pt`` without a
@@ -78,6 +79,9 @@ def plan_steps(suite: str = "fsa") -> list[Step]:
         raise UserError(f"--suite {suite}: choose one of {', '.join(SUITES)}.")
     steps = [Step("phase_i", "phase I", METHODS.get(BASELINE)), Step("phase_ii", "phase II")]
     steps += [Step("phase_iii", f"phase III {m.label}", m) for m in METHODS.stage("phase_iii") if suite in m.suites]
+    # the other phase I losses after the chain that builds on the CE backbone
+    steps += [Step("phase_i", f"phase I {m.label}", m) for m in METHODS.stage("phase_i")
+              if m.id != BASELINE and suite in m.suites]
     return [*steps, Step("visualize", "visualize")]
 
 
@@ -142,6 +146,10 @@ def route_opts(opts: list[str], *, seeded: bool) -> dict[str, list[str]]:
                             "(phase_iii_<mode>-<generator>). To fine-tune with one generator only, run "
                             "phase_iii_online_train_or_test.py or phase_iii_offline_train_or_test.py with "
                             "--opts finetune.generator=NAME.")
+        if key == "train.loss":
+            raise UserError("--opts train.loss: phases II and III build on the CE phase I run, and --suite full runs "
+                            "every other loss as its own phase I step (phase_i-<loss>). To train one loss only, run "
+                            "phase_i_train_or_test.py --opts train.loss=NAME.")
         if key == "seed" and seeded:
             raise UserError("--opts seed=...: --seeds already passes seed=N to every phase of each seed's note; "
                             "drop seed from --opts.")
@@ -159,9 +167,15 @@ def route_opts(opts: list[str], *, seeded: bool) -> dict[str, list[str]]:
 
 
 def step_opts(step: Step, opts: dict[str, list[str]]) -> list[str]:
-    """The --opts a step's script gets: those of its config phase, then a phase III step's generator."""
-    generator = [f"finetune.generator={step.method.generator}"] if step.kind == "phase_iii" else []
-    return [*opts[step.config_phase()], *generator]
+    """The --opts a step's script gets: those of its config phase, then what selects the step's method
+    (a phase III step's generator, a phase I variant's loss)."""
+    method = step.method
+    selects = []
+    if step.kind == "phase_iii":
+        selects = [f"finetune.generator={method.generator}"]
+    elif step.kind == "phase_i" and method.id != BASELINE:
+        selects = [f"train.loss={method.loss}"]
+    return [*opts[step.config_phase()], *selects]
 
 
 def _saved_config_path(step: Step, name: str, note: str) -> Path | None:

@@ -34,10 +34,11 @@ class RunRecorder:
     reported test numbers are those of the selected model; test images never choose anything."""
 
     def __init__(self, paths: RunPaths, logger: logging.Logger, payload: Callable[..., dict], *, step_name: str,
-                 total_steps: int, select_on_val: bool, optimizer: torch.optim.Optimizer,
+                 total_steps: int, select_on_val: bool, optimizer: torch.optim.Optimizer | None,
                  scaler: torch.amp.GradScaler | None = None, resumed_state: dict | None = None):
         """`payload(**extra)` returns the checkpoint dict of the current model (plain values only);
-        `last.pt` adds the optimizer's (and the fp16 GradScaler's) state for --resume.
+        `last.pt` adds the optimizer's (and the fp16 GradScaler's) state for --resume (no optimizer: a
+        method that chooses rather than trains).
 
         Only rank 0 of a torchrun job records; on the other ranks every method is a no-op."""
         self.enabled = distributed.context().is_main
@@ -85,7 +86,7 @@ class RunRecorder:
             if score is None or not self.selected or score > self.selected["val_score"]:
                 self.selected = {"step": step, "val_score": score, "report": report}
                 save_checkpoint(self.paths.best, self.payload(**{self.step_name: step}))
-        training = {"optimizer": self.optimizer.state_dict()}
+        training = {} if self.optimizer is None else {"optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             training["scaler"] = self.scaler.state_dict()
         save_checkpoint(self.paths.last, self.payload(**{self.step_name: step}, **training, **self.state()))
@@ -181,7 +182,7 @@ def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
 
 
 def start_recording(paths: RunPaths, run_mode: str, logger: logging.Logger, payload: Callable[..., dict], *,
-                    restore: Callable[[dict, Path], None], optimizer: torch.optim.Optimizer,
+                    restore: Callable[[dict, Path], None], optimizer: torch.optim.Optimizer | None,
                     scaler: torch.amp.GradScaler | None = None, step_name: str, total_steps: int, command: str,
                     select_on_val: bool) -> tuple[int, RunRecorder]:
     """(first step to run, recorder): the one saver of every training run. On 'resume', `restore(state,
@@ -190,7 +191,8 @@ def start_recording(paths: RunPaths, run_mode: str, logger: logging.Logger, payl
     if run_mode == "resume":
         state = load_checkpoint(paths.last, produced_by=command)
         restore(state, paths.last)
-        optimizer.load_state_dict(state["optimizer"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start = state[step_name]

@@ -50,7 +50,7 @@ def run_folders(config: str, note: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(d.name for d in root.iterdir()
-                  if (d.name == "phase_i" or d.name.startswith("phase_iii_")) and (d / config / note).is_dir())
+                  if (d.name == "phase_i" or d.name.startswith(("phase_i-", "phase_iii_"))) and (d / config / note).is_dir())
 
 
 def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]:

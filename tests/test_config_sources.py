@@ -85,7 +85,7 @@ def test_every_moved_key_is_gone_from_its_schema():
 # choices from the engine's registries
 # ------------------------------------------------------------------------------------------------
 def test_a_registered_loss_is_accepted_and_an_unknown_one_lists_the_registry(monkeypatch):
-    monkeypatch.setitem(losses.LOSSES, "my_loss", lambda counts, **_: losses.BalancedSoftmaxLoss(counts))
+    monkeypatch.setitem(losses.LOSSES, "my_loss", lambda counts, **_: losses.LogitAdjustedLoss(counts, 1.0))
     assert load_config("smoke", "phase_i", ["train.loss=my_loss"])["train"]["loss"] == "my_loss"
     with pytest.raises(UserError) as info:
         load_config("smoke", "phase_i", ["train.loss=nope"])

@@ -164,7 +164,7 @@ def test_opts_reach_the_phases_whose_config_has_the_key():
     crt = pipeline.Step("phase_iii", "x", METHODS.get("control_online"))
     assert pipeline.step_opts(crt, opts) == ["c=3", "finetune.generator=none"]
     assert pipeline.step_opts(pipeline.Step("visualize", "visualize"), opts) == ["b=2"]
-    assert pipeline.step_opts(pipeline.Step("phase_i", "phase I"), opts) == ["a=1"]
+    assert pipeline.step_opts(pipeline.Step("phase_i", "phase I", METHODS.get("ce")), opts) == ["a=1"]
 
 
 def test_unknown_opts_key_lists_the_known_ones_and_nothing_runs(tmp_path):
@@ -211,9 +211,19 @@ def test_plan_is_the_method_table_in_order():
         "phase_i", "phase_ii", "phase_iii_offline-la_posthoc", "phase_iii_offline-tau_norm", "phase_iii_offline-none",
         "phase_iii_offline", "phase_iii_online-none", "phase_iii_online", "phase_iii_offline-tailcalib",
         "phase_iii_online-tailcalibx", "visualize"]
-    assert [s.method.id for s in steps if s.method] == [m.id for m in METHODS if m.id not in ("lws", "crt")]
+    assert [s.method.id for s in steps if s.method] == [m.id for m in METHODS if "fsa" in m.suites]
     full = pipeline.plan_steps("full")
-    assert [s.method.id for s in full if s.method] == [m.id for m in METHODS]
+    # the chain on the CE backbone first (with LWS and cRT), then the other phase I losses
+    losses = [m.id for m in METHODS.stage("phase_i") if m.id != "ce"]
+    assert [s.method.id for s in full if s.method] == [
+        "ce", *(m.id for m in METHODS.stage("phase_iii")), *losses]
+    assert losses == ["focal", "class_balanced", "balanced_softmax", "la_loss"]
+    focal = next(s for s in full if s.method and s.method.id == "focal")
+    assert focal.folder() == "phase_i-focal"
+    assert pipeline.step_opts(focal, {"phase_i": ["seed=1"]}) == ["seed=1", "train.loss=focal"]
+    assert pipeline.step_opts(full[0], {"phase_i": ["seed=1"]}) == ["seed=1"]
+    with pytest.raises(UserError, match="train.loss=NAME"):
+        pipeline.route_opts(["train.loss=focal"], seeded=False)
     with pytest.raises(UserError, match="--suite"):
         pipeline.plan_steps("most")
 

@@ -166,6 +166,7 @@ PHASE_I = {
         "loss": F("ce", choices=registry_choices("engine.losses", "LOSSES")),
         "focal_gamma": F(1.0, float),
         "cb_beta": F(0.9999, float),
+        "la_tau": F(1.0, float),  # la_loss: CE on logits + la_tau * log(prior) (1.0 = balanced_softmax)
         "num_workers": F(0),
         "save_every": F(0),
         "eval_every": F(1),
