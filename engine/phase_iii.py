@@ -9,6 +9,7 @@ them, and hands them to the method's runner (``engine.phase_iii_maps`` for map m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +21,8 @@ from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_
                               read_phase_ii)
 from engine.loops import EvalSets
 from engine.methods import METHODS, MODES, Method
-from engine.recorder import open_run, start_recording
+from engine.recorder import open_run, start_recording, write_test_results
+from utils.checkpoint import apply_weights, load_checkpoint
 from utils.cli import RunSpec
 from utils.config import config_name, load_config
 from utils import distributed
@@ -77,6 +79,19 @@ class PhaseIIIInputs:
         return start_recording(self.paths, run_mode, logger, payload, restore=restore, optimizer=optimizer,
                                scaler=scaler, step_name=step_name, total_steps=total_steps, command=self.command,
                                select_on_val=self.bundle.val is not None)
+
+    @property
+    def test_checkpoint(self) -> Path:
+        """What ``phase: test`` evaluates: --checkpoint, else this run's best_model.pt."""
+        return Path(self.spec.checkpoint) if self.spec.checkpoint else self.paths.best
+
+    def test_model_checkpoint(self) -> dict:
+        """``phase: test`` of a method whose checkpoints are backbone + classifier models: load
+        :attr:`test_checkpoint` into the model, evaluate it on the test set, write test_results.json."""
+        ckpt = self.test_checkpoint
+        apply_weights(self.model, load_checkpoint(ckpt, produced_by=self.command), ckpt)
+        return write_test_results(self.paths, ckpt, self.eval_sets.test_report(self.model, self.bundle.train_counts,
+                                                                               self.hr, accel=self.accel))
 
     def records(self) -> dict:
         """What every phase III results.json says about the method and its inputs."""

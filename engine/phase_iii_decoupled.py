@@ -29,7 +29,6 @@ visualize and any later stage load it as they load a phase I model.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,8 +39,7 @@ from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
 from engine.phase_iii_features import ClassifierTraining, FeatureSource, evaluate_features
-from engine.recorder import write_test_results
-from utils.checkpoint import apply_weights, load_checkpoint
+from utils.checkpoint import apply_weights
 from utils.run_dir import read_results
 from utils.seeding import seed_everything, stream_seed
 
@@ -94,11 +92,11 @@ def class_balanced_indices(labels: torch.Tensor, num_classes: int, n: int, gener
 
 
 class BalancedTraining(ClassifierTraining):
-    """lws / crt: class-balanced batches (stream ``decoupled.sample``) instead of a permutation."""
+    """lws / crt: class-balanced batches (drawn from stream `shuffle_stream`) instead of a permutation."""
 
     def batches(self, unit: int) -> list[torch.Tensor]:
         X, y = self.data
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, "decoupled.sample", unit))
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.shuffle_stream, unit))
         picks = class_balanced_indices(y, len(self.train_counts), X.shape[0], generator).to(X.device)
         return list(picks.split(self.batch_size))
 
@@ -111,10 +109,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg["phase"] == "test":
-        ckpt = Path(inputs.spec.checkpoint) if inputs.spec.checkpoint else paths.best
-        apply_weights(model, load_checkpoint(ckpt, produced_by=inputs.command), ckpt)
-        return write_test_results(paths, ckpt, inputs.eval_sets.test_report(model, bundle.train_counts, inputs.hr,
-                                                                            accel=inputs.accel))
+        return inputs.test_model_checkpoint()
     run_mode, logger = inputs.open_run()
     if run_mode == "finished":
         return read_results(paths.results) or {}

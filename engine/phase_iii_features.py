@@ -58,7 +58,6 @@ phase I checkpoint whose frozen backbone produces those features).  Use :func:`f
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -342,7 +341,7 @@ class FeatureTraining(ClassifierTraining):
 def _test(inputs: PhaseIIIInputs, batch_size: int, num_workers: int) -> dict:
     """`phase: test`: evaluate a feature-classifier checkpoint (default: this run's best_model.pt)."""
     paths, model = inputs.paths, inputs.model
-    ckpt = Path(inputs.spec.checkpoint) if inputs.spec.checkpoint else paths.best
+    ckpt = inputs.test_checkpoint
     payload = load_checkpoint(ckpt, produced_by=inputs.command)
     if payload.get("kind") != CHECKPOINT_KIND or "feature_transform" not in payload:
         raise UserError(f"{ckpt} is not a TailCalib feature-classifier checkpoint (no feature_transform); it cannot be "

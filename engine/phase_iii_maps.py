@@ -17,7 +17,6 @@ batch. `finetune.nt` / `na` therefore describe the global batch, whatever the nu
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +30,12 @@ from engine.loops import StepResult, TrainingTask, fit
 from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
-from engine.recorder import write_test_results
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.feature_store import FeatureStore
 from fsa.generators import GeneratorContext, MapGenerator
 from fsa.gradcam import features_and_cams
 from models import LTModel
-from utils.checkpoint import apply_weights, load_checkpoint
+from utils.checkpoint import apply_weights
 from utils.errors import UserError
 from utils import distributed
 from utils.run_dir import read_results
@@ -52,10 +50,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
         raise UserError(f"finetune.nt={f['nt']} tail samples per iteration cannot be shared by {ctx.world_size} processes "
                         f"(each needs at least one): raise finetune.nt to >= {ctx.world_size} or use fewer processes.")
     if cfg["phase"] == "test":
-        ckpt = Path(inputs.spec.checkpoint) if inputs.spec.checkpoint else inputs.paths.best
-        apply_weights(model, load_checkpoint(ckpt, produced_by=inputs.command), ckpt)
-        return write_test_results(inputs.paths, ckpt, inputs.eval_sets.test_report(model, bundle.train_counts, inputs.hr,
-                                                                                  accel=inputs.accel))
+        return inputs.test_model_checkpoint()
 
     p2 = inputs.p2
     composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
