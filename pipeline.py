@@ -20,6 +20,7 @@ existing run of the same note is refused: run a variant under a new --note.
 import argparse
 import sys
 
+from engine.methods import SUITES  # the method table imports nothing heavy
 from utils.cli import run_cli
 
 
@@ -36,10 +37,12 @@ def main() -> None:
                         help="config overrides, each passed to every phase whose config has KEY (e.g. train.lr=0.05 "
                              "finetune.iterations=1000); finished steps are not rerun, so use a new --note for a variant")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")
-    parser.add_argument("--suite", default="fsa", choices=("fsa", "full"),
+    parser.add_argument("--suite", default="fsa", choices=SUITES,
                         help="fsa (default): the FSA chain, its cRT controls, TailCalib(X) and the post-hoc methods "
                              "(seconds); full: also the re-trained classifiers (LWS, cRT) and the other phase I "
-                             "losses (focal, class-balanced, balanced softmax, logit-adjusted), each a phase I run")
+                             "methods (focal, class-balanced, balanced softmax, logit-adjusted, LDAM-DRW, CosineCE), "
+                             "each a phase I run; tailcalibx: the TailCalibX release's seven experiments (CE, CosineCE, "
+                             "cRT, CBD and its teachers, TailCalib(X) on CosineCE, TailCalibX on CBD)")
     args = parser.parse_args()
     from engine import pipeline  # imported after argument parsing so --help stays fast
 

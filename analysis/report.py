@@ -136,10 +136,10 @@ def paired_differences(rows: list["Row"]) -> list[PairedDifference]:
     the phase I baseline) whose two rows share at least one note, for each ``PAIRED_METRICS``."""
     by_phase = {row.phase: row for row in rows}
     out = []
-    for method, reference in METHODS.paired():
-        if method.folder not in by_phase or reference.folder not in by_phase:
+    for arm, reference in METHODS.paired():
+        if arm.folder not in by_phase or reference.folder not in by_phase:
             continue
-        a, b = by_phase[method.folder], by_phase[reference.folder]
+        a, b = by_phase[arm.folder], by_phase[reference.folder]
         for metric in PAIRED_METRICS:
             per_note = {note: float(a.runs[note][metric]) - float(b.runs[note][metric])
                         for note in a.runs if note in b.runs
@@ -185,9 +185,9 @@ def _is_number(value) -> bool:
 
 
 def discover_rows(config: str, root: Path = Path(".")) -> list[Row]:
-    """Empty rows of the method table (table order), then every other ``checkpoints/phase_iii_*/<config>``
-    folder (label = folder)."""
-    rows = [Row(m.label, m.folder, m.id, m.group) for m in METHODS]
+    """Empty rows of the method table's arms (phase I methods, then each phase III method on each
+    backbone), then every other ``checkpoints/phase_iii_*/<config>`` folder (label = folder)."""
+    rows = [Row(a.label, a.folder, a.id, a.group) for a in METHODS.arms()]
     known = {row.phase for row in rows}
     ckpt_root = Path(root) / "checkpoints"
     if ckpt_root.is_dir():
@@ -199,10 +199,10 @@ def discover_rows(config: str, root: Path = Path(".")) -> list[Row]:
 
 def _rerun_command(phase: str, config: str, note: str) -> str:
     """The command that writes ``checkpoints/<phase>/<config>/<note>`` again from scratch."""
-    method = METHODS.by_folder(phase)
-    if method is None:
+    arm = METHODS.by_folder(phase)
+    if arm is None:
         return f"the command that made checkpoints/{phase}/{config}/{note}, with --overwrite"
-    return method.command(config, note, "--overwrite")
+    return arm.command(config, note, "--overwrite")
 
 
 def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:

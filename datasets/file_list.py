@@ -1,8 +1,12 @@
 """File-based datasets: list files (ImageNet-LT / Places-LT / iNaturalist format) and image folders.
 
-List file: one ``relative/path label`` per line (blank lines ignored), the path relative to the data
-root. Image folder: ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val``), classes sorted
-by folder name. Both are validated when built: malformed lines, bad labels (a gap in the training
+List file: one ``relative/path label`` per line (blank lines ignored; the label is the last
+whitespace-separated field), the path relative to the data root. A bare ImageNet file name
+``<wnid>_<n>.JPEG``, as in the TailCalibX release's mini-ImageNet-LT lists (written for one flat image
+folder), is also looked up as ``root/<wnid>/<name>``, ImageNet's own ``train/`` layout. A missing list
+or image of mini-ImageNet-LT (a list path naming it) says how the release builds the lists
+(:data:`MINI_IMAGENET_LT_HELP`). Image folder: ``root/train/<class>/*`` and ``root/test/<class>/*``
+(or ``val``), classes sorted by folder name. Both are validated when built: malformed lines, bad labels (a gap in the training
 labels, a test label that is no training class), missing images and a class without test images are
 ``UserError``s. Images are decoded with PIL and transformed with torchvision (ImageNet statistics),
 read at ``image_size`` (by default their own size when small, :func:`choose_image_size`) and
@@ -15,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +35,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MINI_IMAGENET_LT_HELP",
     "SMALL_IMAGE_MAX",
     "FileImageDataset",
     "auto_policy",
@@ -49,6 +55,34 @@ CROP_PAD = 4  # crop_flip: zero-pad by 4 pixels, then crop back (as the in-memor
 MAX_UPSCALE = 2.0  # a larger factor is warned about: slow, and no detail is gained
 
 logger = logging.getLogger("fsa_lt.datasets")  # the run's logger (console + log.txt) shows it
+
+# an ImageNet training image's own file name, <wnid>_<number>.<ext>, with no folder in front
+_IMAGENET_FILE_NAME = re.compile(r"(n\d{8})_[^/\\]+")
+
+# where mini-ImageNet-LT's images are (appended to a missing image's error when its list names mini-ImageNet)
+_MINI_IMAGENET_LT_IMAGES = (
+    "mini-ImageNet-LT's images are ImageNet-2012 training images (image-net.org, after accepting its terms): set "
+    "dataset.root to ImageNet's train/ folder (train/<wnid>/<wnid>_<n>.JPEG, the default data/ImageNet/train) or to "
+    "the one flat folder of <wnid>_<n>.JPEG files that TailCalibX's notebook read."
+)
+# what a missing mini-ImageNet-LT list means: the lists are not distributed, the TailCalibX release builds them
+MINI_IMAGENET_LT_HELP = (
+    "mini-ImageNet-LT is not distributed as files: the TailCalibX release (github.com/rahulvigneswaran/TailCalibX) "
+    "builds its lists with Notebooks/Create_mini-ImageNet-LT.ipynb from the ImageNet training images of the 100 "
+    "classes in Notebooks/mini-imagenet-assets/all_classes.txt, writing 0.01_train.txt (500 down to 5 images a "
+    "class), 0.01_val.txt and 0.01_test.txt (100 a class), one '<wnid>_<n>.JPEG <label 0-99>' line per image. Put "
+    "0.01_train.txt and 0.01_test.txt in data/mini-imagenet-LT/ (where the config mini-imagenet-LT_resnet10 reads "
+    "them) or set dataset.train_list and dataset.test_list to them. " + _MINI_IMAGENET_LT_IMAGES
+)
+
+
+def _release_help(list_path: str | Path, missing: str) -> str:
+    """The remedy appended to the error of a missing ``list`` or ``image`` of a known release's list (for now
+    mini-ImageNet-LT, recognised by the list's path); empty for other lists."""
+    name = str(list_path).lower().replace("_", "-")
+    if "mini-imagenet" not in name and "miniimagenet" not in name:
+        return ""
+    return " " + (MINI_IMAGENET_LT_HELP if missing == "list" else _MINI_IMAGENET_LT_IMAGES)
 
 
 def _decode_error(path: str, exc: OSError) -> UserError:
@@ -185,7 +219,18 @@ def resolve_list_path(path: str | Path, root: str | Path | None, what: str) -> P
     if root is not None and not p.is_absolute() and (Path(root) / p).is_file():
         return Path(root) / p
     where = f" or in {root}" if root is not None else ""
-    raise UserError(f"{what} file {path} not found (looked relative to the working directory{where})")
+    raise UserError(f"{what} file {path} not found (looked relative to the working directory{where})."
+                    f"{_release_help(path, 'list')}")
+
+
+def _image_path(base: Path, rel: str) -> tuple[Path | None, list[Path]]:
+    """``(the image file, None if absent; the places looked at)``: ``base/rel``, and for a bare ImageNet
+    file name ``<wnid>_<n>.<ext>`` also ``base/<wnid>/<name>`` (ImageNet's train/ layout)."""
+    tried = [base / rel]
+    match = _IMAGENET_FILE_NAME.fullmatch(rel)
+    if match:
+        tried.append(base / match.group(1) / rel)
+    return next((p for p in tried if os.path.isfile(p)), None), tried
 
 
 def _list_entries(list_path: Path, root: str | Path | None) -> list[tuple[int, str, int]]:
@@ -214,9 +259,11 @@ def _list_entries(list_path: Path, root: str | Path | None) -> list[tuple[int, s
             ) from None
         if label < 0:
             raise UserError(f"{list_path}, line {lineno}: label {label} is negative")
-        full = base / rel
-        if not os.path.isfile(full):
-            raise UserError(f"{list_path}, line {lineno}: image {full} does not exist (check dataset.root)")
+        full, tried = _image_path(base, rel)
+        if full is None:
+            nor = "".join(f" (nor {p})" for p in tried[1:])
+            raise UserError(f"{list_path}, line {lineno}: image {tried[0]} does not exist{nor} (check dataset.root)."
+                            f"{_release_help(list_path, 'image')}")
         entries.append((lineno, str(full), label))
     if not entries:
         raise UserError(f"list file {list_path} has no entries")

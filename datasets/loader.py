@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from utils.errors import UserError
 from utils.seeding import stream_seed
 
-__all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "EpochBatches"]
+__all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "EpochBatches", "class_balanced_indices"]
 
 
 def _chunks(order: Sequence[int], batch_size: int, drop_last: bool) -> list[list[int]]:
@@ -40,6 +40,19 @@ def shuffled_batches(
     return _chunks(order, batch_size, drop_last)
 
 
+def class_balanced_indices(labels: torch.Tensor, num_classes: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` training indices: each row a class drawn uniformly (among classes with samples), then one of
+    that class's samples uniformly."""
+    labels = labels.cpu()
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    present = torch.nonzero(counts).flatten()
+    classes = present[torch.randint(len(present), (n,), generator=generator)]
+    offsets = (torch.rand(n, generator=generator, dtype=torch.float64) * counts[classes]).long()
+    return order[starts[classes] + offsets]
+
+
 class EpochBatches:
     """The training batches of one epoch, shuffled and split across processes (a batch sampler).
 
@@ -48,9 +61,14 @@ class EpochBatches:
     rows is cut into ``world_size`` equal parts and rank ``r`` takes part ``r``, so one step of N
     processes sees the same rows as one step of a single process. The last, short global batch is
     cut into equal parts too (its remainder, fewer than ``world_size`` rows, is left out that epoch).
+
+    With ``labels`` and ``balanced_share`` > 0 (CBD's sampling), ``round(share * size)`` rows of every
+    global batch are class-balanced draws (:func:`class_balanced_indices`, seeded by ``(seed,
+    "phase_i.balanced", e)``) and the rest come from the permutation, so an epoch still has ``n`` rows.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, *,
+                 labels: torch.Tensor | None = None, balanced_share: float = 0.0) -> None:
         if batch_size < 1 or batch_size % world_size:
             raise UserError(
                 f"The batch size ({batch_size}) is the global batch and must be a positive multiple of the number of "
@@ -59,6 +77,7 @@ class EpochBatches:
             )
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
+        self.labels, self.balanced_share = labels, float(balanced_share) if labels is not None else 0.0
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -70,10 +89,19 @@ class EpochBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
-        for b, size in enumerate(self._global_sizes()):
+        sizes = self._global_sizes()
+        balanced_rows = [round(self.balanced_share * size) for size in sizes]
+        if any(balanced_rows):
+            generator = torch.Generator().manual_seed(stream_seed(self.seed, "phase_i.balanced", self.epoch))
+            balanced = class_balanced_indices(self.labels, int(self.labels.max()) + 1, sum(balanced_rows), generator)
+        used = taken = 0
+        for size, k in zip(sizes, balanced_rows):
+            rows = order[used:used + size - k]
+            if k:
+                rows = torch.cat([rows, balanced[taken:taken + k]])
+            used, taken = used + size - k, taken + k
             part = size // self.world_size
-            start = b * self.batch_size + self.rank * part
-            yield order[start:start + part].tolist()
+            yield rows[self.rank * part:(self.rank + 1) * part].tolist()
 
     def __len__(self) -> int:
         return len(self._global_sizes())

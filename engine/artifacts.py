@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from datasets import DatasetBundle, build_datasets
+from engine.methods import BASELINE, METHODS, Method, phase_ii_folder
 from fsa.confusion import confusing_table
 from fsa.feature_store import FeatureStore
 from models import LTModel, build_model
@@ -39,7 +40,7 @@ from utils.errors import UserError
 from utils.run_dir import RunPaths, read_results, write_json_atomic
 
 __all__ = ["PhaseIRun", "open_phase_i_run", "build_phase_i_model", "checkpoint_payload", "phase_i_command",
-           "phase_ii_command", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "open_store", "explained_classes",
+           "phase_ii_command", "phase_ii_paths", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "open_store", "explained_classes",
            "sha256_file", "make_provenance", "read_provenance", "check_provenance", "STORE_DIR", "PROVENANCE_FILE"]
 
 STORE_DIR = "store"
@@ -50,13 +51,19 @@ PROVENANCE_FORMAT = "fsa-lt-provenance/1"
 # ------------------------------------------------------------------------------------------------
 # Phase I
 # ------------------------------------------------------------------------------------------------
-def phase_i_command(config: str, note: str, *extra: str) -> str:
-    return script_command("phase_i_train_or_test.py", config, note, *extra)
+def phase_i_command(config: str, note: str, *extra: str, backbone: str = BASELINE) -> str:
+    """The command of the phase I run of method ``backbone`` (its --opts first, then ``extra``)."""
+    opts = METHODS.get(backbone).selecting_opts()
+    if opts and extra and extra[0] == "--opts":
+        extra = extra[1:]
+    return script_command("phase_i_train_or_test.py", config, note, *(["--opts", *opts] if opts else []), *extra)
 
 
 def build_phase_i_model(cfg: dict, bundle: DatasetBundle, device: torch.device) -> LTModel:
     """The (untrained) model of a phase I config for its datasets."""
-    return build_model(cfg["model"]["arch"], bundle.num_classes, bundle.in_channels).to(device)
+    m = cfg["model"]
+    return build_model(m["arch"], bundle.num_classes, bundle.in_channels, classifier=m["classifier"], scale=m["scale"],
+                       learn_scale=m["learn_scale"]).to(device)
 
 
 def checkpoint_payload(model: LTModel, cfg: dict, bundle: DatasetBundle, phase: str, **extra) -> dict:
@@ -95,6 +102,7 @@ class PhaseIRun:
     paths: RunPaths          # phase I paths (checkpoint_dir = the phase I run folder)
     cfg: dict                # its resolved config (config.yaml)
     bundle: DatasetBundle    # built with run_dir = the phase I run, so its train_subset.json is reused
+    method: Method           # the phase I method it trained (the backbone of the phases built on it)
 
     @property
     def config_path(self) -> Path:
@@ -106,7 +114,7 @@ class PhaseIRun:
         return self.cfg["eval"]["hr"]
 
     def command(self, *extra: str) -> str:
-        return phase_i_command(self.paths.config, self.paths.note, *extra)
+        return phase_i_command(self.paths.config, self.paths.note, *extra, backbone=self.method.id)
 
     def load_model(self, device: torch.device, checkpoint: Path | None = None, produced_by: str | None = None) -> LTModel:
         """The model with `checkpoint` (default: the run's best_model.pt) loaded."""
@@ -122,26 +130,34 @@ class PhaseIRun:
 
 
 def open_phase_i_run(config: str, note: str, root: Path = Path("."), *, needed_by: str = "phase II",
-                     need_checkpoint: bool = False) -> PhaseIRun:
-    """Find the phase I run of (config, note) and rebuild its datasets; UserError naming the phase I
-    command when it (or, with `need_checkpoint`, its best_model.pt) does not exist."""
-    paths = RunPaths("phase_i", config, note, Path(root))
+                     need_checkpoint: bool = False, backbone: str = BASELINE) -> PhaseIRun:
+    """Find the phase I run of (config, note) of phase I method ``backbone`` and rebuild its datasets;
+    UserError naming the phase I command when it (or, with `need_checkpoint`, its best_model.pt) does
+    not exist."""
+    method = METHODS.get(backbone)
+    paths = RunPaths(method.folder, config, note, Path(root))
     config_path = paths.checkpoint_dir / "config.yaml"
     if not config_path.is_file() or (need_checkpoint and not paths.best.is_file()):
         missing = config_path if not config_path.is_file() else paths.best
         raise UserError(
-            f"{needed_by} needs the phase I run of config '{config}' (note '{note}'), but "
-            f"{missing} does not exist. Run phase I first: {phase_i_command(config, note)}"
+            f"{needed_by} needs the {method.label} phase I run of config '{config}' (note '{note}'), but "
+            f"{missing} does not exist. Run phase I first: {phase_i_command(config, note, backbone=backbone)}"
         )
     cfg = load_config(str(config_path), "phase_i")
-    return PhaseIRun(paths=paths, cfg=cfg, bundle=build_datasets(cfg["dataset"], paths.checkpoint_dir))
+    return PhaseIRun(paths=paths, cfg=cfg, bundle=build_datasets(cfg["dataset"], paths.checkpoint_dir), method=method)
 
 
 # ------------------------------------------------------------------------------------------------
 # Phase II
 # ------------------------------------------------------------------------------------------------
-def phase_ii_command(config: str, note: str, *, overwrite: bool = False) -> str:
-    return script_command("phase_ii_extract_feature.py", config, note, *(["--overwrite"] if overwrite else []))
+def phase_ii_command(config: str, note: str, *, overwrite: bool = False, backbone: str = BASELINE) -> str:
+    opts = [] if backbone == BASELINE else ["--opts", f"backbone={backbone}"]
+    return script_command("phase_ii_extract_feature.py", config, note, *(["--overwrite"] if overwrite else []), *opts)
+
+
+def phase_ii_paths(config: str, note: str, backbone: str = BASELINE, root: Path = Path(".")) -> RunPaths:
+    """Phase II's run of (config, note) on phase I method ``backbone`` (features/ or features-<backbone>/)."""
+    return RunPaths(phase_ii_folder(METHODS.get(backbone)), config, note, Path(root))
 
 
 def _none_if_nan(values: list[float]) -> list[float | None]:
@@ -199,7 +215,7 @@ def read_phase_ii(folder: Path, phase_i: PhaseIRun) -> PhaseIIOutputs:
     """Load phase II's split, thresholds and confusing classes, after checking they match phase I."""
     if not (folder / "results.json").is_file():
         raise UserError(f"No phase II outputs in {folder}. Run phase II first: "
-                        f"{phase_ii_command(phase_i.paths.config, phase_i.paths.note)}")
+                        f"{phase_ii_command(phase_i.paths.config, phase_i.paths.note, backbone=phase_i.method.id)}")
     prov = read_provenance(folder)
     checkpoint = Path(prov["phase_i_checkpoint"]["path"])
     if not checkpoint.is_file():
@@ -214,13 +230,13 @@ def read_phase_ii(folder: Path, phase_i: PhaseIRun) -> PhaseIIOutputs:
                           float(thresholds["ts"]), float(thresholds["tg"]), table, checkpoint)
 
 
-def open_store(folder: Path, config: str, note: str) -> FeatureStore:
+def open_store(folder: Path, config: str, note: str, backbone: str = BASELINE) -> FeatureStore:
     """Phase II's feature store; a UserError naming the phase II command when it was not written."""
     store_dir = folder / STORE_DIR
     if not (store_dir / "meta.json").is_file():
         raise UserError(f"Phase II stored no feature maps in {store_dir} (store.enabled was false or it did not finish), "
                         f"so this method has nothing to read. Rerun phase II with the store on: "
-                        f"{phase_ii_command(config, note, overwrite=True)} --opts store.enabled=true")
+                        f"{phase_ii_command(config, note, overwrite=True, backbone=backbone)} --opts store.enabled=true")
     return FeatureStore(store_dir)
 
 
@@ -248,12 +264,13 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 def make_provenance(*, config: str, note: str, checkpoint_path: Path, phase_i_config_path: Path,
-                    phase_ii_config: dict, features_dir: Path) -> dict:
+                    phase_ii_config: dict, features_dir: Path, backbone: str = BASELINE) -> dict:
     checkpoint_path, phase_i_config_path = Path(checkpoint_path), Path(phase_i_config_path)
     return {
         "format": PROVENANCE_FORMAT,
         "config": config,
         "note": note,
+        "backbone": backbone,
         "phase_i_checkpoint": {
             "path": str(checkpoint_path.resolve()),
             "sha256": sha256_file(checkpoint_path),
@@ -267,29 +284,36 @@ def make_provenance(*, config: str, note: str, checkpoint_path: Path, phase_i_co
     }
 
 
-def _names(features_dir: Path, provenance: dict | None) -> tuple[str, str]:
+def _names(features_dir: Path, provenance: dict | None) -> tuple[str, str, str]:
+    """(config, note, backbone) of a phase II folder, for the commands in messages."""
     if provenance and provenance.get("config"):
-        return str(provenance["config"]), str(provenance.get("note", "default"))
+        return str(provenance["config"]), str(provenance.get("note", "default")), str(provenance.get("backbone", BASELINE))
     features_dir = Path(features_dir)
-    return features_dir.parent.name or "NAME", features_dir.name or "default"
+    root = features_dir.parent.parent.name
+    backbone = root.split("-", 1)[1] if root.startswith("features-") else BASELINE
+    if backbone not in {m.id for m in METHODS.stage("phase_i")}:
+        backbone = BASELINE
+    return features_dir.parent.name or "NAME", features_dir.name or "default", backbone
 
 
 def read_provenance(features_dir: Path | str) -> dict:
     """The parsed ``provenance.json``; a missing or unreadable file is a UserError naming phase II."""
     features_dir = Path(features_dir)
     path = features_dir / PROVENANCE_FILE
-    config, note = _names(features_dir, None)
+    config, note, backbone = _names(features_dir, None)
     if not path.is_file():
         raise UserError(
             f"No phase II outputs in {features_dir} ({PROVENANCE_FILE} missing). Run phase II first: "
-            f"{phase_ii_command(config, note, overwrite=(features_dir / 'results.json').is_file())}"
+            f"{phase_ii_command(config, note, overwrite=(features_dir / 'results.json').is_file(), backbone=backbone)}"
         )
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); rerun {phase_ii_command(config, note, overwrite=True)}") from exc
+        raise UserError(f"{path} is unreadable ({exc}); rerun "
+                        f"{phase_ii_command(config, note, overwrite=True, backbone=backbone)}") from exc
     if not isinstance(data, dict) or data.get("format") != PROVENANCE_FORMAT:
-        raise UserError(f"{path} is not an FSA-LT provenance file; rerun {phase_ii_command(config, note, overwrite=True)}")
+        raise UserError(f"{path} is not an FSA-LT provenance file; rerun "
+                        f"{phase_ii_command(config, note, overwrite=True, backbone=backbone)}")
     return data
 
 
@@ -300,8 +324,8 @@ def check_provenance(features_dir: Path | str, phase_i_checkpoint_path: Path | s
     also refuse an unfinished phase II. Returns the provenance dict."""
     features_dir = Path(features_dir)
     prov = read_provenance(features_dir)
-    config, note = _names(features_dir, prov)
-    rerun = phase_ii_command(config, note, overwrite=True)
+    config, note, backbone = _names(features_dir, prov)
+    rerun = phase_ii_command(config, note, overwrite=True, backbone=backbone)
     results = read_results(features_dir / "results.json")
     if not (results or {}).get("finished"):
         raise UserError(f"phase II in {features_dir} did not finish (no finished results.json): rerun {rerun}")

@@ -1,4 +1,4 @@
-"""Losses for long-tailed training: CE, focal, class-balanced CE, balanced softmax.
+"""Losses for long-tailed training: CE, focal, class-balanced CE, balanced softmax, logit-adjusted, LDAM-DRW.
 
 `LOSSES` is the one list of `train.loss` values: the config schema takes its choices from it, so a
 new loss is one entry here (plus a schema key for any option of its own).
@@ -47,20 +47,65 @@ def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
     return (weights / weights.sum() * len(counts)).float()
 
 
-# name -> factory(counts, *, focal_gamma, cb_beta, la_tau): counts are the training images per class.
-# Every name is also a phase I method of engine.methods (its run folder phase_i-<name>).
-LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "ce": lambda counts, **_: nn.CrossEntropyLoss(),
-    "focal": lambda counts, *, focal_gamma, **_: FocalLoss(focal_gamma),
-    "class_balanced": lambda counts, *, cb_beta, **_: nn.CrossEntropyLoss(weight=class_balanced_weights(counts, cb_beta)),
-    "balanced_softmax": lambda counts, **_: LogitAdjustedLoss(counts, 1.0),
-    "la_loss": lambda counts, *, la_tau, **_: LogitAdjustedLoss(counts, la_tau),
+def ldam_margins(counts: list[int], max_margin: float) -> torch.Tensor:
+    """Cao et al. 2019: m_c proportional to n_c^(-1/4), the rarest class's margin = max_margin."""
+    inv = torch.tensor(counts, dtype=torch.float64).clamp_min(1) ** -0.25
+    return (inv * (max_margin / inv.max())).float()
+
+
+class LDAMDRWLoss(nn.Module):
+    """LDAM with deferred re-weighting (Cao et al. 2019) on the logits ``s * cos + b`` of a cosine
+    classifier with fixed scale ``s``: the true class's logit loses ``s * m_y``, i.e. cross-entropy of
+    ``s * (cos - m_y 1_y) + b``. From epoch ``drw_epoch`` on, the cross-entropy is weighted by the
+    effective-number weights (``class_balanced_weights(counts, beta)``); before it, unweighted. The
+    weights are a pure function of the epoch (:meth:`set_epoch`), so a resumed run gets the same."""
+
+    def __init__(self, counts: list[int], *, scale: float, max_margin: float = 0.5, drw_epoch: int = 160,
+                 beta: float = 0.9999):
+        super().__init__()
+        self.scale, self.drw_epoch = float(scale), int(drw_epoch)
+        self.register_buffer("margins", ldam_margins(counts, max_margin), persistent=False)
+        self.register_buffer("drw_weights", class_balanced_weights(counts, beta), persistent=False)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def weights(self) -> torch.Tensor | None:
+        return self.drw_weights if self.epoch >= self.drw_epoch else None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        margin = self.scale * self.margins.to(logits.device)[target]
+        shifted = logits.scatter_add(1, target[:, None], -margin[:, None].to(logits.dtype))
+        weight = self.weights()
+        return F.cross_entropy(shifted, target, weight=None if weight is None else weight.to(logits.device))
+
+
+# name -> factory(counts, options): counts are the training images per class, options the phase I config's
+# `train` section plus `scale` (the cosine classifier's). Every name is also in a phase I method of
+# engine.methods (its run folder phase_i-<method id>).
+LOSSES: dict[str, Callable[[list[int], dict], nn.Module]] = {
+    "ce": lambda counts, o: nn.CrossEntropyLoss(),
+    "focal": lambda counts, o: FocalLoss(o["focal_gamma"]),
+    "class_balanced": lambda counts, o: nn.CrossEntropyLoss(weight=class_balanced_weights(counts, o["cb_beta"])),
+    "balanced_softmax": lambda counts, o: LogitAdjustedLoss(counts, 1.0),
+    "la_loss": lambda counts, o: LogitAdjustedLoss(counts, o["la_tau"]),
+    "ldam_drw": lambda counts, o: LDAMDRWLoss(counts, scale=o["scale"], max_margin=o["ldam_max_margin"],
+                                              drw_epoch=drw_start(o), beta=o["cb_beta"]),
 }
 
 
-def build_loss(name: str, counts: list[int], *, focal_gamma: float = 1.0, cb_beta: float = 0.9999,
-               la_tau: float = 1.0) -> nn.Module:
-    """The `LOSSES` entry `name` for a training set with `counts` images per class."""
+def build_loss(name: str, counts: list[int], **options) -> nn.Module:
+    """The `LOSSES` entry `name` for a training set with `counts` images per class; `options` are keys of
+    the phase I `train` section and `scale` (of `model`), the schema's defaults where not given."""
+    from utils.schema import PHASE_I, defaults
+
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name}; available: {', '.join(LOSSES)}")
-    return LOSSES[name](counts, focal_gamma=focal_gamma, cb_beta=cb_beta, la_tau=la_tau)
+    return LOSSES[name](counts, {**defaults(PHASE_I["train"]), "scale": defaults(PHASE_I["model"])["scale"], **options})
+
+
+def drw_start(train: dict) -> int:
+    """The epoch deferred re-weighting starts: train.drw_epoch, else 80% of train.epochs (the LDAM-DRW
+    release: 160 of 200)."""
+    return train["drw_epoch"] if train["drw_epoch"] is not None else int(0.8 * train["epochs"])

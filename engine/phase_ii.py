@@ -2,11 +2,12 @@
 split statistics, the confusing classes of every tail class, and the offline feature store.
 
 Every file is written through ``engine.artifacts`` (which later phases read it with). Inputs: the
-phase I run with the same config name and note (``checkpoints/phase_i/<config>/<note>/``:
+phase I run with the same config name and note of the config's ``backbone`` (a phase I method of
+``engine.methods``; ``ce``: ``checkpoints/phase_i/<config>/<note>/``, else ``checkpoints/phase_i-<backbone>/``):
 its ``config.yaml`` gives dataset and model, its ``train_subset.json`` the long-tailed subset, its
 ``best_model.pt`` the weights unless ``--checkpoint`` names another file).
 
-Outputs in ``features/<config>/<note>/`` (formats: see :func:`run` and ``fsa/feature_store.py``):
+Outputs in ``features/<config>/<note>/`` (``features-<backbone>/`` off CE; formats: see :func:`run` and ``fsa/feature_store.py``):
 
     score_matrix.pt         float32 [C, C] mean softmax score, rows = TRUE class
     confusion.json          {nf, tail, confusing: {tail class: [top-nf classes]}, score_matrix, class_names}
@@ -33,7 +34,8 @@ from torch import Tensor
 
 from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
-from engine.artifacts import STORE_DIR, make_provenance, open_phase_i_run, phase_ii_command, write_phase_ii, write_provenance
+from engine.artifacts import (STORE_DIR, make_provenance, open_phase_i_run, phase_ii_command, phase_ii_paths, write_phase_ii,
+                              write_provenance)
 from engine.loops import ordered_map
 from fsa.class_split import head_tail_split
 from fsa.confusion import ScoreAccumulator, confusing_classes
@@ -45,7 +47,7 @@ from utils.config import config_name, dump_config, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
-from utils.run_dir import RunPaths, is_finished, lock_run, read_results, remove_run_folder, write_json_atomic
+from utils.run_dir import is_finished, lock_run, read_results, remove_run_folder, write_json_atomic
 from utils.seeding import seed_everything, stream_seed
 
 PHASE = "phase_ii"
@@ -154,12 +156,12 @@ def extract_test_pooled(model, dataset, batch_size: int, device: torch.device, w
 # ------------------------------------------------------------------------------------------------
 # The phase II run
 # ------------------------------------------------------------------------------------------------
-def _check_not_finished(features_dir: Path, overwrite: bool, config: str, note: str) -> None:
+def _check_not_finished(features_dir: Path, overwrite: bool, config: str, note: str, backbone: str) -> None:
     results = read_results(features_dir / "results.json")
     if results and results.get("finished") and not overwrite:
         raise UserError(
             f"Finished phase II outputs already exist in {features_dir}. They are not overwritten silently: "
-            f"pass --overwrite to replace them ({phase_ii_command(config, note, overwrite=True)}), or --note "
+            f"pass --overwrite to replace them ({phase_ii_command(config, note, overwrite=True, backbone=backbone)}), or --note "
             f"NAME for a separate experiment (which needs a phase I run with that note)."
         )
 
@@ -169,16 +171,17 @@ def run(spec: RunSpec) -> dict:
     name = config_name(spec.config)
     note = spec.note
     root = Path(".")
-    paths = RunPaths(PHASE, name, note, root)
+    backbone = cfg["backbone"]
+    paths = phase_ii_paths(name, note, backbone, root)
     features_dir = paths.features_dir
     device = distributed.setup_device(spec.device)
     lock_run(paths)
-    _check_not_finished(features_dir, spec.overwrite, name, note)
+    _check_not_finished(features_dir, spec.overwrite, name, note, backbone)
 
     accel = Accel.from_config(cfg["accel"], device)
     ctx = distributed.context()
     seed_everything(cfg["seed"])
-    p1 = open_phase_i_run(name, note, root)
+    p1 = open_phase_i_run(name, note, root, backbone=backbone)
     bundle = p1.bundle
     num_classes = bundle.num_classes
     nf = cfg["confusion"]["nf"]
@@ -290,13 +293,14 @@ def run(spec: RunSpec) -> dict:
 
     write_provenance(features_dir, make_provenance(
         config=name, note=note, checkpoint_path=checkpoint, phase_i_config_path=p1.config_path,
-        phase_ii_config=cfg, features_dir=features_dir))
+        phase_ii_config=cfg, features_dir=features_dir, backbone=backbone))
     total_s = time.perf_counter() - started
     results = {
         "finished": True,
         "phase": PHASE,
         "config": name,
         "note": note,
+        "backbone": backbone,
         "checkpoint": str(checkpoint),
         "phase_i_checkpoint_selection": p1.selection_of(checkpoint),
         "device": str(device),

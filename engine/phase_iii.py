@@ -18,9 +18,9 @@ import yaml
 from datasets import DatasetBundle
 from engine.accel import Accel
 from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_store, phase_i_command, phase_ii_command,
-                              read_phase_ii)
+                              phase_ii_paths, read_phase_ii)
 from engine.loops import EvalSets
-from engine.methods import METHODS, MODES, Method
+from engine.methods import METHODS, MODES, Arm, Method
 from engine.recorder import open_run, start_recording, write_test_results
 from utils.checkpoint import apply_weights, load_checkpoint
 from utils.cli import RunSpec
@@ -40,7 +40,7 @@ class PhaseIIIInputs:
 
     spec: RunSpec
     cfg: dict                     # the resolved phase III config
-    method: Method
+    arm: Arm                      # the method on its backbone
     paths: RunPaths               # this run's folders
     phase_i: PhaseIRun
     p2: PhaseIIOutputs
@@ -49,6 +49,10 @@ class PhaseIIIInputs:
     device: torch.device
     accel: Accel
     eval_sets: EvalSets
+
+    @property
+    def method(self) -> Method:
+        return self.arm.method
 
     @property
     def bundle(self) -> DatasetBundle:
@@ -60,7 +64,7 @@ class PhaseIIIInputs:
 
     @property
     def command(self) -> str:
-        return self.method.command(self.paths.config, self.paths.note)
+        return self.arm.command(self.paths.config, self.paths.note)
 
     def open_run(self):
         """Apply the overwrite / resume rules (:func:`engine.recorder.open_run`), then record in
@@ -69,7 +73,7 @@ class PhaseIIIInputs:
                                 command=self.command)
         if mode != "finished" and distributed.context().is_main:
             (self.paths.checkpoint_dir / "sources.yaml").write_text(yaml.safe_dump({
-                "phase_i_checkpoint": str(self.p2.checkpoint), "phase_ii_features": str(self.paths.features_dir),
+                "phase_i_checkpoint": str(self.p2.checkpoint), "phase_ii_features": str(self.p2.folder),
                 "mode": self.method.mode}))
         return mode, logger
 
@@ -95,7 +99,8 @@ class PhaseIIIInputs:
 
     def records(self) -> dict:
         """What every phase III results.json says about the method and its inputs."""
-        return {"method": self.method.id, "mode": self.method.mode, "generator": self.method.generator,
+        return {"method": self.method.id, "arm": self.arm.id, "backbone": self.arm.backbone.id,
+                "mode": self.method.mode, "generator": self.method.generator,
                 "tail_classes": self.p2.tail, "head_classes": self.p2.head,
                 "processes": distributed.context().world_size, "phase_i_checkpoint": str(self.p2.checkpoint),
                 "phase_i_checkpoint_selection": self.phase_i.selection_of(self.p2.checkpoint),
@@ -107,25 +112,28 @@ def run(spec: RunSpec, mode: str) -> dict:
     cfg = load_config(spec.config, "phase_iii", list(spec.opts))
     name = config_name(spec.config)
     method = METHODS.phase_iii(mode, cfg["finetune"]["generator"], name, spec.note)
-    paths = RunPaths(method.folder, name, spec.note)
-    needed_by = f"phase III ({method.label})"
+    backbone = cfg["backbone"]
+    arm = METHODS.arm(method.id, backbone)
+    paths = RunPaths(arm.folder, name, spec.note)
+    features_dir = phase_ii_paths(name, spec.note, backbone).features_dir
+    needed_by = f"phase III ({arm.label})"
     # cheap checks first: a missing phase I or phase II run is named before any device or lock
-    phase_i_paths = paths.sibling("phase_i")
+    phase_i_paths = RunPaths(arm.backbone.folder, name, spec.note)
     if not (phase_i_paths.checkpoint_dir / "config.yaml").is_file() or not phase_i_paths.best.is_file():
-        raise UserError(f"{needed_by} needs the phase I run of config '{name}', note '{spec.note}' "
+        raise UserError(f"{needed_by} needs the {arm.backbone.label} phase I run of config '{name}', note '{spec.note}' "
                         f"({phase_i_paths.checkpoint_dir}), which has no best_model.pt. Run phase I first, then phase "
-                        f"II: {phase_i_command(name, spec.note)}")
-    if not (paths.features_dir / "results.json").is_file():
-        raise UserError(f"No phase II outputs in {paths.features_dir}. Run phase II first: "
-                        f"{phase_ii_command(name, spec.note)}")
+                        f"II: {phase_i_command(name, spec.note, backbone=backbone)}")
+    if not (features_dir / "results.json").is_file():
+        raise UserError(f"No phase II outputs in {features_dir}. Run phase II first: "
+                        f"{phase_ii_command(name, spec.note, backbone=backbone)}")
     device = distributed.setup_device(spec.device)
     lock_run(paths)
     accel = Accel.from_config(cfg["accel"], device)
-    phase_i = open_phase_i_run(name, spec.note, needed_by=needed_by, need_checkpoint=True)
-    p2 = read_phase_ii(paths.features_dir, phase_i)
-    store = open_store(paths.features_dir, name, spec.note) if "phase_ii_store" in method.consumes else None
+    phase_i = open_phase_i_run(name, spec.note, needed_by=needed_by, need_checkpoint=True, backbone=backbone)
+    p2 = read_phase_ii(features_dir, phase_i)
+    store = open_store(features_dir, name, spec.note, backbone) if "phase_ii_store" in method.consumes else None
     model = phase_i.load_model(device, p2.checkpoint)
     accel.prepare_model(model)
-    inputs = PhaseIIIInputs(spec, cfg, method, paths, phase_i, p2, store, model, device, accel,
+    inputs = PhaseIIIInputs(spec, cfg, arm, paths, phase_i, p2, store, model, device, accel,
                             EvalSets.of(phase_i.bundle, cfg["eval"]["batch_size"], device))
     return method.runner()(inputs, method)

@@ -28,18 +28,22 @@ visualize and any later stage load it as they load a phase I model.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 from torch import nn
 
+from datasets.loader import class_balanced_indices
 from engine.artifacts import checkpoint_payload
 from engine.loops import fit
 from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
 from engine.phase_iii_features import ClassifierTraining, FeatureSource, evaluate_features
+from models import CosineClassifier, fresh_like
 from utils.checkpoint import apply_weights
+from utils.errors import UserError
 from utils.run_dir import read_results
 from utils.seeding import seed_everything, stream_seed
 
@@ -78,19 +82,6 @@ class ScaledClassifier(nn.Module):
         return scales[:, None] * self.weight, scales * self.bias
 
 
-def class_balanced_indices(labels: torch.Tensor, num_classes: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """`n` training indices: each row a class drawn uniformly (among classes with samples), then one of
-    that class's samples uniformly."""
-    labels = labels.cpu()
-    order = torch.argsort(labels, stable=True)
-    counts = torch.bincount(labels, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    present = torch.nonzero(counts).flatten()
-    classes = present[torch.randint(len(present), (n,), generator=generator)]
-    offsets = (torch.rand(n, generator=generator, dtype=torch.float64) * counts[classes]).long()
-    return order[starts[classes] + offsets]
-
-
 class BalancedTraining(ClassifierTraining):
     """lws / crt: class-balanced batches (drawn from stream `shuffle_stream`) instead of a permutation."""
 
@@ -108,6 +99,11 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if method.id in ("tau_norm", "lws") and isinstance(model.fc, CosineClassifier):
+        raise UserError(f"{method.label} rescales the rows of a linear classifier, but the {inputs.arm.backbone.label} "
+                        f"backbone's classifier is a cosine one, whose rows are normalised in every forward pass "
+                        f"({'tau-normalisation would change nothing' if method.id == 'tau_norm' else 'scales cannot be folded into it'}). "
+                        f"Use la_posthoc or crt on this backbone.")
     if cfg["phase"] == "test":
         return inputs.test_model_checkpoint()
     run_mode, logger = inputs.open_run()
@@ -122,7 +118,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
 
     seed_everything(cfg["seed"])
     if method.id == "crt":
-        classifier: nn.Module = nn.Linear(model.feature_dim, bundle.num_classes).to(inputs.device)  # re-initialised
+        classifier: nn.Module = fresh_like(model.fc)  # re-initialised, of the backbone's kind
         params = list(classifier.parameters())
     else:
         classifier = ScaledClassifier(model.fc)
@@ -132,7 +128,10 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
 
     def sync_fc() -> None:
         """The model's fc = the classifier being trained (folded), for the checkpoints."""
-        weight, bias = (classifier.weight, classifier.bias) if method.id == "crt" else classifier.folded()
+        if method.id == "crt":
+            model.fc.load_state_dict(classifier.state_dict())
+            return
+        weight, bias = classifier.folded()
         model.fc.weight.data.copy_(weight.detach())
         model.fc.bias.data.copy_(bias.detach())
 
@@ -153,7 +152,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     start, recorder = inputs.start_recording(run_mode, logger, payload, restore=restore, optimizer=optimizer,
                                              step_name="epoch", total_steps=d["epochs"])
     logger.info(f"{method.label}: frozen {model.arch} backbone, pooled features of phase II's store, "
-                f"{'re-initialised linear classifier' if method.id == 'crt' else 'phase I classifier with learned class scales'}, "
+                f"{'re-initialised classifier' if method.id == 'crt' else 'phase I classifier with learned class scales'}, "
                 f"class-balanced batches of {d['batch_size']}, {cfg['finetune']['optimizer']} lr {d['lr']}, "
                 f"{d['epochs']} epochs; device {inputs.device}")
     task = BalancedTraining(classifier, source.train(cfg["seed"], 0), source.test, source.val,
@@ -171,10 +170,9 @@ def _choose_tau(inputs: PhaseIIIInputs, method: Method, source: FeatureSource, l
     d, train_counts = cfg["decoupled"], list(bundle.train_counts)
     fc = model.fc
 
-    def classifier(tau: float) -> nn.Linear:
-        out = nn.Linear(fc.in_features, fc.out_features).to(fc.weight.device)
+    def classifier(tau: float) -> nn.Module:
+        out = copy.deepcopy(fc)  # the phase I classifier, linear or cosine
         if method.id == "la_posthoc":
-            out.weight.data.copy_(fc.weight.detach())
             out.bias.data.copy_(adjusted_bias(fc, train_counts, tau))
         else:
             out.weight.data.copy_(tau_normalized_weight(fc, tau))

@@ -24,12 +24,16 @@ Both evaluate after every epoch on the test set's pooled features (offline: phas
 so their rows compare with every other phase III run.
 
 Choices (where the release or DESIGN leave room):
-- classifier: a **fresh** `nn.Linear(feature_dim, num_classes)` seeded by `seed` (`tailcalib.init:
-  fresh`, the default).  The phase I fc was trained on raw pooled features; after L2-normalisation
+- classifier: a **fresh** classifier of the backbone's kind seeded by `seed` (`tailcalib.init:
+  fresh`, the default): `nn.Linear` on a CE backbone, the cosine classifier (same scale) on a
+  CosineCE / CBD backbone, as the release trains its CosineDotProduct classifier there.  The phase I fc was trained on raw pooled features; after L2-normalisation
   and Tukey's transform its inputs live elsewhere (different scale, and for lambda != 1 a different
   geometry), so it is not a natural starting point.  `tailcalib.init: phase_i` copies it anyway
   (useful as an ablation; the authors' release re-loads its cosine classifier, whose scale
   invariance makes that copy meaningful there).
+- as the release's training code: the calibrated covariance gets `tailcalib.ridge` (1e-4) on its
+  diagonal, and real + generated rows (and test rows) are L2-normalised again after Tukey's
+  transform (`tailcalib.renormalize: true`); both are options, false / 0 giving the earlier variant.
 - calibration neighbours: the `k` class means nearest to a real sample among **all** classes
   (`tailcalib.neighbours: all`, the default), as the authors' release does (its own class mean is
   usually one of them); `others` excludes the sample's own class (the library's default).  On the
@@ -73,7 +77,7 @@ from engine.phase_iii import PhaseIIIInputs
 from engine.recorder import write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
-from models import LTModel
+from models import CosineClassifier, LTModel, build_classifier, fresh_like
 from utils.checkpoint import check_compatible, load_checkpoint
 from utils.errors import UserError
 from utils.run_dir import read_results
@@ -83,26 +87,39 @@ CHECKPOINT_KIND = "feature-classifier"
 TUKEY_EPS = 1e-6  # fsa.generators.tailcalib's default; stored in every checkpoint
 
 
-def _transform_spec(tukey: float) -> dict:
+def _transform_spec(tc: dict) -> dict:
     return {
         "input": "pooled features of the frozen phase I backbone: model.pool(model.features(x))",
         "normalize": True,
-        "tukey": float(tukey),
+        "tukey": float(tc["tukey"]),
         "eps": TUKEY_EPS,
-        "apply": "z = tukey_transform(pooled, tukey, eps=eps, normalize=normalize); logits = fc(z)",
+        "renormalize": bool(tc["renormalize"]),
+        "apply": "z = tukey_transform(pooled, tukey, eps=eps, normalize=normalize, renormalize=renormalize); "
+                 "logits = fc(z)",
     }
 
 
 def apply_feature_transform(pooled: torch.Tensor, transform: dict) -> torch.Tensor:
     """The transform a feature classifier's checkpoint expects on the backbone's pooled features."""
-    return tukey_transform(pooled, transform["tukey"], eps=transform["eps"], normalize=transform["normalize"])
+    return tukey_transform(pooled, transform["tukey"], eps=transform["eps"], normalize=transform["normalize"],
+                           renormalize=transform.get("renormalize", False))
+
+
+def classifier_spec(fc: nn.Module) -> dict:
+    """What rebuilds a feature classifier: its kind (``linear`` | ``cosine``) and, for cosine, its scale."""
+    if isinstance(fc, CosineClassifier):
+        return {"kind": "cosine", "scale": fc.scale_value(), "learn_scale": isinstance(fc.raw_scale, nn.Parameter)}
+    return {"kind": "linear"}
 
 
 def feature_logits(payload: dict, pooled: torch.Tensor) -> torch.Tensor:
     """Logits of a tailcalib / tailcalibx checkpoint payload for pooled backbone features [N, D]."""
     z = apply_feature_transform(pooled, payload["feature_transform"])
-    fc = payload["fc"]
-    return F.linear(z, fc["weight"].to(z), fc["bias"].to(z))
+    spec = dict(payload.get("classifier", {"kind": "linear"}))
+    weight = payload["fc"]["weight"]
+    fc = build_classifier(spec.pop("kind"), weight.shape[1], weight.shape[0], **spec)
+    fc.load_state_dict(payload["fc"])
+    return fc.to(z)(z)
 
 
 @torch.inference_mode()
@@ -158,7 +175,7 @@ class FeatureSource:
 def _generate(feats: torch.Tensor, labels: torch.Tensor, tc: dict, seed: int, num_classes: int, device: torch.device):
     """Transformed real + generated features (float32 on `device`), labels, generated count per class."""
     gen = TailCalibGenerator(tukey=tc["tukey"], alpha=tc["alpha"], k=tc["k"], seed=seed, eps=TUKEY_EPS,
-                             neighbours=tc["neighbours"])
+                             neighbours=tc["neighbours"], ridge=tc["ridge"], renormalize=tc["renormalize"])
     X, y, per_class = gen.fit(feats.cpu(), labels.cpu()).generate(shuffle=False)
     generated = [int(per_class.get(c, 0)) for c in range(num_classes)]
     return X.to(device=device, dtype=torch.float32), y.to(device), generated
@@ -206,10 +223,11 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     seed = cfg["seed"]
     lr = tc["lr"] if tc["lr"] is not None else f["lr"]
     num_classes, train_counts = bundle.num_classes, list(bundle.train_counts)
-    transform = _transform_spec(tc["tukey"])
+    transform = _transform_spec(tc)
 
     seed_everything(seed)
-    fc = nn.Linear(model.feature_dim, num_classes).to(inputs.device)
+    # the backbone's kind of classifier: linear on CE, cosine on CosineCE / CBD (the release's CosineDotProduct)
+    fc = fresh_like(model.fc)
     if tc["init"] == "phase_i":
         fc.load_state_dict(model.fc.state_dict())
     optimizer = build_optimizer(fc.parameters(), {**f, "lr": lr})
@@ -219,7 +237,8 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     meta = {"phase": paths.phase, "kind": CHECKPOINT_KIND, "generator": method.generator, "mode": method.mode,
             "arch": model.arch, "num_classes": num_classes, "in_channels": model.in_channels,
             "feature_dim": model.feature_dim, "dataset": bundle.name, "train_counts": train_counts,
-            "backbone_checkpoint": str(inputs.p2.checkpoint), "feature_transform": transform, "config": cfg}
+            "backbone_checkpoint": str(inputs.p2.checkpoint), "feature_transform": transform,
+            "classifier": classifier_spec(fc), "config": cfg}
     progress = {"total_steps": 0}
 
     def payload(**extra) -> dict:
@@ -236,8 +255,8 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
                                              step_name="epoch", total_steps=tc["epochs"])
     logger.info(f"{method.mode} {method.generator}: frozen {model.arch} backbone, pooled features (D={model.feature_dim}) "
                 f"-> L2-normalise -> Tukey lambda {tc['tukey']}; calibration k {tc['k']} ({tc['neighbours']} class means), "
-                f"alpha {tc['alpha']}; every class filled to the head count {balanced_to} (generated per class "
-                f"{expected}); {tc['init']} linear classifier, {f['optimizer']} lr {lr} momentum {f['momentum']} weight "
+                f"alpha {tc['alpha']}, covariance ridge {tc['ridge']}, re-normalised {tc['renormalize']}; every class filled to the head count {balanced_to} (generated per class "
+                f"{expected}); {tc['init']} {classifier_spec(fc)['kind']} classifier, {f['optimizer']} lr {lr} momentum {f['momentum']} weight "
                 f"decay {f['weight_decay']}, {tc['epochs']} epochs of batch {tc['batch_size']}; device {inputs.device}. "
                 f"finetune.iterations/nt/na/eval_every/unfreeze do not apply to {method.generator}.")
 

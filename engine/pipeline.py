@@ -3,12 +3,15 @@
     python pipeline.py --config smoke
     python pipeline.py --config cifar10-LT_resnet18 --seeds 0 1 2 --device 0
 
-Order, for each note: phase I -> phase II -> every phase III method of the method table
-(``engine.methods.METHODS``) in the chosen suite, in table order (the decoupled classifiers, each FSA
-mode after its cRT control, then TailCalib and TailCalibX) -> visualize; then one report over all
-notes. ``--suite fsa`` (default) leaves out the methods that re-train a classifier (LWS, cRT) and the
-phase I losses other than CE; ``--suite full`` runs them too, the losses last (each its own phase I
-run, ``phase_i-<loss>``; phases II and III build on the CE run).
+Order, for each note: phase I (CE) -> phase II -> every phase III method of the suite on the CE
+backbone, in the order of the method table (``engine.methods.METHODS``: the decoupled classifiers,
+each FSA mode after its cRT control, then TailCalib and TailCalibX) -> the suite's other phase I
+methods (each its own phase I run, ``phase_i-<id>``; a distilled one after its teacher runs
+``<note>-teacher<k>``), each followed by its phase II and phase III arms when the suite has any on
+it -> visualize; then one report over all notes. Suites (``--suite``): ``fsa`` (default) the chain,
+both controls, TailCalib(X) and the post-hoc methods; ``full`` adds LWS, cRT and the other phase I
+methods but CBD; ``tailcalibx`` the seven experiments of the TailCalibX release (CE, CosineCE, cRT,
+CBD, TailCalib and TailCalibX on CosineCE, TailCalibX on CBD).
 
 Every step calls its phase runner in this process with the spec its script would build.
 A step whose finished outputs exist is skipped; an interrupted training run (``last.pt`` without a
@@ -36,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from datasets.fashion_mnist import ensure_fashion_mnist
-from engine.methods import BASELINE, METHODS, SUITES, Method
+from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, phase_ii_folder
 from engine.recorder import SPEED_SETTINGS
 from utils import distributed
 from utils.cli import RunSpec, VisualizeSpec
@@ -62,26 +65,46 @@ def say(message: str) -> None:
 class Step:
     kind: str                    # phase_i | phase_ii | phase_iii | visualize
     label: str
-    method: Method | None = None  # phase I and III: the method-table entry the step trains
+    arm: Arm | None = None       # phase I / III: the arm the step trains; phase II: its backbone's phase I arm
+    teacher: int = 0             # phase I: teacher k of the distilled run that follows (note <note>-teacher<k>)
+
+    @property
+    def method(self):
+        return None if self.arm is None else self.arm.method
 
     def folder(self) -> str:
-        """Run folder name under checkpoints/ (phase II: features/, visualize: visualizations/)."""
-        return self.method.folder if self.method is not None else self.kind
+        """Run folder name under checkpoints/ (phase II: its phase name, whose outputs are in features*/)."""
+        if self.kind == "phase_ii":
+            return phase_ii_folder(self.arm.backbone)
+        return self.arm.folder if self.arm is not None else self.kind
+
+    def note(self, note: str) -> str:
+        """The note of the step's run within the chain of ``note``."""
+        return f"{note}-teacher{self.teacher}" if self.teacher else note
 
     def config_phase(self) -> str:
         """Whose config (and --opts) the step reads: its own phase's; visualize reads phase II's."""
         return "phase_ii" if self.kind == "visualize" else self.kind
 
 
-def plan_steps(suite: str = "fsa") -> list[Step]:
-    """The steps of one note: phase I, phase II, every phase III method of `suite` in table order, visualize."""
-    if suite not in SUITES:
-        raise UserError(f"--suite {suite}: choose one of {', '.join(SUITES)}.")
-    steps = [Step("phase_i", "phase I", METHODS.get(BASELINE)), Step("phase_ii", "phase II")]
-    steps += [Step("phase_iii", f"phase III {m.label}", m) for m in METHODS.stage("phase_iii") if suite in m.suites]
-    # the other phase I losses after the chain that builds on the CE backbone
-    steps += [Step("phase_i", f"phase I {m.label}", m) for m in METHODS.stage("phase_i")
-              if m.id != BASELINE and suite in m.suites]
+def plan_steps(suite: str = "fsa", teachers: int = 3) -> list[Step]:
+    """The steps of one note: each phase I method of `suite` (CE first; a distilled one after its
+    ``teachers`` teacher runs), each followed by its phase II and the suite's phase III arms on it
+    (phase II always for CE, which visualize reads), then visualize."""
+    arms = METHODS.suite(suite)
+    backbones = [a.method for a in arms if a.method.stage == "phase_i"]
+    steps: list[Step] = []
+    for backbone in backbones:
+        if backbone.teacher:
+            teacher = METHODS.arm(backbone.teacher)
+            steps += [Step("phase_i", f"phase I {teacher.label} teacher {k}", teacher, teacher=k)
+                      for k in range(1, teachers + 1)]
+        on_it = [a for a in arms if a.method.stage == "phase_iii" and a.backbone.id == backbone.id]
+        own = METHODS.arm(backbone.id)
+        steps.append(Step("phase_i", "phase I" if backbone.id == BASELINE else f"phase I {backbone.label}", own))
+        if on_it or backbone.id == BASELINE:
+            steps.append(Step("phase_ii", "phase II" if backbone.id == BASELINE else f"phase II on {backbone.label}", own))
+        steps += [Step("phase_iii", f"phase III {a.label}", a) for a in on_it]
     return [*steps, Step("visualize", "visualize")]
 
 
@@ -146,10 +169,11 @@ def route_opts(opts: list[str], *, seeded: bool) -> dict[str, list[str]]:
                             "(phase_iii_<mode>-<generator>). To fine-tune with one generator only, run "
                             "phase_iii_online_train_or_test.py or phase_iii_offline_train_or_test.py with "
                             "--opts finetune.generator=NAME.")
-        if key == "train.loss":
-            raise UserError("--opts train.loss: phases II and III build on the CE phase I run, and --suite full runs "
-                            "every other loss as its own phase I step (phase_i-<loss>). To train one loss only, run "
-                            "phase_i_train_or_test.py --opts train.loss=NAME.")
+        if key in SELECTING_KEYS or key == "backbone":
+            raise UserError(f"--opts {key}: the pipeline chooses the phase I methods and the backbones of phases II and "
+                            f"III itself, by --suite (each phase I method its own run, phase_i-<id>; phase III arms on "
+                            f"a backbone other than CE in <folder>-on-<id>). To train one variant only, run its script "
+                            f"with --opts {key}=VALUE (see engine/methods.py for the settings of each method).")
         if key == "seed" and seeded:
             raise UserError("--opts seed=...: --seeds already passes seed=N to every phase of each seed's note; "
                             "drop seed from --opts.")
@@ -166,15 +190,19 @@ def route_opts(opts: list[str], *, seeded: bool) -> dict[str, list[str]]:
     return routed
 
 
-def step_opts(step: Step, opts: dict[str, list[str]]) -> list[str]:
-    """The --opts a step's script gets: those of its config phase, then what selects the step's method
-    (a phase III step's generator, a phase I variant's loss)."""
-    method = step.method
-    selects = []
-    if step.kind == "phase_iii":
-        selects = [f"finetune.generator={method.generator}"]
-    elif step.kind == "phase_i" and method.id != BASELINE:
-        selects = [f"train.loss={method.loss}"]
+def step_opts(step: Step, opts: dict[str, list[str]], seed: int | None = None) -> list[str]:
+    """The --opts a step's script gets: those of its config phase, then what selects the step's arm
+    (a phase I method's settings, a phase III method's generator, a backbone other than CE) and, for a
+    teacher run, its seed (from the chain's ``seed``)."""
+    selects: list[str] = []
+    if step.kind in ("phase_i", "phase_iii"):
+        selects = step.arm.opts(explicit=True)
+    elif step.kind == "phase_ii" and step.arm.backbone.id != BASELINE:
+        selects = [f"backbone={step.arm.backbone.id}"]
+    if step.teacher:
+        from engine.phase_i import teacher_seed
+
+        selects.append(f"seed={teacher_seed(seed or 0, step.teacher)}")
     return [*opts[step.config_phase()], *selects]
 
 
@@ -182,7 +210,7 @@ def _saved_config_path(step: Step, name: str, note: str) -> Path | None:
     """The resolved config an existing run of ``step`` saved (visualize saves none: it reads phase II's)."""
     if step.kind == "visualize":
         return None
-    paths = RunPaths(step.folder(), name, note)
+    paths = RunPaths(step.folder(), name, step.note(note))
     return (paths.features_dir if step.kind == "phase_ii" else paths.checkpoint_dir) / "config.yaml"
 
 
@@ -212,7 +240,7 @@ def check_existing_runs(steps: list[Step], sources: dict[str, str], name: str,
                 continue  # the step's own run reports an unreadable config
             if not isinstance(saved, dict):
                 continue
-            wanted = load_config(sources[step.config_phase()], step.config_phase(), step_opts(step, opts))
+            wanted = load_config(sources[step.config_phase()], step.config_phase(), step_opts(step, opts, _seed(sources, opts) if step.teacher else None))
             conflicts += [f"{saved_path.parent}: {key} is {_setting(saved, key)!r}, --opts asks for {_setting(wanted, key)!r}"
                           for key in keys if _setting(saved, key) != _setting(wanted, key)]
     if conflicts:
@@ -233,8 +261,9 @@ def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
     ``stale``: a training run folder with an unfinished results.json but no last.pt (nothing to
     resume from), an unfinished phase II output folder, or a visualization folder without a complete
     record (PNGs of an interrupted run); all are started again from scratch."""
+    note = step.note(note)
     if step.kind == "phase_ii":
-        folder = RunPaths("phase_ii", name, note).features_dir
+        folder = RunPaths(step.folder(), name, note).features_dir
         results = read_results(folder / "results.json")
         if results and results.get("finished"):
             return "finished", str(folder / "results.json")
@@ -282,16 +311,22 @@ def _call(step: Step, spec: RunSpec):
     return visualize.run(spec)
 
 
+def _seed(sources: dict[str, str], opts: dict[str, list[str]]) -> int:
+    """The chain's seed: phase I's, after --seeds / --opts."""
+    return load_config(sources["phase_i"], "phase_i", opts["phase_i"])["seed"]
+
+
 def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str,
               opts: dict[str, list[str]]) -> None:
     name = config_name(sources["phase_i"])
     state, where = step_state(step, name, note)
+    note = step.note(note)
     if state == "finished":
         say(f"{tag} skipped (finished: {where})")
         return
     resume = state == "interrupted"
     overwrite = state == "stale" and step.kind != "visualize"
-    args = step_opts(step, opts)
+    args = step_opts(step, opts, _seed(sources, opts) if step.teacher else None)
     with_opts = f" with --opts {shlex.join(args)}" if args else ""
     if resume:
         say(f"{tag} resumed from {where}{with_opts}")
@@ -311,6 +346,22 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
         say(f"{tag} interrupted after {time.perf_counter() - started:.1f} s")
         raise
     say(f"{tag} finished in {time.perf_counter() - started:.1f} s")
+
+
+def _check_configs_choose_nothing(cfgs: dict[str, dict], name: str) -> None:
+    """The suite chooses the methods: a config that selects a phase I method other than CE, or a phase
+    II / III backbone other than CE, would be silently overridden, so it is refused."""
+    chosen = METHODS.phase_i(cfgs["phase_i"])
+    if chosen.id != BASELINE:
+        raise UserError(f"the phase I config of '{name}' selects the phase I method {chosen.id} "
+                        f"({' '.join(chosen.selecting_opts())}), but the pipeline chooses the phase I methods by --suite "
+                        f"(CE first, the others each in its own run). Remove those keys from the config, or train that "
+                        f"method alone: {chosen.command(name, 'NOTE')}")
+    for phase in ("phase_ii", "phase_iii"):
+        if cfgs[phase]["backbone"] != BASELINE:
+            raise UserError(f"the {phase} config of '{name}' sets backbone: {cfgs[phase]['backbone']}, but the pipeline "
+                            f"chooses each step's backbone by --suite. Remove the key, or run that phase alone with "
+                            f"--opts backbone=....")
 
 
 @dataclass(frozen=True)
@@ -344,7 +395,8 @@ def run(spec: PipelineSpec) -> dict:
         if cfgs[phase]["phase"] != "train":
             raise UserError(f"the {phase} config of '{name}' sets phase: {cfgs[phase]['phase']}, but the pipeline trains. "
                             f"Test a checkpoint with the phase's own script instead.")
-    steps = plan_steps(spec.suite)
+    _check_configs_choose_nothing(cfgs, name)
+    steps = plan_steps(spec.suite, cfgs["phase_i"]["distill"]["teachers"])
     check_existing_runs(steps, sources, name, runs, user_opts)
     notes = [note for note, _ in runs]
     say(f"config '{name}', note(s) {', '.join(notes)}, device {device}, suite {spec.suite}: "

@@ -13,7 +13,7 @@ import cv2
 import torch
 
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
-from engine.artifacts import check_provenance, explained_classes, open_phase_i_run, phase_i_command
+from engine.artifacts import check_provenance, explained_classes, open_phase_i_run, phase_ii_paths
 from engine.methods import METHODS
 from fsa.class_split import head_tail_split
 from fsa.gradcam import CamExtractor, eval_mode
@@ -61,16 +61,16 @@ def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]
         raise UserError(f"--phase {phase}: there is no run folder checkpoints/{phase}/{config}/{note}/. Run folders of "
                         f"config '{config}', note '{note}': {', '.join(existing) or '(none)'}.")
     best = RunPaths(phase, config, note).best
-    method = METHODS.by_folder(phase)
-    if phase == "phase_i" or method is None:
-        return best, phase_i_command(config, note) if phase == "phase_i" else f"the run of checkpoints/{phase}"
-    if method.kind == "features":
+    arm = METHODS.by_folder(phase)
+    if arm is None:
+        return best, f"the run of checkpoints/{phase}"
+    if arm.method.kind == "features":
         raise UserError(
-            f"--phase {phase}: a {method.label} run's checkpoint holds a linear classifier on transformed pooled "
+            f"--phase {phase}: a {arm.label} run's checkpoint holds a linear classifier on transformed pooled "
             f"features of phase I's frozen backbone, not backbone weights, so it has no feature maps of its own to "
-            f"explain. Its backbone is phase I's: --phase phase_i shows that backbone's Grad-CAMs (with phase I's "
-            f"classifier).")
-    return best, method.command(config, note)
+            f"explain. Its backbone is phase I's: --phase {arm.backbone.folder} shows that backbone's Grad-CAMs (with "
+            f"phase I's classifier).")
+    return best, arm.command(config, note)
 
 
 def _default_classes(features_dir: Path, bundle, hr: float, phase_i_checkpoint: Path,
@@ -108,7 +108,9 @@ def run(spec: VisualizeSpec) -> list[Path]:
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
     logger = setup_logger(None, "fsa_lt.visualize")
     device = resolve_device(spec.device)
-    p1 = open_phase_i_run(name, note, needed_by="visualize.py")
+    arm = METHODS.by_folder(spec.phase)  # the explained run's backbone: its phase I run and phase II outputs
+    backbone = arm.backbone.id if arm is not None else cfg["backbone"]
+    p1 = open_phase_i_run(name, note, needed_by="visualize.py", backbone=backbone)
     bundle = p1.bundle
     model = p1.load_model(device, ckpt, produced_by)
     model.eval()
@@ -122,8 +124,8 @@ def run(spec: VisualizeSpec) -> list[Path]:
         classes, why = list(dict.fromkeys(spec.classes)), "--classes"
     else:
         # the phase I checkpoint behind the explained model: the loaded one, or the one phase III fine-tunes
-        phase_i_checkpoint = ckpt if spec.phase == "phase_i" else p1.paths.best
-        classes, why = _default_classes(RunPaths("phase_ii", name, note).features_dir, bundle, p1.hr,
+        phase_i_checkpoint = ckpt if spec.phase == p1.paths.phase else p1.paths.best
+        classes, why = _default_classes(phase_ii_paths(name, note, backbone).features_dir, bundle, p1.hr,
                                         phase_i_checkpoint, p1.config_path)
     if not classes:
         raise UserError("no class to show (no tail class with phase I's eval.hr); pass --classes C [C ...].")

@@ -76,3 +76,12 @@ def run_torchrun(script: str, *args: str, cwd: Path, nproc: int = 2, check: bool
         raise AssertionError(f"torchrun {script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
                              f"\nstderr:\n{proc.stderr[-5000:]}")
     return proc
+
+
+def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with RuntimeWarnings silenced (the generator's expected jitter warnings)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(*args, **kwargs)

@@ -85,7 +85,7 @@ def test_every_moved_key_is_gone_from_its_schema():
 # choices from the engine's registries
 # ------------------------------------------------------------------------------------------------
 def test_a_registered_loss_is_accepted_and_an_unknown_one_lists_the_registry(monkeypatch):
-    monkeypatch.setitem(losses.LOSSES, "my_loss", lambda counts, **_: losses.LogitAdjustedLoss(counts, 1.0))
+    monkeypatch.setitem(losses.LOSSES, "my_loss", lambda counts, o: losses.LogitAdjustedLoss(counts, 1.0))
     assert load_config("smoke", "phase_i", ["train.loss=my_loss"])["train"]["loss"] == "my_loss"
     with pytest.raises(UserError) as info:
         load_config("smoke", "phase_i", ["train.loss=nope"])
@@ -130,6 +130,7 @@ def test_defaults_are_what_an_empty_config_resolves_to(phase):
 # ------------------------------------------------------------------------------------------------
 PHASE_II_DEFAULTS = {
     "seed": 0,
+    "backbone": "ce",
     "gradcam": {"layer": None, "method": "auto", "batch_size": 256},
     "split": {"ts": 0.8, "tg": 0.2},
     "confusion": {"nf": 3},

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.phase_iii_decoupled import (BalancedTraining, ScaledClassifier, adjusted_bias, class_balanced_indices,
+from datasets.loader import class_balanced_indices
+from engine.phase_iii_decoupled import (BalancedTraining, ScaledClassifier, adjusted_bias,
                                         log_prior, tau_normalized_weight)
 from tests.helpers import copy_phase_i, run_main_in_process, run_script
 

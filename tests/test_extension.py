@@ -47,7 +47,7 @@ def test_the_entry_gives_folder_command_schema_choice_and_help(jitter):
     assert "jitter" not in METHODS.help_text("online")
     with pytest.raises(UserError, match="runs in phase III offline mode only"):
         METHODS.phase_iii("online", "jitter")
-    assert (jitter, METHODS.get("control_offline")) in METHODS.paired()
+    assert (METHODS.arm("jitter_offline"), METHODS.arm("control_offline")) in METHODS.paired()
 
 
 def test_without_the_entry_the_generator_is_refused():

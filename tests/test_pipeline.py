@@ -161,10 +161,10 @@ def test_opts_reach_the_phases_whose_config_has_the_key():
     with pytest.raises(UserError, match="not of the form"):
         pipeline.route_opts(["train.lr"], seeded=False)
     opts = {"phase_i": ["a=1"], "phase_ii": ["b=2"], "phase_iii": ["c=3"]}
-    crt = pipeline.Step("phase_iii", "x", METHODS.get("control_online"))
+    crt = pipeline.Step("phase_iii", "x", METHODS.arm("control_online"))
     assert pipeline.step_opts(crt, opts) == ["c=3", "finetune.generator=none"]
     assert pipeline.step_opts(pipeline.Step("visualize", "visualize"), opts) == ["b=2"]
-    assert pipeline.step_opts(pipeline.Step("phase_i", "phase I", METHODS.get("ce")), opts) == ["a=1"]
+    assert pipeline.step_opts(pipeline.Step("phase_i", "phase I", METHODS.arm("ce")), opts) == ["a=1"]
 
 
 def test_unknown_opts_key_lists_the_known_ones_and_nothing_runs(tmp_path):
@@ -192,8 +192,8 @@ def test_opts_that_an_existing_run_would_ignore_are_refused(tmp_path, monkeypatc
     assert "--note NAME" in str(refused.value) and called == []
     # the same value, a speed setting, or a key of a phase without a run: nothing to refuse
     opts = {"phase_i": ["train.epochs=20", "accel.amp=bf16"], "phase_iii": ["finetune.iterations=5"]}
-    pipeline.check_existing_runs([pipeline.Step("phase_i", "phase I", METHODS.get("ce")),
-                                  pipeline.Step("phase_iii", "x", METHODS.get("fsa_online"))],
+    pipeline.check_existing_runs([pipeline.Step("phase_i", "phase I", METHODS.arm("ce")),
+                                  pipeline.Step("phase_iii", "x", METHODS.arm("fsa_online"))],
                                  {"phase_i": "smoke", "phase_iii": "smoke"}, "smoke", [("default", opts)], opts)
 
 
@@ -211,18 +211,22 @@ def test_plan_is_the_method_table_in_order():
         "phase_i", "phase_ii", "phase_iii_offline-la_posthoc", "phase_iii_offline-tau_norm", "phase_iii_offline-none",
         "phase_iii_offline", "phase_iii_online-none", "phase_iii_online", "phase_iii_offline-tailcalib",
         "phase_iii_online-tailcalibx", "visualize"]
-    assert [s.method.id for s in steps if s.method] == [m.id for m in METHODS if "fsa" in m.suites]
+    assert [s.method.id for s in steps if s.kind != "phase_ii" and s.method] == [m.id for m in METHODS if "fsa" in m.suites]
     full = pipeline.plan_steps("full")
-    # the chain on the CE backbone first (with LWS and cRT), then the other phase I losses
-    losses = [m.id for m in METHODS.stage("phase_i") if m.id != "ce"]
-    assert [s.method.id for s in full if s.method] == [
-        "ce", *(m.id for m in METHODS.stage("phase_iii")), *losses]
-    assert losses == ["focal", "class_balanced", "balanced_softmax", "la_loss"]
+    # the chain on the CE backbone first (with LWS and cRT), then the other phase I methods (CBD: tailcalibx only)
+    variants = [m.id for m in METHODS.stage("phase_i") if m.id not in ("ce", "cbd")]
+    assert [s.method.id for s in full if s.kind != "phase_ii" and s.method] == [
+        "ce", *(m.id for m in METHODS.stage("phase_iii")), *variants]
+    assert variants == ["focal", "class_balanced", "balanced_softmax", "la_loss", "ldam_drw", "cosine_ce"]
+    assert [s.kind for s in full].count("phase_ii") == 1  # full trains no phase III arm off CE
     focal = next(s for s in full if s.method and s.method.id == "focal")
     assert focal.folder() == "phase_i-focal"
     assert pipeline.step_opts(focal, {"phase_i": ["seed=1"]}) == ["seed=1", "train.loss=focal"]
+    ldam = next(s for s in full if s.method and s.method.id == "ldam_drw")
+    assert pipeline.step_opts(ldam, {"phase_i": []}) == [
+        "train.loss=ldam_drw", "model.classifier=cosine", "model.scale=30", "model.learn_scale=false"]
     assert pipeline.step_opts(full[0], {"phase_i": ["seed=1"]}) == ["seed=1"]
-    with pytest.raises(UserError, match="train.loss=NAME"):
+    with pytest.raises(UserError, match="--suite"):
         pipeline.route_opts(["train.loss=focal"], seeded=False)
     with pytest.raises(UserError, match="--suite"):
         pipeline.plan_steps("most")
@@ -230,7 +234,7 @@ def test_plan_is_the_method_table_in_order():
 
 def test_step_state_decides_skip_resume_or_fresh(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    step = pipeline.Step("phase_iii", "x", METHODS.get("control_offline"))
+    step = pipeline.Step("phase_iii", "x", METHODS.arm("control_offline"))
     run_dir = Path("checkpoints/phase_iii_offline-none/c/n")
     assert pipeline.step_state(step, "c", "n")[0] == "new"
     run_dir.mkdir(parents=True)
@@ -240,7 +244,7 @@ def test_step_state_decides_skip_resume_or_fresh(tmp_path, monkeypatch):
     assert pipeline.step_state(step, "c", "n") == ("interrupted", str(run_dir / "last.pt"))
     (run_dir / "results.json").write_text(json.dumps({"finished": True}))
     assert pipeline.step_state(step, "c", "n")[0] == "finished"
-    p2 = pipeline.Step("phase_ii", "phase II")
+    p2 = pipeline.Step("phase_ii", "phase II", METHODS.arm("ce"))
     features = Path("features/c/n")
     assert pipeline.step_state(p2, "c", "n")[0] == "new"
     features.mkdir(parents=True)

@@ -9,6 +9,7 @@ import torch
 import fsa.generators.tailcalib as tc
 from fsa.generators.tailcalib import TailCalibGenerator, generate, tukey_transform
 from utils.errors import UserError
+from tests.helpers import quiet
 
 
 def _data(seed=0, d=6, counts=((3, 40), (7, 15), (42, 4))):
@@ -17,12 +18,6 @@ def _data(seed=0, d=6, counts=((3, 40), (7, 15), (42, 4))):
     y = np.concatenate([np.full(n, lab) for lab, n in counts])
     perm = rng.permutation(len(y))
     return X[perm], y[perm]
-
-
-def _quiet(fn, *a, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return fn(*a, **kw)
 
 
 def _transform(X, lam, normalize=True):
@@ -36,7 +31,7 @@ def _transform(X, lam, normalize=True):
 @pytest.mark.parametrize("extra", [0, 5])
 def test_every_class_balanced_to_head_count(extra):
     X, y = _data()
-    f, lab, per = _quiet(generate, X, y, k=2, extra=extra, seed=0)
+    f, lab, per = quiet(generate, X, y, k=2, extra=extra, seed=0)
     T = 40 + extra
     assert f.shape == (3 * T, X.shape[1])
     vals, cnt = np.unique(lab, return_counts=True)
@@ -46,7 +41,7 @@ def test_every_class_balanced_to_head_count(extra):
 
 def test_noncontiguous_labels_preserved_and_int64():
     X, y = _data(counts=((-5, 10), (1000, 3), (17, 6)))
-    f, lab, per = _quiet(generate, X, y, k=1, seed=1)
+    f, lab, per = quiet(generate, X, y, k=1, seed=1)
     assert lab.dtype == np.int64
     assert set(np.unique(lab).tolist()) == {-5, 17, 1000}
     assert set(per) == {-5, 17, 1000}
@@ -211,8 +206,8 @@ def test_non_pd_covariance_gets_jitter_and_a_single_warning():
 def test_numpy_and_torch_identical_for_same_seed(dtype):
     X, y = _data()
     X = X.astype(dtype)
-    fn, ln, pn = _quiet(generate, X, y, tukey=0.5, k=2, seed=11)
-    ft, lt, pt = _quiet(generate, torch.from_numpy(X), torch.from_numpy(y), tukey=0.5, k=2, seed=11)
+    fn, ln, pn = quiet(generate, X, y, tukey=0.5, k=2, seed=11)
+    ft, lt, pt = quiet(generate, torch.from_numpy(X), torch.from_numpy(y), tukey=0.5, k=2, seed=11)
     assert isinstance(ft, torch.Tensor) and isinstance(fn, np.ndarray)
     assert fn.dtype == dtype and ft.dtype == torch.from_numpy(X).dtype
     assert np.array_equal(fn, ft.numpy()) and np.array_equal(ln, lt.numpy()) and pn == pt
@@ -224,37 +219,37 @@ def test_torch_in_torch_out_same_dtype_device(dtype):
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         Xt = torch.tensor(X, dtype=dtype, device=dev)
-        f, lab, _ = _quiet(generate, Xt, torch.tensor(y, device=dev), k=2, seed=0)
+        f, lab, _ = quiet(generate, Xt, torch.tensor(y, device=dev), k=2, seed=0)
         assert f.dtype == dtype and f.device == Xt.device
         assert lab.dtype == torch.int64 and lab.device == Xt.device
 
 
 def test_integer_numpy_features_give_float64():
     X, y = _data()
-    f, _, _ = _quiet(generate, (X * 10).astype(np.int64), y, k=2, seed=0)
+    f, _, _ = quiet(generate, (X * 10).astype(np.int64), y, k=2, seed=0)
     assert f.dtype == np.float64
 
 
 # ------------------------------------------------------------------------------------------ order / seeds
 def test_deterministic_with_seed_and_different_with_another():
     X, y = _data()
-    a = _quiet(generate, X, y, k=2, seed=5)
-    b = _quiet(generate, X, y, k=2, seed=5)
-    c = _quiet(generate, X, y, k=2, seed=6)
+    a = quiet(generate, X, y, k=2, seed=5)
+    b = quiet(generate, X, y, k=2, seed=5)
+    c = quiet(generate, X, y, k=2, seed=6)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
 
 
 def test_shuffle_false_order_and_shuffle_is_a_permutation():
     X, y = _data()
-    f, lab, per = _quiet(generate, X, y, tukey=0.8, k=2, seed=2, shuffle=False)
+    f, lab, per = quiet(generate, X, y, tukey=0.8, k=2, seed=2, shuffle=False)
     n = len(y)
     np.testing.assert_allclose(f[:n], tukey_transform(X, 0.8, normalize=True), atol=1e-12)
     assert np.array_equal(lab[:n], y)
     gl = lab[n:]
     assert gl.tolist() == sorted(gl.tolist())  # grouped by class, sorted label order
     assert gl.tolist() == [7] * per[7] + [42] * per[42]
-    fs, ls, _ = _quiet(generate, X, y, tukey=0.8, k=2, seed=2, shuffle=True)
+    fs, ls, _ = quiet(generate, X, y, tukey=0.8, k=2, seed=2, shuffle=True)
     assert not np.array_equal(ls, lab)
     key = lambda F, L: np.lexsort(np.c_[F, L].T)  # noqa: E731
     assert np.array_equal(f[key(f, lab)], fs[key(fs, ls)])
@@ -263,10 +258,10 @@ def test_shuffle_false_order_and_shuffle_is_a_permutation():
 
 def test_small_chunks_same_structure_and_deterministic(monkeypatch):
     X, y = _data(d=8, counts=((0, 60), (1, 2), (2, 3), (3, 1), (4, 7)))
-    ref = _quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
+    ref = quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
     monkeypatch.setattr(tc, "_CHUNK_ELEMS", 64)  # 8 rows per matmul chunk
-    a = _quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
-    b = _quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
+    a = quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
+    b = quiet(generate, X, y, k=2, seed=4, alpha=0.01, shuffle=False)
     assert np.array_equal(a[0], b[0])
     assert np.array_equal(ref[1], a[1]) and ref[2] == a[2]
     np.testing.assert_array_equal(ref[0][:len(y)], a[0][:len(y)])
@@ -278,12 +273,12 @@ def test_generator_reuse_sample_and_transform():
     gen = TailCalibGenerator(tukey=0.5, k=2, seed=0).fit(X, y)
     assert gen.class_counts == {3: 40, 7: 15, 42: 4}
     assert gen.targets() == {3: 0, 7: 25, 42: 36}
-    a = _quiet(gen.generate)
-    b = _quiet(gen.generate)
+    a = quiet(gen.generate)
+    b = quiet(gen.generate)
     assert not np.array_equal(a[0], b[0])  # the stream continues: fresh draws each epoch
-    c = _quiet(TailCalibGenerator(tukey=0.5, k=2, seed=0).fit(X, y).generate)
+    c = quiet(TailCalibGenerator(tukey=0.5, k=2, seed=0).fit(X, y).generate)
     assert np.array_equal(a[0], c[0])  # a fresh instance with the same seed replays
-    f, lab = _quiet(gen.sample, {42: 9, 7: 0})
+    f, lab = quiet(gen.sample, {42: 9, 7: 0})
     assert f.shape == (9, X.shape[1]) and lab.tolist() == [42] * 9
     np.testing.assert_allclose(gen.transform(X[:3]), _transform(X[:3], 0.5), atol=1e-12)
     with pytest.raises(UserError, match="not one of the fitted classes"):

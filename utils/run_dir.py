@@ -2,7 +2,8 @@
 
 checkpoints/<phase>/<config>/<note>/   checkpoints, config.yaml, log.txt, results.json
 run_summary/<phase>/<config>/<note>/   TensorBoard events
-features/<config>/<note>/              phase II outputs
+features/<config>/<note>/              phase II outputs (on the CE backbone)
+features-<backbone>/<config>/<note>/   phase II outputs on another phase I method's backbone (phase_ii-<backbone>)
 
 Safety rules, all here:
 - a config name and a note are each one plain folder name (`check_run_name`), so a run's folders
@@ -72,8 +73,15 @@ class RunPaths:
         return self.root / "run_summary" / self.phase / self.config / self.note
 
     @property
+    def is_phase_ii(self) -> bool:
+        return self.phase == PHASE_II or self.phase.startswith(f"{PHASE_II}-")
+
+    @property
     def features_dir(self) -> Path:
-        return self.root / "features" / self.config / self.note
+        """Phase II's output folder: ``features/`` for ``phase_ii``, ``features-<backbone>/`` for
+        ``phase_ii-<backbone>`` (other phases: the CE backbone's)."""
+        suffix = self.phase[len(PHASE_II):] if self.is_phase_ii else ""
+        return self.root / f"features{suffix}" / self.config / self.note
 
     @property
     def last(self) -> Path:
@@ -90,7 +98,7 @@ class RunPaths:
     @property
     def folders(self) -> tuple[Path, ...]:
         """The folders a run of this phase writes; the first one holds its state and results."""
-        if self.phase == PHASE_II:
+        if self.is_phase_ii:
             return (self.features_dir,)
         return (self.checkpoint_dir, self.summary_dir)
 

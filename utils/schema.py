@@ -153,7 +153,13 @@ PHASE_I = {
     "seed": F(0),
     "phase": F("train", choices=("train", "test")),
     "dataset": DATASET,
-    "model": {"arch": F("resnet32")},
+    "model": {
+        "arch": F("resnet32"),
+        # linear: nn.Linear; cosine: scale * cos(feature, class weight) + bias (CosineCE of TailCalibX / CBD)
+        "classifier": F("linear", choices=registry_choices("models.base", "CLASSIFIERS")),
+        "scale": F(10.0, float),       # cosine: the scale's initial value (softplus-parametrised, as the releases)
+        "learn_scale": F(True),        # cosine: false keeps the scale fixed (LDAM-DRW: s = 30)
+    },
     "train": {
         **OPTIM,
         "epochs": F(200),
@@ -167,9 +173,24 @@ PHASE_I = {
         "focal_gamma": F(1.0, float),
         "cb_beta": F(0.9999, float),
         "la_tau": F(1.0, float),  # la_loss: CE on logits + la_tau * log(prior) (1.0 = balanced_softmax)
+        # ldam_drw: margins max_margin * (n_min / n_c)^(1/4) on a cosine classifier of fixed scale (LDAM: s = 30), and
+        # class-balanced weights (cb_beta) from epoch drw_epoch on (null: 80% of the epochs, the release's 160 of 200)
+        "ldam_max_margin": F(0.5, float),
+        "drw_epoch": F(None, int, nullable=True),
         "num_workers": F(0),
         "save_every": F(0),
         "eval_every": F(1),
+    },
+    # cbd (Iscen et al. 2021): a cosine-classifier student distilled from `teachers` CosineCE runs of the same
+    # config (checkpoints/phase_i-cosine_ce/<config>/<note>-teacher<k>, seed + 1000 k; the pipeline trains them):
+    # loss (1 - alpha) CE + alpha * beta * (1 - cos(projected student feature, concatenated teacher features));
+    # class_balanced_share of every batch drawn class-balanced, the rest instance-balanced
+    "distill": {
+        "enabled": F(False),
+        "teachers": F(3),
+        "alpha": F(0.4, float),
+        "beta": F(100.0, float),
+        "class_balanced_share": F(0.5, float),
     },
     # hr: head = the largest classes holding this share of the training samples, for every phase
     # (phase II's split and phase III's head / tail read it from the phase I run's saved config)
@@ -179,8 +200,12 @@ PHASE_I = {
 
 # the defaults are the FSA paper's settings (Chu et al. 2020): top-3 confusing classes per tail class,
 # class-specific M >= ts, class-generic M < tg (the paper gives no thresholds; 0.8 / 0.2 are our choice)
+# phases II and III start from the phase I run of this phase I method (engine.methods; ce: checkpoints/phase_i)
+BACKBONE = F("ce", str, choices=registry_choices("engine.methods", "BACKBONE_IDS"))
+
 PHASE_II = {
     "seed": F(0),
+    "backbone": BACKBONE,
     "gradcam": {
         "layer": F(None, str, nullable=True),
         "method": F("auto", choices=("auto", "closed_form", "autograd")),
@@ -194,6 +219,7 @@ PHASE_II = {
 
 PHASE_III = {
     "seed": F(0),
+    "backbone": BACKBONE,
     "phase": F("train", choices=("train", "test")),
     "finetune": {
         **OPTIM,
@@ -220,6 +246,10 @@ PHASE_III = {
         "init": F("fresh", str, choices=("fresh", "phase_i")),
         # k nearest class means among all classes (the release: a sample's own class usually is one) or others only
         "neighbours": F("all", str, choices=("all", "others")),
+        # as the release's training code: ridge * I added to every calibrated covariance, and real + generated (and
+        # test) rows L2-normalised again after Tukey's transform
+        "ridge": F(1e-4, float),
+        "renormalize": F(True),
     },
     # decoupled classifiers (engine/phase_iii_decoupled.py); momentum / weight decay come from finetune
     "decoupled": {
@@ -275,7 +305,21 @@ def validate_values(cfg: dict, phase: str) -> None:
         _require(t["weight_decay"] >= 0, "train.weight_decay must be >= 0.")
         _require(t["warmup_epochs"] >= 0, "train.warmup_epochs must be >= 0.")
         _require(t["num_workers"] >= 0, "train.num_workers must be >= 0.")
+        _require(t["ldam_max_margin"] > 0, f"train.ldam_max_margin must be > 0, got {t['ldam_max_margin']}.")
+        _require(t["drw_epoch"] is None or t["drw_epoch"] >= 0, "train.drw_epoch must be >= 0 (or null).")
+        if t["loss"] == "ldam_drw":
+            _require(cfg["model"]["classifier"] == "cosine" and not cfg["model"]["learn_scale"],
+                     "train.loss=ldam_drw puts its margins on cosine logits of a fixed scale, as the LDAM paper (s = 30): "
+                     "set model.classifier=cosine model.scale=30 model.learn_scale=false (the ldam_drw method of the "
+                     "pipeline's --suite full does).")
+        dist = cfg["distill"]
+        _require(dist["teachers"] >= 1 and dist["beta"] >= 0 and 0 <= dist["alpha"] <= 1
+                 and 0 <= dist["class_balanced_share"] <= 1,
+                 "distill needs teachers >= 1, beta >= 0, and alpha and class_balanced_share in [0, 1].")
+        _require(not dist["enabled"] or cfg["model"]["classifier"] == "cosine",
+                 "distill.enabled trains the CBD student, a cosine classifier: set model.classifier=cosine too.")
         _require(0 < t["cb_beta"] < 1, f"train.cb_beta must be in (0, 1), got {t['cb_beta']}.")
+        _require(cfg["model"]["scale"] > 0, f"model.scale must be > 0, got {cfg['model']['scale']}.")
         _require(0 < cfg["eval"]["hr"] <= 1, f"eval.hr must be in (0, 1], got {cfg['eval']['hr']}.")
     elif phase == "phase_ii":
         s = cfg["split"]
@@ -291,6 +335,7 @@ def validate_values(cfg: dict, phase: str) -> None:
                  f"finetune.nt must be >= 1 and finetune.na >= 0 (batch = 2*nt*(1+na)), got nt={f['nt']}, na={f['na']}.")
         _require(f["eval_every"] >= 1, "finetune.eval_every must be >= 1.")
         _require(cfg["tailcalib"]["k"] >= 1, "tailcalib.k must be >= 1.")
+        _require(cfg["tailcalib"]["ridge"] >= 0, "tailcalib.ridge must be >= 0.")
         dc = cfg["decoupled"]
         _require(dc["epochs"] >= 1 and dc["batch_size"] >= 1 and dc["lr"] > 0,
                  "decoupled.epochs and decoupled.batch_size must be >= 1 and decoupled.lr > 0.")

@@ -21,6 +21,8 @@ STREAMS = {
     "tailcalib.augment": 2,     # TailCalibX's augmented training images (per epoch)
     "tailcalib.shuffle": 3,     # the linear classifier's minibatch order (per epoch)
     "decoupled.sample": 1,      # LWS / cRT class-balanced batches (per epoch)
+    # phase I derives (seed, epoch) and (seed, epoch, 1 + rank): its streams take numbers no epoch reaches
+    "phase_i.balanced": 1_000_001,  # CBD's class-balanced rows of every batch (per epoch)
 }
 
 

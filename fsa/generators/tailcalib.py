@@ -51,6 +51,36 @@ inputs holding the same values give **bit-identical** outputs for the same seed,
 device.  Output follows the input: numpy in -> numpy out, torch in -> torch out on the same device;
 features keep the input's floating dtype (float64 for integer input), labels are int64 and keep the
 input's label values (they need not be ``0..C-1``).
+
+Differences from the authors' release (github.com/rahulvigneswaran/TailCalibX: the pip package
+``tailcalib_pip/src/tailcalib.py`` and the training code ``libs/core/TailCalib.py``), each available
+here as an option; the defaults above are unchanged (``engine/`` relies on them):
+
+- ``ridge``: the release adds ``1e-4 * I`` to every calibrated covariance before sampling (a
+  Cholesky safeguard that, on L2-normalised features, is comparable to the per-dimension
+  variances).  Default here ``0.0``; ``ridge=1e-4`` reproduces it (one extra ``sqrt(ridge) v``
+  term per draw, ``v ~ N(0, I)``; still no per-sample factorisation).
+- ``stats_before_tukey``: the release computes class means and covariances on the features
+  *before* Tukey's transform and calibrates with the *transformed* sample (nearest means, and the
+  calibrated mean ``(sum of k means + x) / (k + 1)``, mix the two spaces).  Identical for
+  ``tukey=1``.  Default here ``False`` (statistics after the transform, one space).
+- ``renormalize``: the release's training pipeline (``prepare_updated_dataset``) L2-normalises all
+  training rows -- real and generated -- *after* Tukey's transform and generation, and test rows
+  likewise (normalise -> Tukey -> normalise).  The pip package does not.  Default ``False``.
+- ``neighbours="all"``: the release picks the ``k`` nearest means among all classes, the sample's
+  own class included.  The library default is ``"others"`` (``engine/`` passes ``"all"``).
+- Points per class: the same target ``max count + extra`` (the release's ``extra_points`` is
+  added for the head class too).  The release gives every real sample ``floor(ratio)`` draws and
+  hands out the remainder one at a time at random *with* replacement (a sample can get several
+  extra); here the remainder goes to distinct samples.  The release indexes its class counts by
+  label value (labels must be ``0..C-1``) and divides by ``n - 1`` (a single-sample class raises
+  ``ZeroDivisionError``); here any labels and single-sample classes work.
+- The release's pip package does not L2-normalise its input; its ``TailCalib`` adapter below
+  uses ``normalize=False`` accordingly.
+
+:class:`TailCalib` is a drop-in for the pip package's class (``from tailcalib import tailcalib``):
+same constructor, ``generate`` keywords, defaults and return values, on this module's vectorised
+sampler with a ``seed``.
 """
 
 from __future__ import annotations
@@ -64,7 +94,7 @@ import torch
 
 from utils.errors import UserError
 
-__all__ = ["generate", "tukey_transform", "TailCalibGenerator"]
+__all__ = ["generate", "tukey_transform", "TailCalibGenerator", "TailCalib"]
 
 # Work-space bound (number of float64 elements) for one chunk of stacked covariances / padded draws.
 _CHUNK_ELEMS = 1 << 24
@@ -133,14 +163,17 @@ def _as_labels(y) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def _check_params(tukey, alpha, k, extra, neighbours, eps):
-    for name, v in (("tukey", tukey), ("alpha", alpha), ("eps", eps)):
+def _check_params(tukey, alpha, k, extra, neighbours, eps, ridge=0.0):
+    for name, v in (("tukey", tukey), ("alpha", alpha), ("eps", eps), ("ridge", ridge)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
             raise UserError(f"{name} must be a finite number, got {v!r}.")
     if eps <= 0:
         raise UserError(f"eps must be > 0, got {eps!r}.")
     if alpha < 0:
         raise UserError(f"alpha must be >= 0 (it is added to every covariance entry), got {alpha!r}.")
+    if ridge < 0:
+        raise UserError(f"ridge must be >= 0 (it is added to the covariance diagonal; the authors' release "
+                        f"uses 1e-4), got {ridge!r}.")
     for name, v, lo in (("k", k, 1), ("extra", extra, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise UserError(f"{name} must be an integer >= {lo}, got {v!r}.")
@@ -169,23 +202,30 @@ def _tukey64(x: torch.Tensor, lam: float, eps: float) -> torch.Tensor:
     return x**lam
 
 
-def tukey_transform(x, lam: float = 1.0, *, eps: float = 1e-6, normalize: bool = False):
+def tukey_transform(x, lam: float = 1.0, *, eps: float = 1e-6, normalize: bool = False,
+                    renormalize: bool = False):
     """Tukey's ladder of powers: ``x ** lam`` (``log(x + eps)`` for ``lam == 0``).
 
     Accepts a numpy array or a torch tensor and returns the same kind (same device; floating dtype
     kept).  ``normalize=True`` first L2-normalises the rows of a 2-D input, exactly as
     :func:`generate` does, so ``tukey_transform(X_test, lam, normalize=True)`` maps test features
-    into the space the generated features live in.  For ``lam != 1`` the input must be
-    non-negative (tiny round-off negatives are clamped); ``lam < 0`` also adds ``eps``.
+    into the space the generated features live in.  ``renormalize=True`` L2-normalises the rows
+    again *after* the transform (the authors' training pipeline does, see :func:`generate`).  For
+    ``lam != 1`` the input must be non-negative (tiny round-off negatives are clamped); ``lam < 0``
+    also adds ``eps``.
     """
     _check_params(lam, 0.0, 1, 0, "others", eps)
     spec = _Spec(x)
     t = _as_float64(x, "x")
+    if (normalize or renormalize) and t.dim() != 2:
+        flag = "normalize" if normalize else "renormalize"
+        raise UserError(f"{flag}=True needs a 2-D array [N, D], got shape {tuple(t.shape)}.")
     if normalize:
-        if t.dim() != 2:
-            raise UserError(f"normalize=True needs a 2-D array [N, D], got shape {tuple(t.shape)}.")
         t = _l2_normalize(t)
-    return spec.features(_tukey64(t, float(lam), float(eps)))
+    t = _tukey64(t, float(lam), float(eps))
+    if renormalize:
+        t = _l2_normalize(t)
+    return spec.features(t)
 
 
 def _l2_normalize(t: torch.Tensor) -> torch.Tensor:
@@ -208,13 +248,21 @@ class TailCalibGenerator:
 
     def __init__(self, tukey: float = 1.0, alpha: float = 0.0, k: int = 3, *, extra: int = 0,
                  seed: Optional[int] = None, normalize: bool = True, neighbours: str = "others",
-                 eps: float = 1e-6):
-        _check_params(tukey, alpha, k, extra, neighbours, eps)
+                 eps: float = 1e-6, ridge: float = 0.0, stats_before_tukey: bool = False,
+                 renormalize: bool = False):
+        _check_params(tukey, alpha, k, extra, neighbours, eps, ridge)
+        for name, v in (("normalize", normalize), ("stats_before_tukey", stats_before_tukey),
+                        ("renormalize", renormalize)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise UserError(f"{name} must be True or False, got {v!r}.")
         self.tukey = float(tukey)
         self.alpha = float(alpha)
         self.k = int(k)
         self.extra = int(extra)
         self.normalize = bool(normalize)
+        self.ridge = float(ridge)
+        self.stats_before_tukey = bool(stats_before_tukey)
+        self.renormalize = bool(renormalize)
         self.neighbours = neighbours
         self.eps = float(eps)
         self.seed = seed
@@ -248,7 +296,10 @@ class TailCalibGenerator:
 
         if self.normalize:
             Z = _l2_normalize(Z)
+        S = Z  # the space of the class statistics: before Tukey (release) or after (default)
         Z = _tukey64(Z, self.tukey, self.eps)
+        if not self.stats_before_tukey:
+            S = Z
         if not bool(torch.isfinite(Z).all()):
             raise UserError(f"Tukey's transform with lambda={self.tukey} produced non-finite values; "
                             "use a larger eps or a lambda >= 0.")
@@ -261,19 +312,19 @@ class TailCalibGenerator:
             raise UserError(f"k={self.k} nearest class means requested but there are only {available} "
                             f"{what} ({C} classes in y); use k <= {available}.")
         counts = torch.bincount(yi, minlength=C)
-        means = torch.zeros(C, d, dtype=torch.float64).index_add_(0, yi, Z) / counts[:, None]
+        means = torch.zeros(C, d, dtype=torch.float64).index_add_(0, yi, S) / counts[:, None]
 
         order = torch.argsort(yi, stable=True)  # rows grouped by class, input order inside
         starts = torch.zeros(C + 1, dtype=torch.int64)
         starts[1:] = torch.cumsum(counts, 0)
 
         self._spec = _Spec(X)
-        self._Z, self._yi, self._classes = Z, yi, classes
+        self._Z, self._S, self._yi, self._classes = Z, S, yi, classes
         self._counts, self._means = counts, means
         self._order, self._starts = order, starts
         self._cov_cache: Dict[int, torch.Tensor] = {}
         self._factor_cache: Dict[int, torch.Tensor] = {}
-        var = Z.var(dim=0, unbiased=False).mean().item() if n > 1 else 0.0
+        var = S.var(dim=0, unbiased=False).mean().item() if n > 1 else 0.0
         self._scale = var if var > 0 else 1.0  # fallback jitter scale for all-zero covariances
         self._fitted = True
         return self
@@ -296,13 +347,16 @@ class TailCalibGenerator:
 
     @property
     def class_means(self):
-        """[C, D] per-class means of the transformed features, rows in ``classes`` order."""
+        """[C, D] per-class means (of the transformed features; with ``stats_before_tukey`` of the
+        features before Tukey's transform), rows in ``classes`` order."""
         self._need_fit()
         return self._spec.features(self._means)
 
     def transform(self, X):
-        """Normalise (if configured) and Tukey-transform new features, e.g. test features."""
-        return tukey_transform(X, self.tukey, eps=self.eps, normalize=self.normalize)
+        """Normalise (if configured), Tukey-transform and re-normalise (if configured) new features,
+        e.g. test features: the space :meth:`generate` returns its rows in."""
+        return tukey_transform(X, self.tukey, eps=self.eps, normalize=self.normalize,
+                               renormalize=self.renormalize)
 
     def targets(self) -> Dict[int, int]:
         """Number of samples :meth:`generate` adds per class: ``max count + extra - n_c``."""
@@ -314,7 +368,9 @@ class TailCalibGenerator:
         """Calibrated ``(means [m, D], covariances [m, D, D], neighbour labels [m, k])`` of real rows.
 
         ``indices`` index the rows of the fitted ``X``.  Returned in the fitted framework; meant for
-        inspection and tests (sampling never materialises per-sample covariances).
+        inspection and tests (sampling never materialises per-sample covariances).  The covariance
+        includes ``alpha`` (every entry) and ``ridge`` (diagonal); both are in the space before the
+        optional ``renormalize`` step.
         """
         self._need_fit()
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64).reshape(-1)
@@ -333,14 +389,15 @@ class TailCalibGenerator:
             if n < 2:  # undefined: documented zero-covariance fallback
                 cov = torch.zeros(self._Z.shape[1], self._Z.shape[1], dtype=torch.float64)
             else:
-                Xc = self._Z[rows] - self._means[c]
+                Xc = self._S[rows] - self._means[c]
                 cov = (Xc.T @ Xc) / (n - 1)
             if cache:
                 self._cov_cache[c] = cov
         return cov
 
     def _set_covs(self, sets: torch.Tensor) -> torch.Tensor:
-        """[S, k] class-index sets -> [S, D, D] calibrated covariances (mean of k + alpha everywhere)."""
+        """[S, k] class-index sets -> [S, D, D] calibrated covariances (mean of k + alpha everywhere
+        + ridge on the diagonal)."""
         d = self._Z.shape[1]
         out = torch.zeros(sets.shape[0], d, d, dtype=torch.float64)
         for j in range(sets.shape[1]):
@@ -349,6 +406,8 @@ class TailCalibGenerator:
         out /= sets.shape[1]
         if self.alpha != 0.0:
             out += self.alpha
+        if self.ridge != 0.0:
+            out += self.ridge * torch.eye(d, dtype=torch.float64)
         return out
 
     def _nearest(self, idx: torch.Tensor) -> torch.Tensor:
@@ -406,7 +465,7 @@ class TailCalibGenerator:
                 continue
             if n <= d:
                 rows = self._order[self._starts[c]:self._starts[c + 1]]
-                self._factor_cache[c] = (self._Z[rows] - self._means[c]).T / math.sqrt(n - 1)
+                self._factor_cache[c] = (self._S[rows] - self._means[c]).T / math.sqrt(n - 1)
             else:
                 chol.append(c)
         step = max(1, _CHUNK_ELEMS // (d * d))
@@ -426,8 +485,9 @@ class TailCalibGenerator:
         of the real sample the point was calibrated on, that sample's draws contiguous.
 
         A point calibrated on neighbour set S = {c_1..c_k} is
-        ``mean + (1/sqrt(k)) sum_j F_{c_j} w_j + sqrt(alpha) u 1`` with independent standard normal
-        ``w_j``, ``u``: exactly ``N(mean, (1/k) sum_j cov_{c_j} + alpha 1 1^T)``.  This needs one
+        ``mean + (1/sqrt(k)) sum_j F_{c_j} w_j + sqrt(alpha) u 1 + sqrt(ridge) v`` with independent
+        standard normal ``w_j``, ``u``, ``v`` (``v`` in R^D): exactly
+        ``N(mean, (1/k) sum_j cov_{c_j} + alpha 1 1^T + ridge I)``.  This needs one
         factor per *class* instead of one Cholesky per distinct neighbour set (thousands of them
         at CIFAR-100-LT scale), and the work is one batched matmul per neighbour class.
         """
@@ -483,6 +543,8 @@ class TailCalibGenerator:
         out /= math.sqrt(self.k)
         if self.alpha > 0:
             out += math.sqrt(self.alpha) * torch.randn(G, 1, dtype=torch.float64, generator=self._gen)
+        if self.ridge > 0:
+            out += math.sqrt(self.ridge) * torch.randn(G, d, dtype=torch.float64, generator=self._gen)
         out += cal_mean[src_of_pt]
         if report["matrices"]:
             warnings.warn(
@@ -510,13 +572,15 @@ class TailCalibGenerator:
                 raise UserError(f"sample(): count for label {lab!r} must be an integer >= 0, got {n!r}.")
             want[lookup[int(lab)]] = int(n)
         feats, ci = self._draw(want)
+        if self.renormalize:
+            feats = _l2_normalize(feats)
         return self._spec.features(feats), self._spec.labels(self._classes[ci])
 
     def generate(self, *, shuffle: bool = True):
         """Balance every class to ``max count + extra``.
 
         Returns ``(features, labels, generated_per_class)``: the real (transformed) features plus
-        the generated ones.  ``shuffle=False``: real rows first in input order, then the generated
+        the generated ones (all rows L2-normalised again if ``renormalize``).  ``shuffle=False``: real rows first in input order, then the generated
         ones grouped by class (sorted label order); ``shuffle=True``: one seeded permutation of all.
         ``generated_per_class`` maps every label to the number of generated samples (0 included).
         """
@@ -524,6 +588,8 @@ class TailCalibGenerator:
         T = int(self._counts.max()) + self.extra
         feats, ci = self._draw(T - self._counts)
         X = torch.cat([self._Z, feats])
+        if self.renormalize:
+            X = _l2_normalize(X)
         yi = torch.cat([self._yi, ci])
         if shuffle:
             perm = torch.randperm(X.shape[0], generator=self._gen)
@@ -534,7 +600,8 @@ class TailCalibGenerator:
 
 def generate(X, y, *, tukey: float = 1.0, alpha: float = 0.0, k: int = 3, extra: int = 0,
              seed: Optional[int] = None, shuffle: bool = True, normalize: bool = True,
-             neighbours: str = "others", eps: float = 1e-6):
+             neighbours: str = "others", eps: float = 1e-6, ridge: float = 0.0,
+             stats_before_tukey: bool = False, renormalize: bool = False):
     """TailCalib on plain arrays: ``(features, labels, generated_per_class)``.
 
     ``X``: [N, D] numpy array or torch tensor (any device); ``y``: [N] integer labels with any
@@ -544,7 +611,178 @@ def generate(X, y, *, tukey: float = 1.0, alpha: float = 0.0, k: int = 3, extra:
     generated ones, their labels (same label values as ``y``), and ``{label: number generated}``.
     Same seed -> same output, identical for numpy and torch inputs holding the same values.
     Bad input raises :class:`utils.errors.UserError`.
+
+    Release-parity options (module docstring, "Differences from the authors' release"):
+    ``ridge`` adds ``ridge * I`` to every calibrated covariance (release: ``1e-4``),
+    ``stats_before_tukey`` fits class means / covariances on the features before Tukey's transform
+    (release: yes), ``renormalize`` L2-normalises all returned rows after the transform (the
+    release's training pipeline does, its pip package does not), ``neighbours="all"`` lets the
+    sample's own class be a neighbour (release: yes).
     """
     gen = TailCalibGenerator(tukey=tukey, alpha=alpha, k=k, extra=extra, seed=seed,
-                             normalize=normalize, neighbours=neighbours, eps=eps)
+                             normalize=normalize, neighbours=neighbours, eps=eps, ridge=ridge,
+                             stats_before_tukey=stats_before_tukey, renormalize=renormalize)
     return gen.fit(X, y).generate(shuffle=shuffle)
+
+
+# --------------------------------------------------------------------------------------------
+# drop-in for the authors' pip package
+# --------------------------------------------------------------------------------------------
+_ENGINES = {"numpy": "numpy", "torch": "torch", "pytorch": "torch"}
+
+
+class TailCalib:
+    """Drop-in for the authors' pip package (``from tailcalib import tailcalib``): change the import
+    to ``from fsa.generators.tailcalib import TailCalib as tailcalib`` and the release's examples
+    run unchanged, on :class:`TailCalibGenerator` (vectorised, seedable) instead of a per-sample
+    ``multivariate_normal`` loop.
+
+    ``TailCalib(base_engine="numpy")``: ``"numpy"`` returns numpy arrays, ``"torch"`` (or the
+    release's spelling ``"pytorch"``; case-insensitive) returns torch tensors (on ``X``'s device
+    when ``X`` is a tensor).  Unlike the release, which asserts that ``X`` / ``y`` already have the
+    engine's type, either kind of input is accepted and converted.
+
+    :meth:`generate` has the release's keywords and defaults -- ``tukey_value=0.9`` (the code's
+    default; the release's README and docstring say 1.0), ``alpha=0.0``, ``topk=1``,
+    ``extra_points=0``, ``shuffle=True`` -- and its return value ``(feat_all, labs_all,
+    generated_points)``:
+
+    - ``feat_all`` [N + G, D]: the real rows Tukey-transformed, plus the generated rows; every class
+      ends with ``max class count + extra_points`` rows (the largest class gets ``extra_points``).
+    - ``labs_all`` [N + G] int64: their labels (the label values of ``y``).
+    - ``generated_points``: ``{label: [n_c, D] generated rows of that class}``, only classes with
+      ``n_c > 0`` (as the release: a class is skipped when nothing is generated for it), keys in
+      sorted label order.  The rows are the same values as in ``feat_all``.
+
+    The release shuffles ``feat_all`` / ``labs_all`` with one permutation and **ignores**
+    ``shuffle=False`` (it always shuffles); here ``shuffle=False`` is honoured: real rows first in
+    input order, then the generated rows grouped by class (sorted label order).  With ``shuffle``,
+    the output equals ``generate(X, y, ..., shuffle=True)`` of this module for the same settings.
+
+    What the release computes, and therefore the keyword-only defaults here (module docstring,
+    "Differences from the authors' release"): no L2-normalisation of the input
+    (``normalize=False``), class statistics before Tukey's transform (``stats_before_tukey=True``),
+    neighbours among all classes, own class included (``neighbours="all"``), ``1e-4 * I`` added to
+    every calibrated covariance (``ridge=1e-4``), no re-normalisation (``renormalize=False``; the
+    release's training code, not its pip package, re-normalises -- ``normalize=True,
+    renormalize=True`` reproduces that pipeline).
+
+    Seeding: the release takes no seed; it draws from the global RNGs (``np.random`` for the split
+    of draws over real samples in both engines and for the numpy engine's
+    ``multivariate_normal`` / permutation, torch's default generator for the torch engine's
+    ``MultivariateNormal.sample`` / ``randperm``), so its numpy and torch engines never agree and a
+    run repeats only after ``np.random.seed(...)`` and ``torch.manual_seed(...)``.  Here ``seed=s``
+    seeds one CPU ``torch.Generator`` and all math is float64 on the CPU: the numpy and torch
+    engines give **identical numbers** for the same seed and same input values.  ``seed=None``
+    draws the seed from the engine's global RNG (``np.random`` / ``torch``), so code that seeds
+    globally, as the release requires, stays repeatable (the numbers are not the release's).
+
+    :meth:`convert_others` maps validation / test features into the space of ``feat_all``; by
+    default with the settings of the last :meth:`generate` call (the release's default there is a
+    fixed ``tukey_value=1.0``, which silently differs from its ``generate`` default 0.9).  Bad
+    arguments raise :class:`utils.errors.UserError` naming the fix.
+    """
+
+    def __init__(self, base_engine: str = "numpy"):
+        key = base_engine.strip().lower() if isinstance(base_engine, str) else None
+        if key not in _ENGINES:
+            raise UserError(f"base_engine must be 'numpy' or 'torch' ('pytorch' is accepted too), "
+                            f"got {base_engine!r}.")
+        self.base_engine = base_engine
+        self.engine = _ENGINES[key]
+        self._last: Optional[dict] = None
+
+    def __repr__(self) -> str:
+        return f"TailCalib(base_engine={self.base_engine!r})"
+
+    # ---------------------------------------------------------------- helpers
+    def _out(self, a):
+        """A numpy array or tensor in the engine's type (torch keeps the device)."""
+        if self.engine == "numpy":
+            if isinstance(a, torch.Tensor):
+                a = a.detach().cpu()
+                return (a.float() if a.dtype == torch.bfloat16 else a).numpy()
+            return a
+        return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+
+    def _seed(self, seed) -> int:
+        if seed is None:
+            if self.engine == "numpy":
+                return int(np.random.randint(0, 2**62, dtype=np.int64))
+            return int(torch.randint(0, 2**62, (1,)).item())
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UserError(f"seed must be an integer >= 0 or None, got {seed!r}.")
+        return int(seed)
+
+    @staticmethod
+    def _check(tukey_value, alpha, topk, extra_points, shuffle):
+        for name, v in (("tukey_value", tukey_value), ("alpha", alpha)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+                raise UserError(f"{name} must be a finite number, got {v!r}.")
+        if alpha < 0:
+            raise UserError(f"alpha must be >= 0 (it is added to every covariance entry), got {alpha!r}.")
+        for name, v, lo in (("topk", topk, 1), ("extra_points", extra_points, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise UserError(f"{name} must be an integer >= {lo}, got {v!r}.")
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise UserError(f"shuffle must be True or False, got {shuffle!r}.")
+
+    # ---------------------------------------------------------------- release API
+    def generate(self, X, y, tukey_value: float = 0.9, alpha: float = 0.0, topk: int = 1,
+                 extra_points: int = 0, shuffle: bool = True, *, seed: Optional[int] = None,
+                 normalize: bool = False, stats_before_tukey: bool = True, neighbours: str = "all",
+                 ridge: float = 1e-4, renormalize: bool = False, eps: float = 1e-6):
+        """Balance ``X`` [N, D], ``y`` [N]: ``(feat_all, labs_all, generated_points)`` (class docstring)."""
+        self._check(tukey_value, alpha, topk, extra_points, shuffle)
+        gen = TailCalibGenerator(tukey=tukey_value, alpha=alpha, k=topk, extra=extra_points,
+                                 seed=self._seed(seed), normalize=normalize, neighbours=neighbours,
+                                 eps=eps, ridge=ridge, stats_before_tukey=stats_before_tukey,
+                                 renormalize=renormalize)
+        try:
+            gen.fit(X, y)
+        except UserError as exc:
+            if str(exc).startswith(f"k={topk} nearest"):  # name the release's keyword
+                raise UserError(str(exc).replace(f"k={topk}", f"topk={topk}", 1)
+                                .replace("use k <=", "use topk <=")) from None
+            raise
+        feats, labs, per_class = gen.generate(shuffle=False)
+        start = int(labs.shape[0]) - sum(per_class.values())
+        generated = {}
+        for lab, n in per_class.items():  # sorted label order, as the generated rows are
+            if n:
+                part = feats[start:start + n]
+                generated[lab] = self._out(part.clone() if isinstance(part, torch.Tensor) else part.copy())
+                start += n
+        if shuffle:  # the same draw as TailCalibGenerator.generate(shuffle=True)
+            perm = torch.randperm(int(labs.shape[0]), generator=gen._gen)
+            if isinstance(feats, torch.Tensor):
+                perm = perm.to(feats.device)
+            else:
+                perm = perm.numpy()
+            feats, labs = feats[perm], labs[perm]
+        self._last = {"tukey": gen.tukey, "eps": gen.eps, "normalize": gen.normalize,
+                      "renormalize": gen.renormalize}
+        return self._out(feats), self._out(labs), generated
+
+    def convert_others(self, X, tukey_value: Optional[float] = None, y=None):
+        """Transform validation / test features into the space of :meth:`generate`'s ``feat_all``.
+
+        ``tukey_value=None`` (and the normalisation settings) come from the last :meth:`generate`
+        call (1.0 and no normalisation before any call).  The release's signature is
+        ``convert_others(X, tukey_value=1.0)`` returning the array; its README calls
+        ``X_test, y_test = a.convert_others(X=X_test, y=y_test)``, which the release rejects --
+        here passing ``y`` returns ``(X_transformed, y)`` so that example works too.
+        """
+        last = self._last or {"tukey": 1.0, "eps": 1e-6, "normalize": False, "renormalize": False}
+        lam = last["tukey"] if tukey_value is None else tukey_value
+        out = self._out(tukey_transform(X, lam, eps=last["eps"], normalize=last["normalize"],
+                                        renormalize=last["renormalize"]))
+        if y is None:
+            return out
+        labels = _as_labels(y)
+        if labels.dim() != 1 or labels.shape[0] != out.shape[0]:
+            raise UserError(f"y must be a 1-D array with one label per row of X ({out.shape[0]}), "
+                            f"got shape {tuple(labels.shape)}.")
+        if isinstance(out, torch.Tensor):
+            labels = labels.to(out.device)
+        return out, self._out(labels)
