@@ -66,7 +66,7 @@ def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]
         return best, f"the run of checkpoints/{phase}"
     if arm.method.kind == "features":
         raise UserError(
-            f"--phase {phase}: a {arm.label} run's checkpoint holds a linear classifier on transformed pooled "
+            f"--phase {phase}: a {arm.label} run's checkpoint holds a classifier on transformed pooled "
             f"features of phase I's frozen backbone, not backbone weights, so it has no feature maps of its own to "
             f"explain. Its backbone is phase I's: --phase {arm.backbone.folder} shows that backbone's Grad-CAMs (with "
             f"phase I's classifier).")
