@@ -297,10 +297,18 @@ class MethodTable:
                 pairs.append((arm, reference))
         return pairs
 
+    def phase_i_help(self) -> str:
+        """The phase I script's list of methods and the --opts that select each, for its ``--help``."""
+        lines = ["phase I methods (run folder checkpoints/phase_i-ID/, CE: phase_i/) and the --opts that select them:"]
+        lines += [f"  {m.id:<16} {' '.join(m.selecting_opts()) or '(defaults)'}" for m in self.stage("phase_i")]
+        return "\n".join(lines)
+
     def help_text(self, mode: str) -> str:
         """The phase III ``mode`` script's list of methods, for its ``--help``."""
         lines = [f"finetune.generator values of phase III {mode} (default {DEFAULT_GENERATOR}):"]
         lines += [f"  {m.generator:<11} {m.label}: {m.summary}" for m in self.stage("phase_iii") if m.mode == mode]
+        lines += ["", f"--opts backbone=ID starts from phase I method ID's run (default {BASELINE}; the run goes to "
+                      f"<folder>-on-ID): {', '.join(m.id for m in self.stage('phase_i'))}."]
         return "\n".join(lines)
 
 

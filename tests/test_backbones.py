@@ -178,6 +178,22 @@ def test_phases_ii_and_iii_on_the_cosine_backbone(cosine_run):
     assert tested["top1"] == pytest.approx(results["top1"])
 
 
+@pytest.mark.parametrize("generator, folder", [("crt", "phase_iii_offline-crt-on-cosine_ce"),
+                                               ("fsa", "phase_iii_offline-on-cosine_ce")])
+def test_model_checkpoints_on_the_cosine_backbone_reproduce_their_top1_under_phase_test(cosine_run, generator, folder):
+    cwd = cosine_run
+    opts = ("--opts", f"finetune.generator={generator}", "backbone=cosine_ce", "decoupled.epochs=2",
+            "finetune.iterations=6", "finetune.eval_every=3")
+    _run("phase_iii_offline_train_or_test.py", *SMOKE, *opts, cwd=cwd)
+    run = cwd / "checkpoints" / folder / "smoke/default"
+    results = json.loads((run / "results.json").read_text())
+    assert results["arm"] == ("cosine_crt" if generator == "crt" else "cosine_fsa_offline")
+    ckpt = torch.load(run / "best_model.pt", weights_only=True)
+    assert "fc.raw_scale" in ckpt["model"]  # the cosine head, re-trained (cRT: a fresh one) or fine-tuned
+    _run("phase_iii_offline_train_or_test.py", *SMOKE, *opts, "phase=test", cwd=cwd)
+    assert json.loads((run / "test_results.json").read_text())["top1"] == pytest.approx(results["top1"])
+
+
 def test_missing_phase_ii_of_a_backbone_names_its_command(cosine_run):
     code, err = run_main_in_process("phase_iii_offline_train_or_test.py", *SMOKE, "--opts", "finetune.generator=crt",
                                     "backbone=cbd", cwd=cosine_run)
