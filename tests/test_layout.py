@@ -76,3 +76,23 @@ def test_the_checker_sees_a_cycle(monkeypatch):
     monkeypatch.setitem(globals(), "project_modules", lambda: graph)
     with pytest.raises(pytest.fail.Exception, match="import cycle"):
         test_no_import_cycle()
+
+
+def test_every_output_folder_is_ignored_by_git():
+    """Each folder a run writes (every phase's of every method and backbone, reports, visualizations) is
+    in .gitignore, so that `git add -A` after a run never commits checkpoints or feature stores."""
+    import shutil
+    import subprocess
+
+    from engine.methods import METHODS, phase_ii_folder
+    from utils.run_dir import RunPaths
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    phases = {arm.folder for arm in METHODS.arms()} | {phase_ii_folder(m) for m in METHODS.stage("phase_i")}
+    paths = {str(folder.relative_to(ROOT) / "x") for phase in phases
+             for folder in RunPaths(phase, "cfg", "note", ROOT).folders}
+    paths |= {"reports/cfg/ablation.md", "visualizations/cfg/note/x.png"}
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(paths)], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(paths - set(ignored)) == []
