@@ -4,9 +4,12 @@ the final evaluation without a validation split).
 
     python report.py --config smoke
     python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2   # mean ± std over seeds
+    python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2 --pairs fsa_offline:la_posthoc
 
-With two or more notes it also gives each FSA run's paired difference to its same-mode cRT control
-and to phase I (same note = same seed and backbone): per note, mean and a 95% t-interval.
+With two or more notes it also gives each method's paired difference to its control (FSA: the
+same-mode cRT control) and to its phase I backbone (same note = same seed and backbone), and to any
+further reference asked for with --pairs METHOD:REFERENCE (report.json row ids): per note, mean and
+a 95% t-interval.
 
 Reads checkpoints/<phase>/<config>/<note>/results.json; writes reports/<config>/ (ablation.md,
 ablation.csv, ablation.png, per_class.png, report.json) and prints the table. A results.json that
@@ -22,10 +25,15 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="config name the runs were made with")
     parser.add_argument("--notes", nargs="+", default=["default"], metavar="NOTE",
                         help="notes to aggregate (default: default); several give mean ± sample std")
+    parser.add_argument("--pairs", nargs="+", default=[], metavar="METHOD:REFERENCE",
+                        help="further paired differences, by report.json row id (e.g. fsa_offline:crt)")
     args = parser.parse_args()
+    pairs = [tuple(pair.split(":")) for pair in args.pairs]
+    if bad := [text for text, pair in zip(args.pairs, pairs) if len(pair) != 2 or not all(pair)]:
+        parser.error(f"--pairs takes METHOD:REFERENCE row ids (e.g. fsa_offline:crt), got {' '.join(bad)}")
     from analysis import report  # imported after argument parsing so --help stays fast
 
-    report.run(args.config, list(args.notes))
+    report.run(args.config, list(args.notes), pairs)
 
 
 if __name__ == "__main__":

@@ -131,15 +131,23 @@ class PairedDifference:
                 "verdict": self.verdict()}
 
 
-def paired_differences(rows: list["Row"]) -> list[PairedDifference]:
+def paired_differences(rows: list["Row"], extra: list[tuple[str, str]] = ()) -> list[PairedDifference]:
     """Every paired comparison of the method table (each method against its control, then against
-    the phase I baseline) whose two rows share at least one note, for each ``PAIRED_METRICS``."""
+    the phase I baseline), then the ``extra`` ``(row id, reference row id)`` pairs asked for, whose two rows
+    share at least one note, for each ``PAIRED_METRICS``."""
     by_phase = {row.phase: row for row in rows}
+    by_id = {row.id: row for row in rows if row.id}
+    if unknown := sorted({i for pair in extra for i in pair} - set(by_id)):
+        raise UserError(f"--pairs names row id(s) {', '.join(unknown)} that have no finished run in this report; "
+                        f"the rows' ids: {', '.join(by_id)}. Write each pair as METHOD:REFERENCE, e.g. "
+                        f"fsa_offline:crt.")
+    pairs = [(arm.folder, reference.folder) for arm, reference in METHODS.paired()]
+    pairs += [(by_id[a].phase, by_id[b].phase) for a, b in extra]
     out = []
-    for arm, reference in METHODS.paired():
-        if arm.folder not in by_phase or reference.folder not in by_phase:
+    for a_phase, b_phase in dict.fromkeys(pairs):
+        if a_phase not in by_phase or b_phase not in by_phase:
             continue
-        a, b = by_phase[arm.folder], by_phase[reference.folder]
+        a, b = by_phase[a_phase], by_phase[b_phase]
         for metric in PAIRED_METRICS:
             per_note = {note: float(a.runs[note][metric]) - float(b.runs[note][metric])
                         for note in a.runs if note in b.runs
@@ -266,17 +274,54 @@ def _markdown_table(rows: list[Row], several: bool) -> str:
     return "\n".join(lines)
 
 
-def _cost_markdown(rows: list[Row]) -> list[str]:
-    """Each row's training cost: rows through the trained part (samples_seen) and wall time, means over notes."""
-    lines = ["", "## Training cost", "", "| method | rows trained on | wall time (s) |", "|:---|---:|---:|"]
+def _upstream_results(run: dict, root: Path) -> list[dict] | None:
+    """The finished runs a run's model was built from, recursively: the phase I run a phase III run started
+    from (``phase_i_checkpoint``) and a distilled run's teachers (``teachers``). None when one of them has
+    no readable results.json (its cost is then unknown, never taken as 0)."""
+    sources = [run["phase_i_checkpoint"]] if run.get("phase_i_checkpoint") else []
+    sources += list(run.get("teachers") or [])
+    found: list[dict] = []
+    for checkpoint in sources:
+        path = Path(checkpoint)
+        results = read_results((path if path.is_absolute() else Path(root) / path).parent / "results.json")
+        upstream = _upstream_results(results, root) if results and results.get("finished") else None
+        if upstream is None:
+            return None
+        found += [results, *upstream]
+    return found
+
+
+def _total_cost(row: Row, key: str, root: Path) -> Stat:
+    """``key`` of each run plus that of every run its model was built from (backbone, teachers), over notes."""
+    values = []
+    for run in row.runs.values():
+        upstream = _upstream_results(run, root)
+        parts = [run, *(upstream or [])]
+        if upstream is not None and all(_is_number(r.get(key)) for r in parts):
+            values.append(sum(float(r[key]) for r in parts))
+    return Stat(values)
+
+
+def _cost_markdown(rows: list[Row], root: Path) -> list[str]:
+    """Each row's training cost: rows through the trained part (samples_seen) and wall time, its own and
+    with the runs its model was built from (phase I backbone, distillation teachers); means over notes."""
+    lines = ["", "## Training cost", "",
+             "| method | rows trained on | wall time (s) | with backbone and teachers: rows | wall time (s) |",
+             "|:---|---:|---:|---:|---:|"]
+
+    def cell(stat: Stat, form: str) -> str:
+        return ABSENT if stat.mean is None else format(stat.mean, form)
+
     for row in rows:
-        seen, wall = row.stat("samples_seen"), row.stat("wall_time_s")
-        lines.append(f"| {row.label} | {ABSENT if seen.mean is None else f'{seen.mean:,.0f}'} | "
-                     f"{ABSENT if wall.mean is None else f'{wall.mean:.1f}'} |")
+        cells = [cell(row.stat("samples_seen"), ",.0f"), cell(row.stat("wall_time_s"), ".1f"),
+                 cell(_total_cost(row, "samples_seen", root), ",.0f"), cell(_total_cost(row, "wall_time_s", root), ".1f")]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     lines += ["", "Rows trained on: images (phase I), batch rows (FSA, cRT control: iterations x batch) or feature "
               "rows (TailCalib, LWS, cRT: epochs x rows) that passed through the trained part; 0 = chosen, not "
-              "trained (post-hoc). Every phase III row starts from the phase I model, so its cost adds to phase I's; "
-              "the offline rows also share phase II's extraction. Mean over the notes."]
+              "trained (post-hoc). The last two columns add the runs the row's model was built from: the phase I "
+              "run a phase III row starts from, and a distilled run's teacher runs (CBD: its CosineCE teachers), so "
+              "rows compare as compute-matched or not; phase II's extraction, shared by the offline rows, is not "
+              "counted. — = not recorded. Mean over the notes."]
     return lines
 
 
@@ -293,7 +338,7 @@ def _hr_values(rows: list[Row]) -> list[float]:
     return sorted(v for v in values if _is_number(v))
 
 
-def _markdown(config: str, notes: list[str], rows: list[Row]) -> str:
+def _markdown(config: str, notes: list[str], rows: list[Row], root: Path, diffs: list[PairedDifference]) -> str:
     several = len(notes) > 1
     if several:
         shown = (f"mean ± sample standard deviation over the notes {', '.join(f'`{n}`' for n in notes)} "
@@ -314,8 +359,8 @@ def _markdown(config: str, notes: list[str], rows: list[Row]) -> str:
         f"the fewest largest classes holding a share hr of the training samples{hr_text}, tail = the rest. "
         f"{ABSENT} = the group has no class in this training set (absent, not 0).",
     ]
-    parts += _cost_markdown(rows)
-    parts += _paired_markdown(paired_differences(rows))
+    parts += _cost_markdown(rows, root)
+    parts += _paired_markdown(diffs)
     missing = [f"{row.label}: {', '.join(n for n in notes if n not in row.runs)}"
                for row in rows if row.n < len(notes)]
     if missing:
@@ -357,7 +402,8 @@ def _csv(rows: list[Row], notes: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
-def _report_json(config: str, notes: list[str], rows: list[Row], files: dict) -> dict:
+def _report_json(config: str, notes: list[str], rows: list[Row], files: dict, root: Path,
+                 diffs: list[PairedDifference]) -> dict:
     out_rows = []
     for row in rows:
         per_class = row.per_class()
@@ -371,6 +417,10 @@ def _report_json(config: str, notes: list[str], rows: list[Row], files: dict) ->
             "missing_notes": [n for n in notes if n not in row.runs],
             "metrics": {m: row.stat(m).as_dict() for m in METRICS},
             "per_class": None if per_class is None else {"train_counts": per_class[0], "accuracy": per_class[1]},
+            # training cost: its own, and with the runs its model was built from (backbone, teachers)
+            "cost": {"samples_seen": row.stat("samples_seen").as_dict(), "wall_time_s": row.stat("wall_time_s").as_dict(),
+                     "total_samples_seen": _total_cost(row, "samples_seen", root).as_dict(),
+                     "total_wall_time_s": _total_cost(row, "wall_time_s", root).as_dict()},
             "sources": row.sources,
         })
     return {
@@ -382,13 +432,15 @@ def _report_json(config: str, notes: list[str], rows: list[Row], files: dict) ->
                    "mean and sample std (ddof 1) over notes; null = absent group or undefined std",
         "metrics": list(METRICS),
         "rows": out_rows,
-        "paired": [d.as_dict() for d in paired_differences(rows)],
+        "paired": [d.as_dict() for d in diffs],
         "files": files,
     }
 
 
-def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo: bool = True) -> dict:
-    """Write the report of ``config`` over ``notes`` to ``reports/<config>/`` under ``root``."""
+def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo: bool = True,
+                 pairs: list[tuple[str, str]] = ()) -> dict:
+    """Write the report of ``config`` over ``notes`` to ``reports/<config>/`` under ``root``; ``pairs``: further
+    ``(row id, reference row id)`` paired differences beyond the method table's."""
     config = config_name(config)
     notes = list(dict.fromkeys(notes))
     if not notes:
@@ -401,15 +453,16 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
             f"finished: true in {looked}, ...). Run the phases first, e.g. python pipeline.py --config {config}"
             + ("" if notes == ["default"] else " (or pass the notes the runs were made with: --notes NOTE ...)") + "."
         )
+    diffs = paired_differences(rows, list(pairs))
     out = report_dir(config, root)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: str(out / name) for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json")}
-    markdown = _markdown(config, notes, rows)
+    markdown = _markdown(config, notes, rows, root, diffs)
     (out / "ablation.md").write_text(markdown)
     (out / "ablation.csv").write_text(_csv(rows, notes))
     bar_chart(out / "ablation.png", config, notes, rows, METRICS)
     per_class_chart(out / "per_class.png", config, notes, rows)
-    data = _report_json(config, notes, rows, files)
+    data = _report_json(config, notes, rows, files, root, diffs)
     write_json_atomic(out / "report.json", data)  # written last: it marks a complete report
     if echo:
         print(markdown, flush=True)
@@ -435,5 +488,5 @@ def is_up_to_date(config: str, notes: list[str], root: Path = Path(".")) -> bool
     return all(Path(src).stat().st_mtime <= made for src in current.values())
 
 
-def run(config: str, notes: list[str]) -> dict:
-    return build_report(config, notes, Path("."))
+def run(config: str, notes: list[str], pairs: list[tuple[str, str]] = ()) -> dict:
+    return build_report(config, notes, Path("."), pairs=pairs)

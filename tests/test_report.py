@@ -233,5 +233,51 @@ def test_cost_table_gives_rows_trained_on_and_wall_time(fake_runs):
     build_report(CONFIG, NOTES, fake_runs, echo=False)
     markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
     cost = markdown.split("## Training cost")[1].split("\n\n## ")[0]
-    assert "| Phase I baseline (CE) | 1,100 | 12.0 |" in cost
-    assert "| FSA offline | — | — |" in cost  # not recorded: absent, never 0
+    assert "| Phase I baseline (CE) | 1,100 | 12.0 | 1,100 | 12.0 |" in cost
+    assert "| FSA offline | — | — | — | — |" in cost  # not recorded: absent, never 0
+
+
+def test_cost_with_backbone_and_teachers_adds_the_runs_a_model_was_built_from(tmp_path):
+    """CBD's total = its own + its 3 teachers; TailCalibX on CBD = its own + CBD + the teachers; a missing
+    teacher makes the total unknown (—), never a smaller number."""
+    def with_cost(path: Path, seen: int, wall: float, **extra) -> Path:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "samples_seen": seen, "wall_time_s": wall, **extra}))
+        return path
+
+    note = "seed0"
+    teachers = [with_cost(write_results(tmp_path, "phase_i-cosine_ce", f"{note}-teacher{k}", top1=60.0), 1000, 10.0 * k)
+                for k in (1, 2, 3)]
+    # teacher paths as the phase I run records them: relative to the working directory (the root)
+    cbd = with_cost(write_results(tmp_path, "phase_i-cbd", note, top1=70.0), 1000, 50.0,
+                    teachers=[str((t.parent / "best_model.pt").relative_to(tmp_path)) for t in teachers])
+    with_cost(write_results(tmp_path, "phase_iii_online-tailcalibx-on-cbd", note, top1=72.0), 300, 5.0,
+              phase_i_checkpoint=str(cbd.parent / "best_model.pt"))
+    data = build_report(CONFIG, [note], tmp_path, echo=False)
+    cost = (tmp_path / "reports" / CONFIG / "ablation.md").read_text().split("## Training cost")[1].split("\n\n## ")[0]
+    assert "| CBD (class-balanced distillation) | 1,000 | 50.0 | 4,000 | 110.0 |" in cost  # 50 + 10 + 20 + 30
+    assert "| TailCalibX (online) on CBD (class-balanced distillation) | 300 | 5.0 | 4,300 | 115.0 |" in cost
+    assert "| CosineCE | 1,000 | 10.0 | 1,000 | 10.0 |" not in cost  # teachers are not the CosineCE row (note differs)
+    by_id = {row["id"]: row for row in data["rows"]}
+    assert by_id["cbd_tailcalibx"]["cost"]["total_wall_time_s"]["values"] == [115.0]
+    teachers[1].unlink()
+    build_report(CONFIG, [note], tmp_path, echo=False)
+    cost = (tmp_path / "reports" / CONFIG / "ablation.md").read_text().split("## Training cost")[1].split("\n\n## ")[0]
+    assert "| CBD (class-balanced distillation) | 1,000 | 50.0 | — | — |" in cost
+
+
+def test_pairs_asked_for_by_row_id_are_added_and_unknown_ids_refused(fake_runs, capsys):
+    # cRT control 70/71/75 minus phase I 60/62/64 = 10, 9, 11: mean 10, sd 1, half-width 4.302653 / sqrt(3)
+    data = build_report(CONFIG, NOTES, fake_runs, echo=False, pairs=[("control_offline", "ce")])
+    paired = {(d["method"], d["reference"], d["metric"]): d for d in data["paired"]}
+    extra = paired[("cRT control (offline, no fusion)", "Phase I baseline (CE)", "top1")]
+    assert extra["per_note"] == {"seed0": 10.0, "seed1": 9.0, "seed2": 11.0}
+    assert extra["ci95"] == pytest.approx([10 - 2.484138, 10 + 2.484138], abs=2e-4)
+    assert ("FSA offline", "cRT control (offline, no fusion)", "top1") in paired  # the table's pairs stay
+    assert "| cRT control (offline, no fusion) | Phase I baseline (CE) | top1 |" in \
+        (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, "--pairs", "fsa_offline:lws",
+                                    cwd=fake_runs)
+    assert code == 2 and err.startswith("error: --pairs names row id(s) lws") and "Traceback" not in err
+    assert "fsa_offline" in err.split("the rows' ids:")[1]
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--pairs", "fsa_offline", cwd=fake_runs)
+    assert code == 2 and "--pairs takes METHOD:REFERENCE" in err
