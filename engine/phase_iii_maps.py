@@ -33,7 +33,7 @@ from engine.phase_iii import PhaseIIIInputs
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.feature_store import FeatureStore
 from fsa.generators import GeneratorContext, MapGenerator
-from fsa.gradcam import features_and_cams
+from fsa.gradcam import CamExtractor
 from models import LTModel
 from utils.checkpoint import apply_weights
 from utils.errors import UserError
@@ -204,6 +204,8 @@ class _OnlineMaps:
     def __init__(self, model: LTModel, bundle: DatasetBundle, device: torch.device, with_grad: bool,
                  accel: Accel = NO_ACCEL):
         self.model, self.device, self.with_grad, self.accel = model, device, with_grad, accel
+        # closed form on a linear head, autograd on any other (a cosine head: CosineCE, LDAM-DRW, CBD)
+        self.cams = CamExtractor(model)
         self.train = bundle.train.with_augment(True)
         self.labels = bundle.train.targets
         self.in_memory = hasattr(self.train, "get_batch")
@@ -228,7 +230,7 @@ class _OnlineMaps:
     def __call__(self, indices: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = self._images(indices, rng)
         with self.accel.autocast():
-            fmaps, cams, _ = features_and_cams(self.model, self.accel.inputs(x), y, with_grad=self.with_grad)
+            fmaps, cams, _ = self.cams(self.accel.inputs(x), y, with_grad=self.with_grad)
         return fmaps.float(), cams.float(), y
 
 

@@ -257,21 +257,24 @@ class CamExtractor:
         # At the CAM layer, autograd needs only the head (given the model's features/head split).
         self._head_only = at_cam_layer and hasattr(model, "features") and hasattr(model, "head")
 
-    def __call__(self, x: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, x: Tensor, targets: Tensor | None = None, *,
+                 with_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(fmap [B,C,H,W] at the CAM layer, cam [B,H,W] float32 in [0,1], logits [B,K])``.
 
         The CAM always has the CAM-layer resolution (one of another layer is resized bilinearly and
         re-normalised); ``targets`` (one label per image) default to the argmax prediction. Needs the
-        model's ``features()`` / ``head()`` (the LTModel interface).
+        model's ``features()`` / ``head()`` (the LTModel interface). ``with_grad`` keeps the autograd
+        graph on ``fmap`` (phase III online with the last stage unfrozen); the CAM is always detached.
         """
         if self.method == "closed_form":
-            return features_and_cams(self.model, x, targets)
+            return features_and_cams(self.model, x, targets, with_grad=with_grad)
         with eval_mode(self.model):
             if self._head_only:
-                return self._head_autograd(x, targets)
+                return self._head_autograd(x, targets, with_grad)
             cam = self._hooked_autograd(x, targets)
-            with torch.no_grad():
+            with torch.enable_grad() if with_grad else torch.no_grad():
                 fmap = self.model.features(x)
+            with torch.no_grad():
                 logits = self.model.head(fmap)
         return fmap, _resize_cams(cam, fmap.shape[-2:]), logits
 
@@ -282,9 +285,10 @@ class CamExtractor:
         with eval_mode(self.model):
             return self._hooked_autograd(x, targets)
 
-    def _head_autograd(self, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """At the CAM layer: one backbone forward without graph, autograd through the head only."""
-        with torch.no_grad():
+    def _head_autograd(self, x: Tensor, targets: Tensor | None, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """At the CAM layer: one backbone forward (with its graph only if ``with_grad``), autograd through
+        the head only, from a detached copy of the maps."""
+        with torch.enable_grad() if with_grad else torch.no_grad():
             fmap = _check_fmap(self.model.features(x))
         with torch.inference_mode(False), torch.enable_grad():
             leaf = _prepare_input(fmap.detach()).requires_grad_(True)

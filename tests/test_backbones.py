@@ -194,6 +194,22 @@ def test_model_checkpoints_on_the_cosine_backbone_reproduce_their_top1_under_pha
     assert json.loads((run / "test_results.json").read_text())["top1"] == pytest.approx(results["top1"])
 
 
+def test_fsa_online_on_the_cosine_backbone_takes_autograd_cams_and_trains_the_last_stage_if_asked(cosine_run):
+    """Online FSA recomputes CAMs of a cosine head, which has no closed form (it failed before); with
+    finetune.unfreeze the last stage still receives gradients through the maps."""
+    cwd = cosine_run
+    run = cwd / "checkpoints/phase_iii_online-on-cosine_ce/smoke/default"
+    start = torch.load(cwd / "checkpoints/phase_i-cosine_ce/smoke/default/best_model.pt", weights_only=True)["model"]
+    for unfreeze, again in ((False, ()), (True, ("--overwrite",))):
+        _run("phase_iii_online_train_or_test.py", *SMOKE, *again, "--opts", "backbone=cosine_ce",
+             "finetune.iterations=4", "finetune.eval_every=2", f"finetune.unfreeze={str(unfreeze).lower()}", cwd=cwd)
+        assert json.loads((run / "results.json").read_text())["arm"] == "cosine_fsa_online"
+        tuned = torch.load(run / "last.pt", weights_only=True)["model"]
+        changed = {k for k in tuned if not torch.equal(tuned[k], start[k])}
+        assert "fc.weight" in changed
+        assert any(k.startswith("layer3.") and k.endswith("conv1.weight") for k in changed) == unfreeze, sorted(changed)
+
+
 def test_missing_phase_ii_of_a_backbone_names_its_command(cosine_run):
     code, err = run_main_in_process("phase_iii_offline_train_or_test.py", *SMOKE, "--opts", "finetune.generator=crt",
                                     "backbone=cbd", cwd=cosine_run)
