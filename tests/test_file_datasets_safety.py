@@ -16,6 +16,7 @@ from datasets.loader import _worker_message
 from engine import phase_i, phase_iii_maps
 from fsa.batch_composition import TailHeadComposer
 from fsa.generators import GeneratorContext, ResampleGenerator
+from models import build_model
 from tests.helpers import run_main_in_process, run_script
 from utils.errors import UserError
 
@@ -222,7 +223,7 @@ def test_phase_iii_prefetch_loads_an_iterations_images_alike_from_any_start(tmp_
     draws = phase_iii_maps.IterationDraws(composer, ResampleGenerator(context), seed=0)
 
     def fetched(start: int, workers: int) -> list[torch.Tensor]:
-        maps = phase_iii_maps._OnlineMaps(None, bundle, torch.device("cpu"), with_grad=False)
+        maps = phase_iii_maps._OnlineMaps(build_model("resnet8", 3), bundle, torch.device("cpu"), with_grad=False)
         maps.prefetch(draws, start, 3, workers)
         return [maps._images(torch.tensor(draws.images(i)), None)[0] for i in range(start, 3)]
 
