@@ -20,14 +20,24 @@ def _pyplot():
     return plt
 
 
+def row_styles(count: int) -> list[tuple[tuple[float, ...], bool]]:
+    """A distinct ``(colour, patterned)`` for each of ``count`` rows: tab20's 20 colours, then the same
+    colours patterned (hatched bars, dashed lines), so that the suites' 20-odd rows stay tellable apart."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"]
+    return [(tuple(palette(i % 20)), (i // 20) % 2 == 1) for i in range(count)]
+
+
 def bar_chart(path: Path, config: str, notes: list[str], rows: list, metrics: tuple[str, ...]) -> None:
     """Mean test accuracy per metric and row (error bar: sample std over notes)."""
     plt = _pyplot()
     metrics = [m for m in metrics if any(row.stat(m).n for row in rows)]
     fig, ax = plt.subplots(figsize=BAR_FIGSIZE, dpi=DPI)
     width = 0.8 / max(len(rows), 1)
-    colors = plt.get_cmap("tab10")
+    styles = row_styles(len(rows))
     for i, row in enumerate(rows):
+        color, patterned = styles[i]
         stats = [row.stat(m) for m in metrics]
         xs = [j - 0.4 + width * (i + 0.5) for j in range(len(metrics))]
         means = [s.mean if s.mean is not None else 0.0 for s in stats]
@@ -35,7 +45,8 @@ def bar_chart(path: Path, config: str, notes: list[str], rows: list, metrics: tu
         keep = [k for k, s in enumerate(stats) if s.n]  # an absent group draws no bar
         with_err = any(stats[k].std is not None for k in keep)
         ax.bar([xs[k] for k in keep], [means[k] for k in keep], width * 0.95,
-               yerr=[errs[k] for k in keep] if with_err else None, capsize=3, label=row.label, color=colors(i % 10))
+               yerr=[errs[k] for k in keep] if with_err else None, capsize=3, label=row.label, color=color,
+               hatch="//" if patterned else None)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels(metrics)
     ax.set_ylabel("test accuracy (%)")
@@ -53,7 +64,7 @@ def per_class_chart(path: Path, config: str, notes: list[str], rows: list) -> No
     """Per-class test accuracy against training-class size (log x), one line per row."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=PER_CLASS_FIGSIZE, dpi=DPI)
-    colors = plt.get_cmap("tab10")
+    styles = row_styles(len(rows))
     drawn = 0
     for i, row in enumerate(rows):
         data = row.per_class()
@@ -65,7 +76,7 @@ def per_class_chart(path: Path, config: str, notes: list[str], rows: list) -> No
             continue
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o" if len(xs) <= 100 else None, markersize=3, linewidth=1.2, label=row.label,
-                color=colors(i % 10))
+                color=styles[i][0], linestyle="--" if styles[i][1] else "-")
         drawn += 1
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)")

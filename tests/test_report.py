@@ -281,3 +281,10 @@ def test_pairs_asked_for_by_row_id_are_added_and_unknown_ids_refused(fake_runs, 
     assert "fsa_offline" in err.split("the rows' ids:")[1]
     code, err = run_main_in_process("report.py", "--config", CONFIG, "--pairs", "fsa_offline", cwd=fake_runs)
     assert code == 2 and "--pairs takes METHOD:REFERENCE" in err
+
+
+def test_row_styles_tell_apart_the_rows_of_a_full_suite_report():
+    from analysis.plots import row_styles
+
+    styles = row_styles(40)  # --suite full + tailcalibx + arms on other backbones: about 25 rows
+    assert len(set(styles)) == 40
