@@ -291,20 +291,27 @@ def _upstream_results(run: dict, root: Path) -> list[dict] | None:
     return found
 
 
-def _total_cost(row: Row, key: str, root: Path) -> Stat:
-    """``key`` of each run plus that of every run its model was built from (backbone, teachers), over notes."""
-    values = []
+COST_KEYS = ("samples_seen", "wall_time_s")
+
+
+def _row_cost(row: Row, root: Path) -> dict[str, Stat]:
+    """A row's training cost over notes: each ``COST_KEYS`` value of its own runs, and as ``total_<key>`` the
+    same plus that of every run its model was built from (backbone, teachers), read once per run."""
+    totals: dict[str, list[float]] = {key: [] for key in COST_KEYS}
     for run in row.runs.values():
         upstream = _upstream_results(run, root)
-        parts = [run, *(upstream or [])]
-        if upstream is not None and all(_is_number(r.get(key)) for r in parts):
-            values.append(sum(float(r[key]) for r in parts))
-    return Stat(values)
+        if upstream is None:
+            continue
+        parts = [run, *upstream]
+        for key in COST_KEYS:
+            if all(_is_number(r.get(key)) for r in parts):
+                totals[key].append(sum(float(r[key]) for r in parts))
+    return {**{key: row.stat(key) for key in COST_KEYS}, **{f"total_{key}": Stat(totals[key]) for key in COST_KEYS}}
 
 
-def _cost_markdown(rows: list[Row], root: Path) -> list[str]:
-    """Each row's training cost: rows through the trained part (samples_seen) and wall time, its own and
-    with the runs its model was built from (phase I backbone, distillation teachers); means over notes."""
+def _cost_markdown(rows: list[Row], costs: dict[str, dict[str, Stat]]) -> list[str]:
+    """Each row's training cost (``_row_cost``, by run folder): rows through the trained part (samples_seen)
+    and wall time, its own and with the runs its model was built from; means over notes."""
     lines = ["", "## Training cost", "",
              "| method | rows trained on | wall time (s) | with backbone and teachers: rows | wall time (s) |",
              "|:---|---:|---:|---:|---:|"]
@@ -313,8 +320,9 @@ def _cost_markdown(rows: list[Row], root: Path) -> list[str]:
         return ABSENT if stat.mean is None else format(stat.mean, form)
 
     for row in rows:
-        cells = [cell(row.stat("samples_seen"), ",.0f"), cell(row.stat("wall_time_s"), ".1f"),
-                 cell(_total_cost(row, "samples_seen", root), ",.0f"), cell(_total_cost(row, "wall_time_s", root), ".1f")]
+        cost = costs[row.phase]
+        cells = [cell(cost["samples_seen"], ",.0f"), cell(cost["wall_time_s"], ".1f"),
+                 cell(cost["total_samples_seen"], ",.0f"), cell(cost["total_wall_time_s"], ".1f")]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     lines += ["", "Rows trained on: images (phase I), batch rows (FSA, cRT control: iterations x batch) or feature "
               "rows (TailCalib, LWS, cRT: epochs x rows) that passed through the trained part; 0 = chosen, not "
@@ -338,7 +346,8 @@ def _hr_values(rows: list[Row]) -> list[float]:
     return sorted(v for v in values if _is_number(v))
 
 
-def _markdown(config: str, notes: list[str], rows: list[Row], root: Path, diffs: list[PairedDifference]) -> str:
+def _markdown(config: str, notes: list[str], rows: list[Row], costs: dict[str, dict[str, Stat]],
+              diffs: list[PairedDifference]) -> str:
     several = len(notes) > 1
     if several:
         shown = (f"mean ± sample standard deviation over the notes {', '.join(f'`{n}`' for n in notes)} "
@@ -359,7 +368,7 @@ def _markdown(config: str, notes: list[str], rows: list[Row], root: Path, diffs:
         f"the fewest largest classes holding a share hr of the training samples{hr_text}, tail = the rest. "
         f"{ABSENT} = the group has no class in this training set (absent, not 0).",
     ]
-    parts += _cost_markdown(rows, root)
+    parts += _cost_markdown(rows, costs)
     parts += _paired_markdown(diffs)
     missing = [f"{row.label}: {', '.join(n for n in notes if n not in row.runs)}"
                for row in rows if row.n < len(notes)]
@@ -402,7 +411,7 @@ def _csv(rows: list[Row], notes: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
-def _report_json(config: str, notes: list[str], rows: list[Row], files: dict, root: Path,
+def _report_json(config: str, notes: list[str], rows: list[Row], files: dict, costs: dict[str, dict[str, Stat]],
                  diffs: list[PairedDifference]) -> dict:
     out_rows = []
     for row in rows:
@@ -418,9 +427,7 @@ def _report_json(config: str, notes: list[str], rows: list[Row], files: dict, ro
             "metrics": {m: row.stat(m).as_dict() for m in METRICS},
             "per_class": None if per_class is None else {"train_counts": per_class[0], "accuracy": per_class[1]},
             # training cost: its own, and with the runs its model was built from (backbone, teachers)
-            "cost": {"samples_seen": row.stat("samples_seen").as_dict(), "wall_time_s": row.stat("wall_time_s").as_dict(),
-                     "total_samples_seen": _total_cost(row, "samples_seen", root).as_dict(),
-                     "total_wall_time_s": _total_cost(row, "wall_time_s", root).as_dict()},
+            "cost": {key: stat.as_dict() for key, stat in costs[row.phase].items()},
             "sources": row.sources,
         })
     return {
@@ -454,15 +461,16 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
             + ("" if notes == ["default"] else " (or pass the notes the runs were made with: --notes NOTE ...)") + "."
         )
     diffs = paired_differences(rows, list(pairs))
+    costs = {row.phase: _row_cost(row, root) for row in rows}
     out = report_dir(config, root)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: str(out / name) for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json")}
-    markdown = _markdown(config, notes, rows, root, diffs)
+    markdown = _markdown(config, notes, rows, costs, diffs)
     (out / "ablation.md").write_text(markdown)
     (out / "ablation.csv").write_text(_csv(rows, notes))
     bar_chart(out / "ablation.png", config, notes, rows, METRICS)
     per_class_chart(out / "per_class.png", config, notes, rows)
-    data = _report_json(config, notes, rows, files, root, diffs)
+    data = _report_json(config, notes, rows, files, costs, diffs)
     write_json_atomic(out / "report.json", data)  # written last: it marks a complete report
     if echo:
         print(markdown, flush=True)
