@@ -33,7 +33,7 @@ def main() -> None:
                              "with --seeds the notes are NOTE-seedN")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="N",
                         help="run the chain for notes seedN (NOTE-seedN) with seed=N each, then one report over them")
-    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--opts", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, each passed to every phase whose config has KEY (e.g. train.lr=0.05 "
                              "finetune.iterations=1000); finished steps are not rerun, so use a new --note for a variant")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, or a GPU index such as 0")

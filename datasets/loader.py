@@ -8,11 +8,17 @@ augmented samples each carry their own seed (:class:`_SeededBatches`), so the im
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import signal
+import sys
 from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from utils import run_dir
 from utils.errors import UserError
 from utils.seeding import stream_seed
 
@@ -139,6 +145,20 @@ class _SeededBatches:
         return len(self.batches)  # type: ignore[arg-type]
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _detach_worker(worker_id: int, parent: int) -> None:
+    """In each DataLoader worker: let go of the parent's run locks, and (Linux) die with the parent, so that a
+    `kill -9` of a run frees its lock at once and leaves no orphaned workers."""
+    run_dir.forget_inherited_locks()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(0)
+
+
 def _worker_message(exc: UserError) -> str | None:
     """The original message of a UserError that torch re-raised from a DataLoader worker, else None.
 
@@ -195,6 +215,7 @@ class BatchLoader:
                 persistent_workers=self.num_workers > 0,
                 # a private generator for the workers' base seed: iterating leaves the global generator alone
                 generator=torch.Generator(),
+                worker_init_fn=functools.partial(_detach_worker, parent=os.getpid()),
             )
 
     def __len__(self) -> int:

@@ -2,6 +2,7 @@
 :func:`fit` with a method's :class:`TrainingTask`, and the evaluation helpers."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -16,6 +17,7 @@ from engine.metrics import classification_report
 from engine.optim import set_lr
 from fsa.gradcam import eval_mode
 from utils import distributed
+from utils.errors import UserError
 from utils.seeding import stream_seed
 
 
@@ -49,6 +51,8 @@ class TrainingTask:
     save_every = 0              # periodic model_<step>_NNNN.pt every this many units (0: none)
     evaluate_first = False      # evaluate (and book step 0) before the first step of a fresh run
     progress_over_units = False  # one tqdm bar over the units (iterations) instead of one per unit
+    # the settings that make training diverge, named when the loss or the weights stop being finite
+    divergence_settings = "the learning rate and momentum"
 
     def begin(self, unit: int) -> None:
         """Before unit `unit`: reseed, regenerate (every draw a pure function of seed and unit)."""
@@ -72,29 +76,75 @@ class TrainingTask:
         raise NotImplementedError
 
 
+_BATCHES_PER_UNIT = 2**24  # a step is numbered unit * this + batch (exact in float64 up to 2^29 units)
+
+
 class _Window:
-    """Training loss / accuracy since the last booking, accumulated on the device (one sync per booking)."""
+    """Training loss / accuracy since the last booking, accumulated on the device (one sync per booking),
+    and the first batch whose loss was not finite (a device value too: no sync per step)."""
 
     def __init__(self):
-        self.totals: torch.Tensor | None = None  # loss * weight, weight, correct, rows
+        self.totals: torch.Tensor | None = None  # loss * weight, weight, correct, rows, first non-finite batch
 
-    def add(self, out: StepResult) -> None:
+    def add(self, out: StepResult, unit: int, batch: int) -> None:
         loss = out.loss.detach().double() * out.weight
         zero = torch.zeros((), dtype=torch.float64, device=loss.device)
         correct = rows = zero
         if out.logits is not None:
             correct = (out.logits.detach().argmax(1) == out.targets).sum().double()
             rows = zero + len(out.targets)
-        step = torch.stack([loss, zero + out.weight, correct, rows])
-        self.totals = step if self.totals is None else self.totals.to(step.device) + step
+        bad = torch.where(torch.isfinite(loss), zero + math.inf, zero + unit * _BATCHES_PER_UNIT + batch)
+        step = torch.stack([loss, zero + out.weight, correct, rows, bad])
+        if self.totals is None:
+            self.totals = step
+        else:
+            totals = self.totals.to(step.device)
+            self.totals = torch.cat([totals[:4] + step[:4], torch.minimum(totals[4:], step[4:])])
+
+    def first_nonfinite(self) -> tuple[int, int] | None:
+        """(unit, batch) of the window's first step whose loss was NaN or infinite, on any process."""
+        local = math.inf if self.totals is None else float(self.totals[4])
+        first = -distributed.all_reduce_max(torch.tensor([-local], dtype=torch.float64))[0].item()
+        return None if math.isinf(first) else divmod(int(first), _BATCHES_PER_UNIT)
 
     def result(self) -> dict:
-        totals = torch.zeros(4, dtype=torch.float64) if self.totals is None else self.totals.cpu()
+        totals = torch.zeros(4, dtype=torch.float64) if self.totals is None else self.totals[:4].cpu()
         loss, weight, correct, rows = distributed.all_reduce_sum(totals).tolist()
         out = {"loss": loss / max(weight, 1e-12)}
         if rows:
             out["train_acc"] = correct / rows * 100
         return out
+
+
+class TrainingDiverged(UserError):
+    """Training produced a non-finite loss or weight: the run stops before booking (so `last.pt` and
+    `best_model.pt` keep the last good step) with a message naming the step and the settings to lower."""
+
+
+def _check_finite(task: TrainingTask, optimizer: torch.optim.Optimizer, window: _Window, batches: int,
+                  recorder, *, scaled: bool) -> None:
+    """Raise `TrainingDiverged` if a loss of the window (not under an fp16 loss scaler, which skips such
+    steps by design) or a trained weight is NaN or infinite."""
+    bad_step = None if scaled else window.first_nonfinite()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    broken = float(not all(bool(torch.isfinite(p.detach()).all()) for p in params))
+    weights_ok = distributed.all_reduce_max(torch.tensor([broken]))[0].item() == 0
+    if bad_step is None and weights_ok:
+        return
+    if bad_step is not None:
+        unit, batch = bad_step
+        where = f"the loss became NaN or infinite in {task.step_name} {unit + 1}" + (
+            f" (batch {batch + 1} of {batches})" if batches > 1 else "")
+    else:
+        where = f"the trained weights became NaN or infinite by the end of the last {task.step_name} trained"
+    history = getattr(recorder, "history", None)
+    kept = (f"The last good checkpoint, last.pt of {task.step_name} {history[-1][task.step_name]}, is kept."
+            if history else "No checkpoint of this run had been written.")
+    raise TrainingDiverged(
+        f"training diverged: {where}; nothing after it was saved. {kept} This usually means a learning rate "
+        f"too high for this model and data, or a bad momentum or warm-up: check {task.divergence_settings}, and "
+        f"start the run again with a lower value (--overwrite --opts KEY=VALUE)."
+    )
 
 
 def fit(task: TrainingTask, optimizer: torch.optim.Optimizer, recorder, *, start: int = 0,
@@ -128,11 +178,12 @@ def fit(task: TrainingTask, optimizer: torch.optim.Optimizer, recorder, *, start
             else:
                 out.loss.backward()
                 optimizer.step()
-            window.add(out)
+            window.add(out, unit, i)
         done = unit + 1
         stats = task.unit_stats(unit, time.perf_counter() - unit_started)
         if done % task.record_every and done != task.total:
             continue
+        _check_finite(task, optimizer, window, steps, recorder, scaled=scaler is not None)
         report = val_report = None
         if done % task.eval_every == 0 or done == task.total:
             report, val_report = task.evaluate()

@@ -49,7 +49,8 @@ def run(spec: RunSpec) -> dict:
     if cfg["phase"] == "test":
         return _test(cfg, paths, device, accel, spec.checkpoint, method.command(paths.config, paths.note))
     teachers = load_teachers(cfg, paths, method, device) if method.teacher else None
-    return _train(cfg, paths, device, accel, method, teachers, resume=spec.resume, overwrite=spec.overwrite)
+    command = method.command(paths.config, paths.note, *spec.opts_args)
+    return _train(cfg, paths, device, accel, method, teachers, command, resume=spec.resume, overwrite=spec.overwrite)
 
 
 def teacher_seed(seed: int, k: int) -> int:
@@ -110,6 +111,7 @@ class BackboneTraining(TrainingTask):
     """Phase I's side of the loop: epochs of seeded batches, the configured loss, lr per batch."""
 
     step_name = "epoch"
+    divergence_settings = "train.lr, train.momentum, train.warmup_epochs and the loss's own settings"
 
     def __init__(self, cfg: dict, bundle: DatasetBundle, model: LTModel, train_model: torch.nn.Module,
                  device: torch.device, accel: Accel, teachers: TeacherEnsemble | None = None):
@@ -169,8 +171,8 @@ class BackboneTraining(TrainingTask):
 
 
 def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, method: Method,
-           teachers: TeacherEnsemble | None, *, resume: bool, overwrite: bool) -> dict:
-    command = method.command(paths.config, paths.note)
+           teachers: TeacherEnsemble | None, command: str, *, resume: bool, overwrite: bool) -> dict:
+    """Train (or resume) the run; `command` is its command line, for the messages that suggest one."""
     mode, logger = open_run(paths, cfg, resume=resume, overwrite=overwrite, command=command)
     if mode == "finished":
         return read_results(paths.results) or {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -47,7 +48,8 @@ from utils.config import config_name, dump_config, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
-from utils.run_dir import is_finished, lock_run, read_results, remove_run_folder, write_json_atomic
+from utils.run_dir import (is_finished, lock_run, open_pending, read_results, recover_replaced, run_started,
+                           write_json_atomic)
 from utils.seeding import seed_everything, stream_seed
 
 PHASE = "phase_ii"
@@ -176,6 +178,9 @@ def run(spec: RunSpec) -> dict:
     features_dir = paths.features_dir
     device = distributed.setup_device(spec.device)
     lock_run(paths)
+    if distributed.context().is_main and recover_replaced(paths):
+        print(f"note: restored the phase II outputs in {features_dir} that an interrupted --overwrite had moved aside.",
+              file=sys.stderr)
     _check_not_finished(features_dir, spec.overwrite, name, note, backbone)
 
     accel = Accel.from_config(cfg["accel"], device)
@@ -218,9 +223,10 @@ def run(spec: RunSpec) -> dict:
                 f"(phase III offline needs the store)."
             )
 
-    # Every input checked: now replace any previous (unfinished, or --overwrite) output (rank 0).
+    # Every input checked: move any previous (unfinished, or --overwrite) output aside (rank 0); it goes for
+    # good once these outputs are complete, and comes back if this run fails before (utils.run_dir).
     if ctx.is_main:
-        remove_run_folder(features_dir, paths)
+        open_pending(paths, replace=True)
         features_dir.mkdir(parents=True)
         dump_config(cfg, features_dir / "config.yaml")
     logger = setup_logger(features_dir) if ctx.is_main else silent_logger()
@@ -327,6 +333,7 @@ def run(spec: RunSpec) -> dict:
         "confusing": {str(t): c for t, c in confusing.items()},
     }
     write_json_atomic(features_dir / "results.json", results)
+    run_started(paths)
     logger.info(f"phase II finished in {total_s:.1f}s (forward+CAM {timer.compute_s:.1f}s, statistics + store writes "
                 f"{timer.write_s:.1f}s) -> {features_dir}")
     return results

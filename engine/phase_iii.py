@@ -64,7 +64,8 @@ class PhaseIIIInputs:
 
     @property
     def command(self) -> str:
-        return self.arm.command(self.paths.config, self.paths.note)
+        """The command of this run, with its --opts (what a message tells the user to run again)."""
+        return self.arm.command(self.paths.config, self.paths.note, *self.spec.opts_args)
 
     def open_run(self):
         """Apply the overwrite / resume rules (:func:`engine.recorder.open_run`), then record in

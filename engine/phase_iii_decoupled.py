@@ -85,6 +85,8 @@ class ScaledClassifier(nn.Module):
 class BalancedTraining(ClassifierTraining):
     """lws / crt: class-balanced batches (drawn from stream `shuffle_stream`) instead of a permutation."""
 
+    divergence_settings = "decoupled.lr and finetune.momentum"
+
     def batches(self, unit: int) -> list[torch.Tensor]:
         X, y = self.data
         generator = torch.Generator().manual_seed(stream_seed(self.seed, self.shuffle_stream, unit))

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from engine.metrics import SCALAR_KEYS, summary_line
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import config_differences, dump_config
+from utils.config import config_differences, dump_config, read_yaml
 from utils.errors import UserError
 from utils import distributed
 from utils.logging import log_scalars, open_summary_writer, setup_logger, silent_logger
@@ -42,8 +41,6 @@ class RunRecorder:
 
         Only rank 0 of a torchrun job records; on the other ranks every method is a no-op."""
         self.enabled = distributed.context().is_main
-        if self.enabled:
-            run_started(paths)  # set up without error: a run replaced by --overwrite is now removed for good
         self.paths, self.logger, self.payload = paths, logger, payload
         self.optimizer, self.scaler = optimizer, scaler
         self.step_name, self.total_steps = step_name, total_steps
@@ -90,6 +87,7 @@ class RunRecorder:
         if self.scaler is not None:
             training["scaler"] = self.scaler.state_dict()
         save_checkpoint(self.paths.last, self.payload(**{self.step_name: step}, **training, **self.state()))
+        run_started(self.paths)  # a checkpoint exists: a run replaced by --overwrite is now removed for good
         if periodic:
             save_checkpoint(self.paths.checkpoint_dir / f"model_{self.step_name}_{step:04d}.pt", self.payload(**{self.step_name: step}))
         write_json_atomic(self.paths.results, {"finished": False, "phase": self.paths.phase, self.step_name: step,
@@ -116,6 +114,7 @@ class RunRecorder:
             "wall_time_s": self.elapsed, **extra, "history": self.history,
         }
         write_json_atomic(self.paths.results, results)
+        run_started(self.paths)
         self.logger.info(f"finished: test {summary_line(report)} | best_model.pt = {chosen}, {self.step_name} "
                          f"{self.selected.get('step')} | {self.elapsed:.1f}s")
         return results
@@ -160,17 +159,13 @@ def _open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comm
 def _saved_config(path: Path, command: str) -> dict:
     """The resolved config an interrupted run saved, which its --resume must match."""
     try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        return read_yaml(path)
+    except UserError as exc:
         raise UserError(
-            f"--resume needs the interrupted run's config, but {path} is missing or unreadable ({type(exc).__name__}), "
-            f"so the run cannot be checked and continued. Start it again with --overwrite ({command} --overwrite), "
+            f"--resume needs the interrupted run's config, but {path} is missing or unreadable: {exc} So the run "
+            f"cannot be checked and continued. Start it again with --overwrite ({command} --overwrite), "
             f"or use --note NAME for a separate experiment."
         ) from exc
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume: {path} does not hold a config mapping. Start the run again with --overwrite "
-                        f"({command} --overwrite).")
-    return saved
 
 
 def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
@@ -190,11 +185,19 @@ def start_recording(paths: RunPaths, run_mode: str, logger: logging.Logger, payl
     start, state = 0, None
     if run_mode == "resume":
         state = load_checkpoint(paths.last, produced_by=command)
+        needed = [key for key in (step_name, *(["optimizer"] if optimizer is not None else [])) if key not in state]
+        if needed:
+            raise UserError(f"{paths.last} cannot be resumed: it holds no {' and no '.join(needed)} state (a model "
+                            f"checkpoint copied over last.pt?). Start the run again: {command} --overwrite")
         restore(state, paths.last)
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        try:
+            if optimizer is not None:
+                optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"{paths.last} cannot be resumed: its optimizer state does not fit this run's optimizer "
+                            f"({str(exc).splitlines()[0]}). Start the run again: {command} --overwrite") from exc
         start = state[step_name]
         logger.info(f"resumed after {step_name} {start}")
     return start, RunRecorder(paths, logger, payload, step_name=step_name, total_steps=total_steps,

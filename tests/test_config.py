@@ -62,11 +62,11 @@ def test_unknown_key_is_named(opts, key):
     (["train.milestones=[1, x]"], "'train.milestones' must be a list of integers"),
     (["train.optimizer=adam"], "'train.optimizer' must be one of sgd, adamw"),
     (["dataset.augment=3"], "'dataset.augment' must be a boolean"),
-    (["train.lr=0"], "train.lr must be > 0"),
-    (["train.lr=-0.1"], "train.lr must be > 0"),
-    (["dataset.imbalance=0.5"], "dataset.imbalance must be >= 1"),
-    (["train.batch_size=0"], "train.batch_size must be >= 1"),
-    (["eval.hr=1.5"], "eval.hr must be in"),
+    (["train.lr=0"], "'train.lr' must be > 0"),
+    (["train.lr=-0.1"], "'train.lr' must be > 0"),
+    (["dataset.imbalance=0.5"], "'dataset.imbalance' must be >= 1"),
+    (["train.batch_size=0"], "'train.batch_size' must be >= 1"),
+    (["eval.hr=1.5"], "'eval.hr' must be in"),
 ])
 def test_wrong_types_and_values(opts, fragment):
     with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace("(", r"\(")):

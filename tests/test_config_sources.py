@@ -36,7 +36,7 @@ def test_absent_phase_ii_iii_config_takes_validated_opts():
     assert cfg == {**defaults(PHASE_II), "confusion": {"nf": 5}, "split": {"ts": 0.7, "tg": 0.2}}
     cfg = load_config("no-such-config", "phase_iii", ["finetune.iterations=7"])
     assert cfg["finetune"]["iterations"] == 7 and cfg["tailcalib"] == defaults(PHASE_III)["tailcalib"]
-    with pytest.raises(UserError, match="confusion.nf must be >= 1"):
+    with pytest.raises(UserError, match="'confusion.nf' must be >= 1"):
         load_config("no-such-config", "phase_ii", ["confusion.nf=0"])
     with pytest.raises(UserError, match="Unknown config key 'finetune.bogus'"):
         load_config("no-such-config", "phase_iii", ["finetune.bogus=1"])

@@ -106,9 +106,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--config", "nope"], "Available phase_i configs"),
     (["--config", "smoke", "--opts", "train.lrr=1"], "Unknown config key 'train.lrr'"),
-    (["--config", "smoke", "--opts", "train.batch_size=0"], "train.batch_size must be >= 1"),
-    (["--config", "smoke", "--opts", "dataset.imbalance=0.5"], "dataset.imbalance must be >= 1"),
-    (["--config", "smoke", "--opts", "eval.hr=0"], "eval.hr must be in (0, 1]"),  # the hr of every phase
+    (["--config", "smoke", "--opts", "train.batch_size=0"], "train.batch_size' must be >= 1"),
+    (["--config", "smoke", "--opts", "dataset.imbalance=0.5"], "dataset.imbalance' must be >= 1"),
+    (["--config", "smoke", "--opts", "eval.hr=0"], "eval.hr' must be in (0, 1]"),  # the hr of every phase
     (["--config", "smoke", "--resume"], "nothing to resume"),
     (["--config", "smoke", "--device", "gpu0"], "--device must be"),
     (["--config", "smoke", "--opts", "model.arch=resnet33"], "resnet32"),

@@ -18,7 +18,7 @@ from utils.checkpoint import save_checkpoint
 from utils.cli import script_command as user_command
 from utils.errors import UserError
 from utils import run_dir
-from utils.run_dir import (RunPaths, check_run_name, lock_run, move_aside, prepare_run, recover_replaced,
+from utils.run_dir import (RunPaths, check_run_name, lock_run, open_pending, prepare_run, recover_replaced,
                            release_locks, remove_run_folder, restore_replaced, run_started, write_json_atomic)
 
 PHASE_I = "phase_i_train_or_test.py"
@@ -165,17 +165,17 @@ def test_a_killed_overwrite_is_recovered_by_the_next_command(tmp_path, monkeypat
     """`kill -9` between moving the old run aside and starting the new one: the next command restores it."""
     paths = _fake_run(tmp_path)
     old = snapshot(tmp_path)
-    move_aside(paths)
+    open_pending(paths, replace=True)
     paths.checkpoint_dir.mkdir(parents=True)
     (paths.checkpoint_dir / "config.yaml").write_text("new run, killed before it started")
-    monkeypatch.setattr(run_dir, "_REPLACING", [])  # the process died: nothing of it remains
+    monkeypatch.setattr(run_dir, "_PENDING", [])  # the process died: nothing of it remains
     with pytest.raises(UserError, match="finished run already exists"):
         prepare_run(paths, resume=False, overwrite=False, command="cmd")
     assert snapshot(tmp_path) == old
 
     # killed after the new run had started: the moved-aside copy is the part to drop
-    move_aside(paths)
-    monkeypatch.setattr(run_dir, "_REPLACING", [])
+    open_pending(paths, replace=True)
+    monkeypatch.setattr(run_dir, "_PENDING", [])
     save_checkpoint(paths.last, {"epoch": 1, "new": True})
     assert recover_replaced(paths) is False
     assert not list(tmp_path.rglob("*.replaced")) and torch.load(paths.last, weights_only=True)["new"]

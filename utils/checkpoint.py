@@ -19,14 +19,26 @@ FORMAT = "fsa-lt/1"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`."""
+    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`.
+
+    A write that fails (a full disk: torch reports it as a RuntimeError) removes the temporary file and
+    is a UserError; the checkpoint already at `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save({"format": FORMAT, **payload}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save({"format": FORMAT, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+        raise UserError(
+            f"cannot write the checkpoint {path}: {reason}. Nothing is lost: {kept}. Check that the disk has free "
+            f"space and the folder is writable, then run the same command again with --resume."
+        ) from exc
 
 
 def load_checkpoint(path: Path, *, produced_by: str) -> dict:

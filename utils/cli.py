@@ -27,6 +27,11 @@ class RunSpec:
     overwrite: bool = False
     checkpoint: str | None = None  # phase: test (phase I / III), phase II's phase I checkpoint
 
+    @property
+    def opts_args(self) -> list[str]:
+        """This run's --opts as command-line words (none: []), for the commands that messages suggest."""
+        return ["--opts", *self.opts] if self.opts else []
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunSpec":
         """The spec of a parsed command line (flags a script lacks keep their defaults)."""
@@ -58,7 +63,9 @@ def phase_parser(description: str, *, training: bool = True) -> argparse.Argumen
     parser.add_argument("--config", required=True, help="config name (configs/<phase>/NAME.yaml) or path to a YAML file")
     parser.add_argument("--device", default=RunSpec.device, help="auto (default), cpu, or a GPU index such as 0")
     parser.add_argument("--note", default=RunSpec.note, help="experiment name; outputs go to .../<config>/<note>/")
-    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. train.lr=0.01")
+    # extend: a repeated --opts adds to the first (the commands the project prints may append one)
+    parser.add_argument("--opts", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. train.lr=0.01 (may be repeated)")
     if training:
         parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
         parser.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run")
@@ -131,8 +138,9 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         run_dir.restore_replaced()
-        print("interrupted. A training run keeps its last checkpoint (last.pt): continue it with --resume. "
-              "Phase II and visualize.py have no resume: run them again with --overwrite.", file=sys.stderr)
+        print("interrupted. A training run keeps its last checkpoint (last.pt): continue it with the same command "
+              "and --resume. Phase II has no resume: run it again with --overwrite; visualize.py: run it again as "
+              "it was.", file=sys.stderr)
         sys.exit(130)
     except BaseException:
         run_dir.restore_replaced()

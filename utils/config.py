@@ -68,21 +68,61 @@ def config_name(name_or_path: str) -> str:
     return check_run_name(name_or_path, "--config")
 
 
-def _read_yaml(path: Path) -> dict:
+# A config is a few dozen keys: these bounds only stop hostile or broken files (a YAML "billion laughs"
+# expands aliases exponentially; deep nesting exhausts the recursion of PyYAML's composer).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_INHERIT_DEPTH = 16
+
+
+def _check_yaml_events(text: str, source: str) -> None:
+    """Refuse anchors / aliases and nesting deeper than `MAX_NESTING`, from PyYAML's event stream (its
+    parser is iterative, so this check cannot itself run out of stack or memory)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise UserError(f"{source} uses a YAML anchor or alias ('&name' / '*name'), which configs do not take: "
+                            f"they can expand a small file into gigabytes. Write the values out, or share settings with "
+                            f"'inherit: <config>'.")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise UserError(f"{source} nests lists / mappings more than {MAX_NESTING} levels deep; a config is a "
+                                f"few sections of plain values. Fix the file (look for unclosed '[' or '{{').")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load` of a config text (a file or an --opts value) after the checks above; a UserError
+    naming `source` and the position for a syntax error."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"Cannot read config file {path}: {exc}.") from exc
-    try:
-        data = yaml.safe_load(text)
+        _check_yaml_events(text, source)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(exc, "problem", None) or str(exc)
         raise UserError(
-            f"YAML syntax error in {path} at {where}: {problem}. Fix the file (check indentation "
+            f"YAML syntax error in {source} at {where}: {problem}. Fix the file (check indentation "
             f"and the 'key: value' form) and run again."
         ) from exc
+
+
+def read_yaml(path: Path) -> dict:
+    """The mapping a YAML config file holds (empty file: {}); a UserError for a file that cannot be
+    read, is too large, is not UTF-8 text, is unsafe or malformed YAML, or is not a mapping."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"Config file {path} is {path.stat().st_size} bytes; a config is a few KB (limit "
+                            f"{MAX_CONFIG_BYTES} bytes). Check that --config names the right file.")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"Cannot read config file {path}: {exc.strerror or exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"Config file {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}). "
+                        f"Save it as UTF-8, or check that --config names a YAML file.") from exc
+    data = safe_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -102,10 +142,14 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def _load_with_inheritance(path: Path, phase: str, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()  # './a.yaml' inherited from a.yaml is a.yaml: a cycle, not an ever-longer path
     if path in chain:
         cycle = " -> ".join(p.name for p in (*chain, path))
         raise UserError(f"Config inheritance cycle: {cycle}. Remove one of the 'inherit:' lines.")
-    data = _read_yaml(path)
+    if len(chain) >= MAX_INHERIT_DEPTH:
+        raise UserError(f"Config {chain[0]} inherits through more than {MAX_INHERIT_DEPTH} files "
+                        f"({' -> '.join(p.name for p in chain[:4])} -> ...). Shorten the 'inherit:' chain.")
+    data = read_yaml(path)
     _refuse_moved_keys(data, phase, str(path))
     parent = data.pop("inherit", None)
     if parent is None:
@@ -141,9 +185,9 @@ def parse_opts(opts: list[str] | None) -> dict:
             raise UserError(f"--opts entry '{item}' is not of the form key.sub=value (e.g. train.lr=0.01).")
         dotted, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise UserError(f"--opts value for '{dotted}' is not valid YAML: {raw!r}.") from exc
+            value = safe_yaml(raw, f"the --opts value of '{dotted}'") if raw != "" else None
+        except UserError as exc:
+            raise UserError(f"--opts value for '{dotted}' is not a valid YAML value: {raw[:80]!r}. {exc}") from exc
         node = result
         keys = dotted.strip().split(".")
         if any(not k for k in keys):

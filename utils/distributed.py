@@ -158,10 +158,19 @@ def sync_buffers(module: torch.nn.Module) -> None:
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of ``values`` over the ranks (a copy; float64 on the wire for exact counts)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``values`` over the ranks (a copy)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
     if not context().enabled:
         return values
     buf = values.detach().to(_comm_device(), torch.float64).clone()
-    dist.all_reduce(buf)
+    dist.all_reduce(buf, op=op)
     return buf.to(values.device, values.dtype)
 
 

@@ -10,8 +10,10 @@ Safety rules, all here:
   are always exactly the ones above;
 - `remove_run_folder` is the project's only deletion, and it refuses anything but a run folder (or
   its moved-aside copy) of the run it is given;
-- `--overwrite` moves the old run aside (`.<note>.replaced`), deletes it only once the new run has
-  started (`run_started`), and `restore_replaced` puts it back if the new run fails before that;
+- `--overwrite` moves the old run aside (`.<note>.replaced`) and deletes it only once the new run has
+  written its first checkpoint or finished (`run_started`); if the new run fails before that,
+  `restore_replaced` removes what it created and puts the old run back (a fresh run that fails in
+  set-up likewise leaves no files);
 - `lock_run` holds an OS file lock (`.<note>.lock` beside the run folder) for the life of the
   process (the file goes when it is let go), so a second process on a live run is refused, and
   `kill -9` leaves no stale lock.
@@ -37,8 +39,9 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best_model.pt"
 PHASE_II = "phase_ii"
 MAX_NAME_LENGTH = 100
-# one path component; a leading '.' is reserved for the lock and moved-aside folders
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+# one path component; a leading '.' is reserved for the lock and moved-aside folders, and a leading '-'
+# would read as an option in every command the project prints
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 def check_run_name(value: str, what: str) -> str:
@@ -46,7 +49,7 @@ def check_run_name(value: str, what: str) -> str:
     if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH or not _NAME.fullmatch(value):
         raise UserError(
             f"{what} {value!r} cannot name a run folder: it must be a single folder name of letters, digits, '_', "
-            f"'-' and '.' (not starting with '.', at most {MAX_NAME_LENGTH} characters), so that a run's outputs "
+            f"'-' and '.' (not starting with '.' or '-', at most {MAX_NAME_LENGTH} characters), so that a run's outputs "
             f"stay inside checkpoints/, run_summary/ and features/. Choose e.g. --note seed0."
         )
     return value
@@ -159,41 +162,56 @@ def remove_run_folder(folder: Path, paths: RunPaths) -> None:
         shutil.rmtree(folder)
 
 
-_REPLACING: list[RunPaths] = []  # runs of this process whose old folders are moved aside
+@dataclass
+class _Pending:
+    """A run of this process that has not started yet (no checkpoint, no results): until it has, a failure
+    removes the folders it created and puts back the run that --overwrite moved aside."""
+
+    paths: RunPaths
+    created: tuple[Path, ...]  # its folders that did not exist when it was opened
+
+
+_PENDING: list[_Pending] = []
 
 
 def _started(paths: RunPaths) -> bool:
     return any((f / name).is_file() for f in paths.folders for name in (LAST_CHECKPOINT, RESULTS_FILE))
 
 
-def move_aside(paths: RunPaths) -> None:
-    """`--overwrite`: move the run's folders aside; `run_started` deletes them, `restore_replaced` restores them."""
-    for folder in paths.folders:
-        if folder.exists():
-            remove_run_folder(_aside(folder), paths)  # a copy from an earlier try that is already replaced
-            folder.rename(_aside(folder))
-    _REPLACING.append(paths)
+def open_pending(paths: RunPaths, *, replace: bool) -> None:
+    """Register a new run before it writes anything; with `replace` (--overwrite) first move its existing
+    folders aside (`.<note>.replaced`). `run_started` makes the new run permanent (and deletes what was
+    moved aside); until then `restore_replaced` undoes everything."""
+    if replace:
+        for folder in paths.folders:
+            if folder.exists():
+                remove_run_folder(_aside(folder), paths)  # a copy from an earlier try that is already replaced
+                folder.rename(_aside(folder))
+    _PENDING.append(_Pending(paths, tuple(f for f in paths.folders if not f.exists())))
 
 
 def run_started(paths: RunPaths) -> None:
-    """The new run has started (checked and set up): the run it replaces is now removed for good."""
-    if paths in _REPLACING:
-        _REPLACING.remove(paths)
+    """The new run has written its first checkpoint (or finished): the run it replaces goes for good."""
+    for pending in [p for p in _PENDING if p.paths == paths]:
+        _PENDING.remove(pending)
         for folder in paths.folders:
             remove_run_folder(_aside(folder), paths)
 
 
-def _restore(paths: RunPaths) -> None:
+def _restore(paths: RunPaths, created: tuple[Path, ...]) -> None:
     for folder in paths.folders:
-        if _aside(folder).exists():
+        if folder in created or _aside(folder).exists():
             remove_run_folder(folder, paths)
+        if _aside(folder).exists():
             _aside(folder).rename(folder)
 
 
 def restore_replaced() -> None:
-    """Put back every run this process moved aside and has not started replacing (on failure)."""
-    while _REPLACING:
-        _restore(_REPLACING.pop())
+    """On failure: remove what every not yet started run of this process created, and put back the runs
+    their --overwrite moved aside."""
+    while _PENDING:
+        pending = _PENDING.pop()
+        _restore(pending.paths, pending.created)
 
 
 def recover_replaced(paths: RunPaths) -> bool:
@@ -206,7 +224,7 @@ def recover_replaced(paths: RunPaths) -> bool:
         for folder in paths.folders:
             remove_run_folder(_aside(folder), paths)
         return False
-    _restore(paths)
+    _restore(paths, ())
     return True
 
 
@@ -215,7 +233,7 @@ def prepare_run(paths: RunPaths, *, resume: bool, overwrite: bool, command: str)
 
     A finished run is never replaced without `overwrite`; an interrupted one needs `resume` or
     `overwrite`, so that no work is thrown away by accident. With `overwrite` the old run is moved
-    aside (see `move_aside`), not deleted.
+    aside (see `open_pending`), not deleted.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass only one of them.")
@@ -225,7 +243,7 @@ def prepare_run(paths: RunPaths, *, resume: bool, overwrite: bool, command: str)
     ckpt_dir = paths.checkpoint_dir
     has_state = paths.last.is_file() or paths.results.is_file()
     if overwrite:
-        move_aside(paths)
+        open_pending(paths, replace=True)
         return "fresh"
     if resume:
         if is_finished(paths):
@@ -246,6 +264,7 @@ def prepare_run(paths: RunPaths, *, resume: bool, overwrite: bool, command: str)
             f"An interrupted run exists in {ckpt_dir}. Pass --resume to continue it ({command} --resume), "
             f"--overwrite to start again from scratch, or --note NAME for a separate experiment."
         )
+    open_pending(paths, replace=False)
     return "fresh"
 
 
@@ -298,8 +317,8 @@ def _lock(paths: RunPaths) -> None:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise UserError(
-                f"The run {paths.folders[0]} is in use by {holder}. One process per run: wait for it to finish (or "
-                f"stop it), then --resume; or use --note NAME for a separate experiment."
+                f"The run {paths.folders[0]} is in use by {holder}{_liveness(holder)}. One process per run: wait for "
+                f"it to finish (or stop it), then --resume; or use --note NAME for a separate experiment."
             ) from None
         # the previous holder removes the file as it lets go: lock again unless ours is still the file there
         if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
@@ -309,6 +328,31 @@ def _lock(paths: RunPaths) -> None:
     os.pwrite(fd, (f"process {os.getpid()} on {socket.gethostname()} (since "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)})\n").encode(), 0)
     _HELD_LOCKS[key] = _HeldLock(fd, lock, made_dirs)
+
+
+def forget_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors of the parent's run locks.
+
+    An flock belongs to the open file, which a fork shares: without this, workers orphaned by a `kill -9`
+    of their parent would hold the run's lock until they exit. The parent's own descriptors keep it."""
+    for held in _HELD_LOCKS.values():
+        os.close(held.fd)
+    _HELD_LOCKS.clear()
+
+
+def _liveness(holder: str) -> str:
+    """What is known of the lock holder named in the lock file: on this host, whether its process lives."""
+    found = re.match(r"process (\d+) on (\S+) ", holder)
+    if not found or found.group(2) != socket.gethostname():
+        return ""
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return (" -- that process has ended, but a child of it (e.g. a DataLoader worker) still holds the lock; "
+                "it goes when the child exits, within seconds")
+    except PermissionError:
+        pass  # alive, another user's
+    return ", which is running"
 
 
 def release_locks() -> None:
@@ -328,5 +372,9 @@ def write_json_atomic(path: Path, data: dict, indent: int | None = 2) -> None:
     """Write `data` as JSON to a temporary file, then rename it over `path` (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: leave no half-written file behind
+        raise
