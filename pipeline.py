@@ -6,7 +6,7 @@
 
 For each note: phase I -> phase II -> every phase III method of the method table (engine/methods.py:
 cRT control and FSA offline, cRT control and FSA online, TailCalib, TailCalibX) -> visualize; then
-report.py over all notes (reports/<config>/). configs/phase_i/NAME.yaml must exist; a missing
+report.py over all notes (reports/<config>/<notes>/). configs/phase_i/NAME.yaml must exist; a missing
 configs/phase_ii or phase_iii/NAME.yaml means that phase's defaults. Finished steps are skipped, never
 rerun, and interrupted ones resumed with their own settings, so rerunning the same command continues
 where it stopped.

@@ -11,9 +11,16 @@ same-mode cRT control) and to its phase I backbone (same note = same seed and ba
 further reference asked for with --pairs METHOD:REFERENCE (report.json row ids): per note, mean and
 a 95% t-interval.
 
-Reads checkpoints/<phase>/<config>/<note>/results.json; writes reports/<config>/ (ablation.md,
-ablation.csv, ablation.png, per_class.png, report.json) and prints the table. A results.json that
-exists but cannot be read is an error naming it (rerun that run with --overwrite, or delete it).
+Reads checkpoints/<phase>/<config>/<note>/results.json; writes reports/<config>/<notes>/ (ablation.md,
+ablation.csv, ablation.png, per_class.png, report.json) and prints the table. <notes> names the note
+set: the note (reports/smoke/default/), or the sorted notes joined with '+'
+(reports/cifar10-LT_resnet18/seed0+seed1+seed2/; past 100 characters a prefix and a hash), so the
+report of one note set never replaces another's.
+
+Runs that do not belong together are an error naming them and the fix, never a table: a results.json
+that cannot be read or holds a metric that is not a finite number (null = absent group); runs whose
+saved dataset or model settings or class counts differ (only the seed may); a phase III run whose
+phase I run was retrained or edited after it (phase III's provenance check).
 """
 import argparse
 

@@ -1,10 +1,11 @@
 """The ablation report of one config: every method's selected-model test numbers side by side.
 
-    python report.py --config smoke                                  # note 'default'
-    python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2
+    python report.py --config smoke                                      # reports/smoke/default/
+    python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2  # .../seed0+seed1+seed2/
 
-Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run (one that exists
-but cannot be read stops the report with an error naming it) and writes ``reports/<config>/``:
+Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run and writes
+``reports/<config>/<notes>/``, one folder per note set (``notes_folder``: ``default``,
+``seed0+seed1+seed2``), so that the reports of other note sets stay:
 
     ablation.md     the table (also printed), with a note on what the numbers are, then the paired
                     differences: each FSA run minus its same-mode cRT control and minus phase I, per
@@ -17,37 +18,60 @@ but cannot be read stops the report with an error naming it) and writes ``report
 The numbers are the top-level ones of ``results.json``: the test evaluation of each run's selected
 model (``checkpoint_selection``): the best validation score where the run has a validation split
 (``dataset.val``), else the final evaluation. Test images never select anything.
+
+The report refuses, with an error naming the runs and the fix, what would print numbers of runs that do
+not belong together: a ``results.json`` that exists but cannot be read, or holds a metric that is
+neither a finite number nor null (absent); runs whose saved settings differ where they must agree
+(``check_settings_agree``); a phase III run whose phase I run changed since it started from it
+(``check_phase_i_sources``, phase III's own provenance check).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
+import shlex
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.plots import bar_chart, per_class_chart
+from engine.artifacts import check_provenance, sha256_file
 from engine.methods import METHODS
-from utils.config import config_name
+from utils.config import config_differences, config_name, read_yaml
 from utils.errors import UserError
-from utils.run_dir import RunPaths, load_results, read_results, write_json_atomic
+from utils.run_dir import MAX_NAME_LENGTH, RunPaths, load_results, read_results, write_json_atomic
 
-__all__ = ["METRICS", "REPORT_DIR", "discover_rows", "collect", "build_report", "format_value", "run",
-           "report_dir", "is_up_to_date"]
+__all__ = ["METRICS", "REPORT_DIR", "discover_rows", "collect", "check_settings_agree", "check_phase_i_sources",
+           "build_report", "format_value", "run", "notes_folder", "report_dir", "is_up_to_date"]
 
 METRICS: tuple[str, ...] = ("top1", "many", "medium", "few", "head", "tail")
+COST_KEYS = ("samples_seen", "wall_time_s")
 PAIRED_METRICS: tuple[str, ...] = ("top1", "tail")
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
          2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
          2.0518, 2.0484, 2.0452, 2.0423)
 REPORT_DIR = "reports"
+NOTES_HASH_LENGTH = 12  # hex digits of the hash that ends a long note set's folder name
 ABSENT = "—"
 
 
-def report_dir(config: str, root: Path = Path(".")) -> Path:
-    return Path(root) / REPORT_DIR / config_name(config)
+def notes_folder(notes: list[str]) -> str:
+    """The report folder name of a note set: the note itself (``default``), or the sorted notes joined with
+    '+' (``seed0+seed1+seed2``); past MAX_NAME_LENGTH characters a readable prefix of that joined name and a
+    hash of the whole, so that no two note sets share a folder."""
+    joined = "+".join(sorted(set(notes)))
+    if len(joined) <= MAX_NAME_LENGTH:
+        return joined
+    digest = hashlib.sha256(joined.encode()).hexdigest()[:NOTES_HASH_LENGTH]
+    return f"{joined[:MAX_NAME_LENGTH - NOTES_HASH_LENGTH - 1]}-{digest}"
+
+
+def report_dir(config: str, notes: list[str], root: Path = Path(".")) -> Path:
+    """``reports/<config>/<notes_folder(notes)>/`` under ``root``: the folder of one note set's report."""
+    return Path(root) / REPORT_DIR / config_name(config) / notes_folder(notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,11 +237,18 @@ def _rerun_command(phase: str, config: str, note: str) -> str:
     return arm.command(config, note, "--overwrite")
 
 
+def _not_numbers(results: dict) -> list[str]:
+    """The metrics of a finished run that are present but neither a finite number nor null (absent group)."""
+    return [f"{key} is {results[key]!r}" for key in (*METRICS, *COST_KEYS)
+            if results.get(key) is not None and not _is_number(results[key])]
+
+
 def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:
     """Rows with at least one finished run among ``notes``; the others are omitted.
 
-    A ``results.json`` that exists but cannot be read is a UserError naming every such file: a table
-    that silently lacks a seed would be taken for the complete result."""
+    A ``results.json`` that exists but cannot be read, or whose metrics (``METRICS``, ``COST_KEYS``) are
+    present but not finite numbers, is a UserError naming every such file: a table that silently lacks a
+    seed, or shows a string as absent, would be taken for the complete result."""
     config = config_name(config)
     rows, broken = [], []
     for row in discover_rows(config, root):
@@ -230,17 +261,157 @@ def collect(config: str, notes: list[str], root: Path = Path(".")) -> list[Row]:
                 broken.append(f"{path} ({exc}; rewrite it with: {_rerun_command(phase, config, note)})")
                 continue
             if results and results.get("finished") and results.get("mode") != "test":
+                if bad := _not_numbers(results):
+                    broken.append(f"{path} ({', '.join(bad)}: not a finite number or null; rewrite it with: "
+                                  f"{_rerun_command(phase, config, note)})")
+                    continue
                 row.runs[note] = results
                 row.sources[note] = str(path)
         if row.runs:
             rows.append(row)
     if broken:
         raise UserError(
-            f"cannot read the results.json of {len(broken)} run(s), so the report would silently lack them: "
+            f"cannot read the results.json of {len(broken)} run(s), so the report would silently lack them or show "
+            f"them wrong: "
             f"{'; '.join(broken)}. Rerun each such run with --overwrite as shown, or delete its run folder if the "
             f"run should not count, then build the report again."
         )
     return rows
+
+
+# the saved settings every run of a report shares (only the seed may differ): its training data and class
+# counts; the notes of one row also share its model section (rows differ there by design, e.g. a cosine
+# classifier, LDAM's fixed scale)
+SHARED_SETTINGS = ("dataset", "train_counts")
+ROW_SETTINGS = ("model",)
+# dataset keys that say where the files are and whether to fetch them, not what the data is
+DATA_LOCATION = ("root", "download")
+
+
+def _report_command(config: str, notes: list[str]) -> str:
+    return shlex.join(["python", "report.py", "--config", config, "--notes", *notes])
+
+
+def _settings(config: str, row: Row, note: str, run: dict, root: Path) -> dict:
+    """The settings of a run that must agree (``SHARED_SETTINGS``, ``ROW_SETTINGS``): the sections of its saved
+    ``config.yaml`` (phase I runs; phases II / III take theirs from their phase I run and save none) and the
+    ``train_counts`` of its results.json; what the run does not record is left out."""
+    path = RunPaths(row.phase, config, note, Path(root)).checkpoint_dir / "config.yaml"
+    try:
+        saved = read_yaml(path) if path.is_file() else {}
+    except UserError as exc:
+        raise UserError(f"{str(exc).rstrip('.')}; it is the saved config of a run of this report, which must be read "
+                        f"to check the run's settings against the others. Rewrite it with: "
+                        f"{_rerun_command(row.phase, config, note)}") from exc
+    settings = {key: saved[key] for key in (*SHARED_SETTINGS, *ROW_SETTINGS) if isinstance(saved.get(key), dict)}
+    if "dataset" in settings:
+        settings["dataset"] = {k: v for k, v in settings["dataset"].items() if k not in DATA_LOCATION}
+    if run.get("train_counts") is not None:
+        settings["train_counts"] = run["train_counts"]
+    return settings
+
+
+def check_settings_agree(config: str, notes: list[str], rows: list[Row], root: Path = Path(".")) -> None:
+    """UserError naming the runs and keys unless every run has the ``SHARED_SETTINGS`` of the first run that
+    records them and every run of a row the ``ROW_SETTINGS`` of the row's first: a mean over notes, or a
+    paired difference, of runs on other data or models would read as one experiment."""
+    config = config_name(config)
+    shared: dict[str, tuple[str, object]] = {}  # key -> (which run, value) of the first run that records it
+    differing, odd_notes = [], set()
+    for row in rows:
+        own: dict[str, tuple[str, object]] = {}
+        for note, run in row.runs.items():
+            where = f"{row.label}, note '{note}'"
+            against: dict[str, list[str]] = {}
+            for key, value in _settings(config, row, note, run, root).items():
+                first = own if key in ROW_SETTINGS else shared
+                if key not in first:
+                    first[key] = (where, value)
+                elif keys := config_differences({key: first[key][1]}, {key: value}):
+                    against.setdefault(first[key][0], []).extend(keys)
+            if against:
+                odd_notes.add(note)
+                folder = RunPaths(row.phase, config, note, Path(root)).checkpoint_dir
+                differing.append(f"{where} ({folder}) differs from " + " and from ".join(
+                    f"{other} in {', '.join(keys)}" for other, keys in against.items()))
+    if differing:
+        kept = [n for n in notes if n not in odd_notes]
+        raise UserError(
+            f"{len(differing)} run(s) of this report were made with other settings than the runs they would be "
+            f"averaged or paired with (the saved config.yaml's dataset and model sections and the class counts must "
+            f"agree; only the seed may differ): {'; '.join(differing)}. Report each setting on its own with the notes "
+            f"that share it" + (f", e.g. {_report_command(config, kept)}" if kept else "") + ", or rerun the differing "
+            f"runs with the settings of the others (--overwrite)."
+        )
+
+
+def _under_root(recorded: str | Path, root: Path) -> Path:
+    """A path a run recorded: absolute, or relative to the working directory it ran in (the report's root)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def _provenance_failure(features_dir: Path, checkpoint: Path, phase_i_config: Path) -> str | None:
+    """Why phase III's provenance check of ``features_dir`` against this phase I checkpoint and config fails;
+    None when it passes."""
+    try:
+        check_provenance(features_dir, checkpoint, phase_i_config)
+    except UserError as exc:
+        return str(exc).rstrip(".")
+    return None
+
+
+def check_phase_i_sources(config: str, notes: list[str], rows: list[Row], root: Path = Path(".")) -> None:
+    """UserError naming the runs and the fix unless every phase III run of the method table still pairs with
+    the phase I run the report shows for its note: phase III's own provenance check
+    (``engine.artifacts.check_provenance``) of the phase II outputs it was trained on against the phase I
+    checkpoint it records (``phase_i_checkpoint``) and that phase I run's config.yaml, and the checkpoint's
+    content against the sha256 the run recorded (``phase_i_checkpoint_sha256``: catches phase I and phase II
+    both re-run after it)."""
+    config = config_name(config)
+    # one check per (phase II folder, phase I checkpoint): it hashes the checkpoint, and the runs of one note
+    # share both, so their failure is told once, followed by each such run
+    reasons: dict[tuple[Path, Path], str | None] = {}
+    hashes: dict[Path, str] = {}  # checkpoint -> sha256, each file hashed once
+    stale: dict[tuple[str, Path, str], list[str]] = {}  # (note, phase I checkpoint, reason) -> the runs
+    for row in rows:
+        arm = METHODS.by_folder(row.phase)
+        if arm is None or arm.method.stage != "phase_iii":
+            continue  # a folder the method table does not know: no known phase II folder, and never paired
+        for note, run in row.runs.items():
+            phase_i = RunPaths(arm.backbone.folder, config, note, Path(root))
+            recorded = _under_root(run.get("phase_i_checkpoint") or phase_i.best, root)
+            # the file phase III itself checks (read_phase_ii): the recorded one, else the run's best_model.pt
+            checkpoint = recorded if recorded.is_file() else phase_i.best
+            if not checkpoint.is_file():
+                continue  # no phase I model left (checkpoints deleted): none that could differ
+            key = (RunPaths(arm.phase_ii, config, note, Path(root)).features_dir, checkpoint)
+            if key not in reasons:
+                reasons[key] = _provenance_failure(*key, phase_i.checkpoint_dir / "config.yaml")
+            reason = reasons[key]
+            recorded_sha = run.get("phase_i_checkpoint_sha256")  # recorded by phase III runs since it exists
+            if not reason and recorded_sha and recorded_sha != hashes.setdefault(checkpoint, sha256_file(checkpoint)):
+                # phase I and phase II were both re-run after this run: they agree, and this run is the stale one
+                reason = (f"the phase III run was trained from a phase I checkpoint with other content (sha256 "
+                          f"{recorded_sha[:12]}...) than this file has now")
+            if reason:
+                folder = RunPaths(row.phase, config, note, Path(root)).checkpoint_dir
+                stale.setdefault((note, checkpoint, reason), []).append(
+                    f"row '{row.label}' ({folder}): {_rerun_command(row.phase, config, note)}")
+    if stale:
+        stale_notes = {note for note, _, _ in stale}
+        kept = [n for n in notes if n not in stale_notes]
+        groups = " ".join(f"Note '{note}', phase I checkpoint {checkpoint}: {reason}; then rerun each phase III run "
+                          f"trained from it: {'; '.join(runs)}."
+                          for (note, checkpoint, reason), runs in stale.items())
+        raise UserError(
+            f"{sum(map(len, stale.values()))} phase III run(s) no longer pair with the phase I run the report shows "
+            f"for their note (phase III's provenance check fails: that phase I model changed after they were trained, "
+            f"or the phase II outputs that record which model they used are gone), so their numbers and paired "
+            f"differences would mix different phase I models. {groups}"
+            + (f" Or build the report without note(s) {', '.join(n for n in notes if n in stale_notes)}: "
+               f"{_report_command(config, kept)}." if kept else "")
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,16 +453,12 @@ def _upstream_results(run: dict, root: Path) -> list[dict] | None:
     sources += list(run.get("teachers") or [])
     found: list[dict] = []
     for checkpoint in sources:
-        path = Path(checkpoint)
-        results = read_results((path if path.is_absolute() else Path(root) / path).parent / "results.json")
+        results = read_results(_under_root(checkpoint, root).parent / "results.json")
         upstream = _upstream_results(results, root) if results and results.get("finished") else None
         if upstream is None:
             return None
         found += [results, *upstream]
     return found
-
-
-COST_KEYS = ("samples_seen", "wall_time_s")
 
 
 def _row_cost(row: Row, root: Path) -> dict[str, Stat]:
@@ -446,8 +613,10 @@ def _report_json(config: str, notes: list[str], rows: list[Row], files: dict, co
 
 def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo: bool = True,
                  pairs: list[tuple[str, str]] = ()) -> dict:
-    """Write the report of ``config`` over ``notes`` to ``reports/<config>/`` under ``root``; ``pairs``: further
-    ``(row id, reference row id)`` paired differences beyond the method table's."""
+    """Write the report of ``config`` over ``notes`` to ``report_dir(config, notes)`` under ``root``; ``pairs``:
+    further ``(row id, reference row id)`` paired differences beyond the method table's. Runs that do not
+    belong together are refused before anything is written (``check_settings_agree``,
+    ``check_phase_i_sources``)."""
     config = config_name(config)
     notes = list(dict.fromkeys(notes))
     if not notes:
@@ -460,9 +629,11 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
             f"finished: true in {looked}, ...). Run the phases first, e.g. python pipeline.py --config {config}"
             + ("" if notes == ["default"] else " (or pass the notes the runs were made with: --notes NOTE ...)") + "."
         )
+    check_settings_agree(config, notes, rows, root)
+    check_phase_i_sources(config, notes, rows, root)
     diffs = paired_differences(rows, list(pairs))
     costs = {row.phase: _row_cost(row, root) for row in rows}
-    out = report_dir(config, root)
+    out = report_dir(config, notes, root)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: str(out / name) for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json")}
     markdown = _markdown(config, notes, rows, costs, diffs)
@@ -479,9 +650,9 @@ def build_report(config: str, notes: list[str], root: Path = Path("."), *, echo:
 
 
 def is_up_to_date(config: str, notes: list[str], root: Path = Path(".")) -> bool:
-    """Whether ``reports/<config>/report.json`` was made for these notes from exactly the finished
-    runs that exist now, after each of them finished (so regenerating it would change nothing)."""
-    out = report_dir(config, root)
+    """Whether the ``report.json`` of ``report_dir(config, notes)`` was made for these notes from exactly the
+    finished runs that exist now, after each of them finished (so regenerating it would change nothing)."""
+    out = report_dir(config, notes, root)
     path = out / "report.json"
     saved = read_results(path)
     if not saved or saved.get("notes") != list(dict.fromkeys(notes)):
@@ -497,4 +668,5 @@ def is_up_to_date(config: str, notes: list[str], root: Path = Path(".")) -> bool
 
 
 def run(config: str, notes: list[str], pairs: list[tuple[str, str]] = ()) -> dict:
+    """``report.py``: the report of ``config`` over ``notes`` in the working directory."""
     return build_report(config, notes, Path("."), pairs=pairs)

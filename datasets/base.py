@@ -35,11 +35,13 @@ class LTDataset(Dataset):
     """Common interface: ``targets``, ``num_classes``, ``augment``, ``with_augment``, ``class_counts``.
 
     ``policy`` (``crop_flip`` or ``resized_crop``, fixed when the dataset is built) is how this dataset
-    augments; ``augment`` is whether it does now.
+    augments; ``augment`` is whether it does now. Items are ``[in_channels, image_size, image_size]``.
     """
 
     targets: torch.Tensor
     num_classes: int
+    in_channels: int
+    image_size: int
     augment: bool
     policy: str
     class_names: list[str]

@@ -7,8 +7,9 @@ folder), is also looked up as ``root/<wnid>/<name>``, ImageNet's own ``train/`` 
 or image of mini-ImageNet-LT (a list path naming it) says how the release builds the lists
 (:data:`MINI_IMAGENET_LT_HELP`). Image folder: ``root/train/<class>/*`` and ``root/test/<class>/*``
 (or ``val``), classes sorted by folder name. Both are validated when built: malformed lines, bad labels (a gap in the training
-labels, a test label that is no training class), missing images and a class without test images are
-``UserError``s. Images are decoded with PIL and transformed with torchvision (ImageNet statistics),
+labels, a test label that is no training class), missing images, a class without test images and fewer
+than two classes are ``UserError``s; so is an image too large to decode safely (its size is read from the
+header first, :data:`MAX_IMAGE_PIXELS`). Images are decoded with PIL and transformed with torchvision (ImageNet statistics),
 read at ``image_size`` (by default their own size when small, :func:`choose_image_size`) and
 augmented by a policy (:func:`build_transform`): by default ``crop_flip`` for small images and
 ``resized_crop`` for large ones.
@@ -20,6 +21,7 @@ import copy
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +37,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "MIN_IMAGE_SIZE",
     "MINI_IMAGENET_LT_HELP",
     "SMALL_IMAGE_MAX",
     "FileImageDataset",
@@ -53,6 +57,10 @@ SMALL_IMAGE_MAX = 64  # images up to this size are read at their own size and au
 LARGE_IMAGE_SIZE = 224  # the size large images are read at unless dataset.image_size says otherwise
 CROP_PAD = 4  # crop_flip: zero-pad by 4 pixels, then crop back (as the in-memory datasets do)
 MAX_UPSCALE = 2.0  # a larger factor is warned about: slow, and no detail is gained
+# 8192x8192: one decoded RGB image is 192 MiB (and every DataLoader worker decodes its own); larger ones are
+# refused from their header, before PIL decodes them (PIL's own limit, 89 Mpx, only warns up to 179 Mpx)
+MAX_IMAGE_PIXELS = 8192 * 8192
+MIN_IMAGE_SIZE = 8  # the smallest size inferred from the first image (dataset.image_size's lower bound too)
 
 logger = logging.getLogger("fsa_lt.datasets")  # the run's logger (console + log.txt) shows it
 
@@ -92,6 +100,29 @@ def _decode_error(path: str, exc: OSError) -> UserError:
     )
 
 
+def _open_image(path: str) -> Image.Image:
+    """The image at ``path`` opened lazily (only its header is read; the caller decodes and closes it),
+    after refusing one over :data:`MAX_IMAGE_PIXELS`; a damaged file is a UserError too."""
+    try:
+        with warnings.catch_warnings():
+            # PIL checks its own, higher limit in open(): above it a warning, above twice it an error
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        size = f"over {Image.MAX_IMAGE_PIXELS:,} pixels"
+    except OSError as exc:
+        raise _decode_error(path, exc) from exc
+    else:
+        if width * height <= MAX_IMAGE_PIXELS:
+            return img
+        img.close()
+        size = f"{width}x{height} pixels"
+    raise UserError(f"image {path} is {size}, too large to decode safely (the limit is {MAX_IMAGE_PIXELS:,} pixels, "
+                    f"e.g. 8192x8192): downscale it (the model reads images at dataset.image_size anyway) or remove "
+                    f"it from the dataset.")
+
+
 def auto_policy(image_size: int) -> str:
     """What ``dataset.augment: auto`` means for file images read at ``image_size``."""
     return "crop_flip" if image_size <= SMALL_IMAGE_MAX else "resized_crop"
@@ -100,13 +131,18 @@ def auto_policy(image_size: int) -> str:
 def choose_image_size(requested: int | None, first_image: str) -> int:
     """The size file images are read at: ``requested`` (``dataset.image_size``) when given, else the
     shorter side of ``first_image`` (the side of its centred square) when that is at most
-    ``SMALL_IMAGE_MAX``, else 224. Warns when the size upscales ``first_image`` more than 2x."""
-    try:
-        with Image.open(first_image) as img:  # reads the header only
-            width, height = img.size
-    except OSError as exc:
-        raise _decode_error(first_image, exc) from exc
+    ``SMALL_IMAGE_MAX``, else 224. Warns when the size upscales ``first_image`` more than 2x; an inferred
+    size below :data:`MIN_IMAGE_SIZE` is a UserError (every image would be read at it)."""
+    with _open_image(first_image) as img:  # reads the header only
+        width, height = img.size
     own = min(width, height)
+    if requested is None and own < MIN_IMAGE_SIZE:
+        raise UserError(
+            f"the first training image {first_image} is {width}x{height} pixels, and with dataset.image_size: null "
+            f"every image is read at the shorter side of the first one ({own} pixels, below the minimum of "
+            f"{MIN_IMAGE_SIZE}). Set dataset.image_size (e.g. --opts dataset.image_size=32) to the size the images "
+            f"should be read at, or replace that image."
+        )
     size = int(requested) if requested is not None else own if own <= SMALL_IMAGE_MAX else LARGE_IMAGE_SIZE
     if size > MAX_UPSCALE * own:
         logger.warning(
@@ -200,9 +236,9 @@ class FileImageDataset(LTDataset):
             i += len(self)
         path = self.paths[i]
         try:
-            with Image.open(path) as img:
+            with _open_image(path) as img:
                 img = img.convert("RGB")
-        except OSError as exc:
+        except OSError as exc:  # truncated data shows only when decoding
             raise _decode_error(path, exc) from exc
         if seed is None:
             return self.transform(img), int(self.targets[i]), i
@@ -270,6 +306,12 @@ def _list_entries(list_path: Path, root: str | Path | None) -> list[tuple[int, s
     return entries
 
 
+def _require_two_classes(count: int, source: str, fix: str) -> None:
+    """A dataset of fewer than two classes trains to a meaningless 100%: refused, naming ``source``."""
+    if count < 2:
+        raise UserError(f"{source} has {count} class{'' if count == 1 else 'es'}; classification needs at least 2. {fix}")
+
+
 def _listing(items: Sequence[object], limit: int = 10) -> str:
     """``a, b, c`` (the first `limit` items, then how many in all)."""
     shown = ", ".join(str(x) for x in items[:limit])
@@ -296,6 +338,9 @@ def read_list_dataset(
             f"cannot be learnt. Renumber the labels of both lists to 0..{len(labels) - 1}, or add training images "
             f"of those classes."
         )
+    _require_two_classes(num_classes, f"The training list {train_list}",
+                         "Add training images of a second class (label 1), or check that the labels are the last field "
+                         "of each line.")
     test = _list_entries(test_list, root)
     for lineno, _, label in test:
         if label >= num_classes:
@@ -330,8 +375,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
     if test_dir is None:
         raise UserError(f"image-folder dataset: neither {root / 'test'} nor {root / 'val'} exists")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"image-folder dataset: no class folders in {train_dir}")
+    _require_two_classes(len(classes), f"image-folder dataset: {train_dir} (class folders: {_listing(classes) or 'none'})",
+                         f"Put the images of each class in a folder of its own: {train_dir}/<class>/<images>.")
     index = {c: i for i, c in enumerate(classes)}
     train: list[tuple[str, int]] = []
     for c in classes:

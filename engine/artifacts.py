@@ -7,7 +7,9 @@ Phases meet only through these files, so each is read and written here, with its
   selected, and the checkpoint payload that every backbone run writes;
 - phase II outputs (``features/<config>/<note>/``): :func:`write_phase_ii` / :func:`read_phase_ii`
   (``score_matrix.pt``, ``confusion.json``, ``split.json``, ``split_statistics.json``,
-  ``provenance.json``), :func:`open_store` (the feature store).
+  ``provenance.json``), :func:`open_store` (the feature store). Every JSON output is read by
+  :func:`read_phase_ii_json`, which checks the fields later stages use (:data:`PHASE_II_JSON`): a
+  truncated or malformed file is a UserError naming it and the phase II command that rewrites it.
 
 ``provenance.json`` records the sha256 of the phase I checkpoint and config a phase II folder was made
 from; readers refuse phase II outputs of another (retrained or edited) phase I run::
@@ -25,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -40,10 +43,13 @@ from utils.errors import UserError
 from utils.run_dir import RunPaths, read_results, write_json_atomic
 
 __all__ = ["PhaseIRun", "open_phase_i_run", "build_phase_i_model", "checkpoint_payload", "phase_i_command",
-           "phase_ii_command", "phase_ii_paths", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "open_store", "explained_classes",
+           "phase_ii_command", "phase_ii_paths", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "read_phase_ii_json",
+           "PHASE_II_JSON", "open_store", "explained_classes", "read_backbone_checkpoint",
+           "read_feature_classifier_checkpoint", "FEATURE_CLASSIFIER_KIND",
            "sha256_file", "make_provenance", "read_provenance", "check_provenance", "STORE_DIR", "PROVENANCE_FILE"]
 
 STORE_DIR = "store"
+FEATURE_CLASSIFIER_KIND = "feature-classifier"  # the "kind" of TailCalib / TailCalibX checkpoints
 PROVENANCE_FILE = "provenance.json"
 PROVENANCE_FORMAT = "fsa-lt-provenance/1"
 
@@ -82,9 +88,50 @@ def checkpoint_payload(model: LTModel, cfg: dict, bundle: DatasetBundle, phase: 
     }
 
 
+def read_backbone_checkpoint(path: Path, produced_by: str) -> dict:
+    """The payload of a backbone + classifier checkpoint (phase I, phase III fsa / none: what
+    :func:`checkpoint_payload` writes); any other file is a UserError naming it and what it is not."""
+    payload = load_checkpoint(path, produced_by=produced_by)
+    state = payload.get("model")
+    bad = [key for key, ok in (
+        ("model", isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())),
+        ("arch", isinstance(payload.get("arch"), str)),
+        *((key, _is_int(payload.get(key))) for key in ("num_classes", "in_channels"))) if not ok]
+    if bad:
+        hint = (" It is a TailCalib checkpoint, a classifier on transformed pooled features: evaluate it with the "
+                "generator that made it (phase III with --opts finetune.generator=... phase=test)."
+                if payload.get("kind") == FEATURE_CLASSIFIER_KIND else "")
+        raise UserError(f"{path} is not a backbone + classifier checkpoint (phase I, or phase III fsa / none): its "
+                        f"{', '.join(repr(k) for k in bad)} {'is' if len(bad) == 1 else 'are'} missing or "
+                        f"malformed.{hint} Pass a best_model.pt or last.pt of such a run.")
+    return payload
+
+
+def read_feature_classifier_checkpoint(path: Path, produced_by: str, generator: str) -> dict:
+    """The payload of a TailCalib / TailCalibX checkpoint (``fc`` on transformed pooled features, see
+    engine.phase_iii_features); any other file is a UserError naming it and what it is not."""
+    payload = load_checkpoint(path, produced_by=produced_by)
+    fc, transform = payload.get("fc"), payload.get("feature_transform")
+    bad = [key for key, ok in (
+        ("kind", payload.get("kind") == FEATURE_CLASSIFIER_KIND),
+        ("fc", isinstance(fc, dict) and isinstance(fc.get("weight"), torch.Tensor) and fc["weight"].ndim == 2
+         and isinstance(fc.get("bias"), torch.Tensor)),
+        ("feature_transform", isinstance(transform, dict) and _is_number(transform.get("tukey"))
+         and _is_number(transform.get("eps")) and isinstance(transform.get("normalize"), bool)),
+        ("arch", isinstance(payload.get("arch"), str)),
+        *((key, _is_int(payload.get(key))) for key in ("num_classes", "in_channels"))) if not ok]
+    if bad:
+        backbone = (" It is a backbone + classifier checkpoint: evaluate it with phase I, or with phase III "
+                    "finetune.generator=fsa / none." if "model" in payload else "")
+        raise UserError(f"{path} is not a TailCalib feature-classifier checkpoint: its {', '.join(repr(k) for k in bad)} "
+                        f"{'is' if len(bad) == 1 else 'are'} missing or malformed, so finetune.generator={generator} "
+                        f"cannot evaluate it.{backbone} Pass a best_model.pt or last.pt of a {generator} run.")
+    return payload
+
+
 def load_backbone(path: Path, cfg: dict, bundle: DatasetBundle, device: torch.device, produced_by: str) -> LTModel:
     """The model of phase I config `cfg` with the backbone checkpoint at `path` loaded (and checked)."""
-    payload = load_checkpoint(path, produced_by=produced_by)
+    payload = read_backbone_checkpoint(path, produced_by)
     if payload.get("dataset") not in (None, bundle.name):
         raise UserError(
             f"Checkpoint {path} was trained on dataset '{payload.get('dataset')}', but this run uses "
@@ -150,9 +197,12 @@ def open_phase_i_run(config: str, note: str, root: Path = Path("."), *, needed_b
 # ------------------------------------------------------------------------------------------------
 # Phase II
 # ------------------------------------------------------------------------------------------------
-def phase_ii_command(config: str, note: str, *, overwrite: bool = False, backbone: str = BASELINE) -> str:
-    opts = [] if backbone == BASELINE else ["--opts", f"backbone={backbone}"]
-    return script_command("phase_ii_extract_feature.py", config, note, *(["--overwrite"] if overwrite else []), *opts)
+def phase_ii_command(config: str, note: str, *, overwrite: bool = False, backbone: str = BASELINE,
+                     opts: tuple[str, ...] = ()) -> str:
+    """The phase II command of (config, note) on ``backbone``, with further ``opts`` (e.g. the user's own)."""
+    opts = (*([] if backbone == BASELINE else [f"backbone={backbone}"]), *opts)
+    return script_command("phase_ii_extract_feature.py", config, note, *(["--overwrite"] if overwrite else []),
+                          *(["--opts", *opts] if opts else []))
 
 
 def phase_ii_paths(config: str, note: str, backbone: str = BASELINE, root: Path = Path(".")) -> RunPaths:
@@ -197,6 +247,89 @@ def write_phase_ii(folder: Path, *, matrix: torch.Tensor, nf: int, hr: float, he
     })
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_classes(value: Any, num_classes: int) -> bool:
+    return isinstance(value, list) and all(_is_int(c) and 0 <= c < num_classes for c in value)
+
+
+def _is_donor_map(value: Any, data: dict, num_classes: int) -> bool:
+    """``{"<class>": [nf class indices]}``, as confusing_table needs it."""
+    return isinstance(value, dict) and all(
+        key.isdigit() and int(key) < num_classes and _is_classes(donors, num_classes) and len(donors) == data.get("nf")
+        for key, donors in value.items())
+
+
+def _is_file_record(value: Any, *keys: str) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), str) for k in keys)
+
+
+def _is_fraction(value: Any, *, open_low: bool = False) -> bool:
+    return _is_number(value) and (0 < value if open_low else 0 <= value) and value <= 1
+
+
+# file -> field -> (what it must be, check(value, whole file, number of classes)): what later stages read of
+# each of phase II's JSON outputs ("{n}" in a description: the number of classes)
+_Check = Callable[[Any, dict, int], bool]
+PHASE_II_JSON: dict[str, dict[str, tuple[str, _Check]]] = {
+    "split.json": {
+        "hr": ("a number in (0, 1]", lambda v, d, n: _is_fraction(v, open_low=True)),
+        "head": ("a list of class indices in [0, {n})", lambda v, d, n: _is_classes(v, n)),
+        "tail": ("a list of class indices in [0, {n})", lambda v, d, n: _is_classes(v, n)),
+    },
+    "split_statistics.json": {
+        "ts": ("a number in [0, 1]", lambda v, d, n: _is_fraction(v)),
+        "tg": ("a number in [0, 1]", lambda v, d, n: _is_fraction(v)),
+    },
+    "confusion.json": {
+        "nf": ("an integer >= 1", lambda v, d, n: _is_int(v) and v >= 1),
+        "confusing": ("a mapping from class index to nf class indices in [0, {n})", _is_donor_map),
+    },
+    PROVENANCE_FILE: {
+        "format": (f"'{PROVENANCE_FORMAT}'", lambda v, d, n: v == PROVENANCE_FORMAT),
+        "phase_i_checkpoint": ("a record with 'path' and 'sha256'",
+                               lambda v, d, n: _is_file_record(v, "path", "sha256")),
+        "phase_i_config": ("a record with 'sha256'", lambda v, d, n: _is_file_record(v, "sha256")),
+    },
+}
+
+
+def _read_json(path: Path, rerun: str) -> dict:
+    """The JSON object in ``path``; missing, unreadable, truncated or not an object: a UserError naming ``rerun``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UserError(f"{path} is missing: phase II did not finish, or the file was removed. Rerun {rerun}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or not UTF-8 (a truncated or damaged file)
+        raise UserError(f"{path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}): the file is truncated "
+                        f"or damaged. Rerun {rerun}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not the object phase II writes. Rerun {rerun}")
+    return data
+
+
+def read_phase_ii_json(folder: Path, name: str, num_classes: int = 0, provenance: dict | None = None) -> dict:
+    """Phase II's JSON output ``name`` (a key of :data:`PHASE_II_JSON`) in ``folder``, checked to hold the
+    fields later stages read (class indices in ``[0, num_classes)``); a missing, truncated or malformed
+    file is a UserError naming it and the phase II command that rewrites it (named from ``provenance``
+    when given, else from the folder)."""
+    path = Path(folder) / name
+    rerun = _rerun_phase_ii(Path(folder), provenance)
+    data = _read_json(path, rerun)
+    bad = [f"'{key}' must be {what.format(n=num_classes)}" for key, (what, ok) in PHASE_II_JSON[name].items()
+           if not ok(data.get(key), data, num_classes)]
+    if bad:
+        raise UserError(f"{path} is not a valid phase II {name} ({'; '.join(bad)}): it is damaged or was edited. "
+                        f"Rerun {rerun}")
+    return data
+
+
 @dataclass
 class PhaseIIOutputs:
     """What later stages read from `features/<config>/<note>/`, checked against the phase I run."""
@@ -209,6 +342,7 @@ class PhaseIIOutputs:
     tg: float
     confusing: torch.Tensor  # [C, nf], -1 where a class has no confusing classes
     checkpoint: Path         # the phase I checkpoint they were computed from
+    checkpoint_sha256: str   # its content (checked): a phase III run records it, so a report can check it too
 
 
 def read_phase_ii(folder: Path, phase_i: PhaseIRun) -> PhaseIIOutputs:
@@ -221,31 +355,33 @@ def read_phase_ii(folder: Path, phase_i: PhaseIRun) -> PhaseIIOutputs:
     if not checkpoint.is_file():
         checkpoint = phase_i.paths.best
     check_provenance(folder, checkpoint, phase_i.config_path)
-    split = json.loads((folder / "split.json").read_text())
-    thresholds = json.loads((folder / "split_statistics.json").read_text())
-    confusion = json.loads((folder / "confusion.json").read_text())
-    table = confusing_table({int(k): v for k, v in confusion["confusing"].items()}, phase_i.bundle.num_classes,
-                            confusion["nf"])
+    num_classes = phase_i.bundle.num_classes
+    split, thresholds, confusion = (read_phase_ii_json(folder, name, num_classes, prov)
+                                    for name in ("split.json", "split_statistics.json", "confusion.json"))
+    table = confusing_table({int(k): v for k, v in confusion["confusing"].items()}, num_classes, confusion["nf"])
     return PhaseIIOutputs(folder, float(split["hr"]), list(split["head"]), list(split["tail"]),
-                          float(thresholds["ts"]), float(thresholds["tg"]), table, checkpoint)
+                          float(thresholds["ts"]), float(thresholds["tg"]), table, checkpoint,
+                          prov["phase_i_checkpoint"]["sha256"])
 
 
 def open_store(folder: Path, config: str, note: str, backbone: str = BASELINE) -> FeatureStore:
-    """Phase II's feature store; a UserError naming the phase II command when it was not written."""
+    """Phase II's feature store; a UserError naming the phase II command when it was not written (or
+    its meta.json is damaged)."""
     store_dir = folder / STORE_DIR
+    rerun = phase_ii_command(config, note, overwrite=True, backbone=backbone)
     if not (store_dir / "meta.json").is_file():
         raise UserError(f"Phase II stored no feature maps in {store_dir} (store.enabled was false or it did not finish), "
                         f"so this method has nothing to read. Rerun phase II with the store on: "
-                        f"{phase_ii_command(config, note, overwrite=True, backbone=backbone)} --opts store.enabled=true")
-    return FeatureStore(store_dir)
+                        f"{rerun} --opts store.enabled=true")
+    return FeatureStore(store_dir, rerun=rerun)
 
 
-def explained_classes(folder: Path) -> list[int]:
+def explained_classes(folder: Path, num_classes: int) -> list[int]:
     """Every tail class of phase II's ``confusion.json`` followed by its confusing classes, each once
     (visualize's default classes); the caller checks provenance first."""
-    data = json.loads((folder / "confusion.json").read_text())
+    data = read_phase_ii_json(folder, "confusion.json", num_classes)
     chosen: list[int] = []
-    for tail, donors in data.get("confusing", {}).items():
+    for tail, donors in data["confusing"].items():
         for c in [int(tail), *map(int, donors)]:
             if c not in chosen:
                 chosen.append(c)
@@ -296,25 +432,23 @@ def _names(features_dir: Path, provenance: dict | None) -> tuple[str, str, str]:
     return features_dir.parent.name or "NAME", features_dir.name or "default", backbone
 
 
+def _rerun_phase_ii(features_dir: Path, provenance: dict | None = None) -> str:
+    """The phase II command that rewrites the outputs in ``features_dir``."""
+    config, note, backbone = _names(features_dir, provenance)
+    return phase_ii_command(config, note, overwrite=True, backbone=backbone)
+
+
 def read_provenance(features_dir: Path | str) -> dict:
     """The parsed ``provenance.json``; a missing or unreadable file is a UserError naming phase II."""
     features_dir = Path(features_dir)
     path = features_dir / PROVENANCE_FILE
-    config, note, backbone = _names(features_dir, None)
     if not path.is_file():
+        config, note, backbone = _names(features_dir, None)
         raise UserError(
             f"No phase II outputs in {features_dir} ({PROVENANCE_FILE} missing). Run phase II first: "
             f"{phase_ii_command(config, note, overwrite=(features_dir / 'results.json').is_file(), backbone=backbone)}"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); rerun "
-                        f"{phase_ii_command(config, note, overwrite=True, backbone=backbone)}") from exc
-    if not isinstance(data, dict) or data.get("format") != PROVENANCE_FORMAT:
-        raise UserError(f"{path} is not an FSA-LT provenance file; rerun "
-                        f"{phase_ii_command(config, note, overwrite=True, backbone=backbone)}")
-    return data
+    return read_phase_ii_json(features_dir, PROVENANCE_FILE)
 
 
 def check_provenance(features_dir: Path | str, phase_i_checkpoint_path: Path | str,
@@ -324,8 +458,7 @@ def check_provenance(features_dir: Path | str, phase_i_checkpoint_path: Path | s
     also refuse an unfinished phase II. Returns the provenance dict."""
     features_dir = Path(features_dir)
     prov = read_provenance(features_dir)
-    config, note, backbone = _names(features_dir, prov)
-    rerun = phase_ii_command(config, note, overwrite=True, backbone=backbone)
+    rerun = _rerun_phase_ii(features_dir, prov)
     results = read_results(features_dir / "results.json")
     if not (results or {}).get("finished"):
         raise UserError(f"phase II in {features_dir} did not finish (no finished results.json): rerun {rerun}")
@@ -335,11 +468,11 @@ def check_provenance(features_dir: Path | str, phase_i_checkpoint_path: Path | s
         if not path.is_file():
             raise UserError(f"phase I {what} {path} does not exist; cannot check it against the phase II outputs "
                             f"in {features_dir}.")
-        recorded = prov.get(key, {}).get("sha256")
+        recorded = prov[key]["sha256"]
         if recorded != sha256_file(path):
             raise UserError(
                 f"phase II outputs were made from a different phase I {what}: {features_dir} was computed from "
-                f"{prov.get(key, {}).get('path', '?')}, whose content differs from {path} (retrained or edited "
+                f"{prov[key].get('path', '?')}, whose content differs from {path} (retrained or edited "
                 f"since). Rerun {rerun}"
             )
     return prov

@@ -158,12 +158,13 @@ def extract_test_pooled(model, dataset, batch_size: int, device: torch.device, w
 # ------------------------------------------------------------------------------------------------
 # The phase II run
 # ------------------------------------------------------------------------------------------------
-def _check_not_finished(features_dir: Path, overwrite: bool, config: str, note: str, backbone: str) -> None:
+def _check_not_finished(features_dir: Path, overwrite: bool, config: str, note: str, backbone: str,
+                        opts: tuple[str, ...]) -> None:
     results = read_results(features_dir / "results.json")
     if results and results.get("finished") and not overwrite:
         raise UserError(
             f"Finished phase II outputs already exist in {features_dir}. They are not overwritten silently: "
-            f"pass --overwrite to replace them ({phase_ii_command(config, note, overwrite=True, backbone=backbone)}), or --note "
+            f"pass --overwrite to replace them ({phase_ii_command(config, note, overwrite=True, backbone=backbone, opts=opts)}), or --note "
             f"NAME for a separate experiment (which needs a phase I run with that note)."
         )
 
@@ -181,7 +182,9 @@ def run(spec: RunSpec) -> dict:
     if distributed.context().is_main and recover_replaced(paths):
         print(f"note: restored the phase II outputs in {features_dir} that an interrupted --overwrite had moved aside.",
               file=sys.stderr)
-    _check_not_finished(features_dir, spec.overwrite, name, note, backbone)
+    # the user's --opts without backbone=, which phase_ii_command states itself
+    user_opts = tuple(o for o in spec.opts if not o.startswith("backbone="))
+    _check_not_finished(features_dir, spec.overwrite, name, note, backbone, user_opts)
 
     accel = Accel.from_config(cfg["accel"], device)
     ctx = distributed.context()

@@ -18,11 +18,11 @@ import yaml
 from datasets import DatasetBundle
 from engine.accel import Accel
 from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_store, phase_i_command, phase_ii_command,
-                              phase_ii_paths, read_phase_ii)
+                              phase_ii_paths, read_backbone_checkpoint, read_phase_ii)
 from engine.loops import EvalSets
 from engine.methods import METHODS, MODES, Arm, Method
 from engine.recorder import open_run, start_recording, write_test_results
-from utils.checkpoint import apply_weights, load_checkpoint
+from utils.checkpoint import apply_weights
 from utils.cli import RunSpec
 from utils.config import config_name, load_config
 from utils import distributed
@@ -94,7 +94,7 @@ class PhaseIIIInputs:
         """``phase: test`` of a method whose checkpoints are backbone + classifier models: load
         :attr:`test_checkpoint` into the model, evaluate it on the test set, write test_results.json."""
         ckpt = self.test_checkpoint
-        apply_weights(self.model, load_checkpoint(ckpt, produced_by=self.command), ckpt)
+        apply_weights(self.model, read_backbone_checkpoint(ckpt, self.command), ckpt)
         return write_test_results(self.paths, ckpt, self.eval_sets.test_report(self.model, self.bundle.train_counts,
                                                                                self.hr, accel=self.accel))
 
@@ -104,6 +104,7 @@ class PhaseIIIInputs:
                 "mode": self.method.mode, "generator": self.method.generator,
                 "tail_classes": self.p2.tail, "head_classes": self.p2.head,
                 "processes": distributed.context().world_size, "phase_i_checkpoint": str(self.p2.checkpoint),
+                "phase_i_checkpoint_sha256": self.p2.checkpoint_sha256,
                 "phase_i_checkpoint_selection": self.phase_i.selection_of(self.p2.checkpoint),
                 **self.bundle.split_sizes()}
 

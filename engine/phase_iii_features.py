@@ -69,6 +69,7 @@ from torch import nn
 
 from datasets import DatasetBundle
 from engine.accel import NO_ACCEL, Accel
+from engine.artifacts import FEATURE_CLASSIFIER_KIND, read_feature_classifier_checkpoint
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.loops import StepResult, TrainingTask, fit, ordered_map
 from engine.methods import Method
@@ -78,12 +79,11 @@ from engine.recorder import write_test_results
 from fsa.feature_store import FeatureStore
 from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
 from models import CosineClassifier, LTModel, build_classifier, fresh_like
-from utils.checkpoint import check_compatible, load_checkpoint
+from utils.checkpoint import check_compatible
 from utils.errors import UserError
 from utils.run_dir import read_results
 from utils.seeding import seed_everything, stream_seed
 
-CHECKPOINT_KIND = "feature-classifier"
 TUKEY_EPS = 1e-6  # fsa.generators.tailcalib's default; stored in every checkpoint
 
 
@@ -234,7 +234,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
 
     balanced_to = max(train_counts)
     expected = [balanced_to - n for n in train_counts]  # what the library adds per class (extra = 0)
-    meta = {"phase": paths.phase, "kind": CHECKPOINT_KIND, "generator": method.generator, "mode": method.mode,
+    meta = {"phase": paths.phase, "kind": FEATURE_CLASSIFIER_KIND, "generator": method.generator, "mode": method.mode,
             "arch": model.arch, "num_classes": num_classes, "in_channels": model.in_channels,
             "feature_dim": model.feature_dim, "dataset": bundle.name, "train_counts": train_counts,
             "backbone_checkpoint": str(inputs.p2.checkpoint), "feature_transform": transform,
@@ -245,7 +245,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
         return {**meta, "fc": {k: v.detach().cpu().clone() for k, v in fc.state_dict().items()}, **progress, **extra}
 
     def restore(state: dict, path) -> None:
-        if state.get("kind") != CHECKPOINT_KIND:
+        if state.get("kind") != FEATURE_CLASSIFIER_KIND:
             raise UserError(f"{path} is not a {method.generator} checkpoint. Start again with --overwrite: "
                             f"{inputs.command} --overwrite")
         fc.load_state_dict(state["fc"])
@@ -327,6 +327,8 @@ class FeatureTraining(ClassifierTraining):
     """TailCalib's side of the loop: per epoch (re)generate (offline: once), then seeded shuffled
     minibatches of real + generated transformed features through the linear classifier."""
 
+    divergence_settings = "tailcalib.lr (null: finetune.lr), finetune.momentum and tailcalib.alpha / tukey"
+
     def __init__(self, inputs: PhaseIIIInputs, source: FeatureSource, fc: nn.Linear, transform: dict,
                  expected: list[int], lr: float, progress: dict):
         tc = inputs.cfg["tailcalib"]
@@ -361,10 +363,7 @@ def _test(inputs: PhaseIIIInputs, batch_size: int, num_workers: int) -> dict:
     """`phase: test`: evaluate a feature-classifier checkpoint (default: this run's best_model.pt)."""
     paths, model = inputs.paths, inputs.model
     ckpt = inputs.test_checkpoint
-    payload = load_checkpoint(ckpt, produced_by=inputs.command)
-    if payload.get("kind") != CHECKPOINT_KIND or "feature_transform" not in payload:
-        raise UserError(f"{ckpt} is not a TailCalib feature-classifier checkpoint (no feature_transform); it cannot be "
-                        f"evaluated by finetune.generator={inputs.method.generator}.")
+    payload = read_feature_classifier_checkpoint(ckpt, inputs.command, inputs.method.generator)
     check_compatible(payload, ckpt, arch=model.arch, num_classes=model.num_classes, in_channels=model.in_channels)
     source = FeatureSource(inputs.method.mode, model, inputs.bundle, inputs.store, inputs.device, batch_size,
                             num_workers, inputs.accel)

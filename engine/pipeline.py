@@ -36,14 +36,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from datasets.fashion_mnist import ensure_fashion_mnist
 from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, phase_ii_folder
 from engine.recorder import SPEED_SETTINGS
 from utils import distributed
 from utils.cli import RunSpec, VisualizeSpec
-from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts
+from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts, read_yaml
 from utils.errors import UserError
 from utils.run_dir import RunPaths, check_run_name, is_finished, read_results
 from utils.schema import schema_keys
@@ -235,11 +234,9 @@ def check_existing_runs(steps: list[Step], sources: dict[str, str], name: str,
             if not keys or saved_path is None or step_state(step, name, note)[0] not in ("finished", "interrupted"):
                 continue
             try:
-                saved = yaml.safe_load(saved_path.read_text())
-            except (OSError, yaml.YAMLError):
+                saved = read_yaml(saved_path)
+            except UserError:
                 continue  # the step's own run reports an unreadable config
-            if not isinstance(saved, dict):
-                continue
             wanted = load_config(sources[step.config_phase()], step.config_phase(), step_opts(step, opts, _seed(sources, opts) if step.teacher else None))
             conflicts += [f"{saved_path.parent}: {key} is {_setting(saved, key)!r}, --opts asks for {_setting(wanted, key)!r}"
                           for key in keys if _setting(saved, key) != _setting(wanted, key)]
@@ -419,7 +416,7 @@ def run(spec: PipelineSpec) -> dict:
     if not distributed.context().is_main:
         return {}
     tag = f"{name} report ({', '.join(notes)}):"
-    out = report.report_dir(name)
+    out = report.report_dir(name, notes)
     if report.is_up_to_date(name, notes):
         say(f"{tag} skipped (up to date: {out / 'report.json'})")
         print((out / "ablation.md").read_text(), flush=True)

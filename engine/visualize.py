@@ -77,13 +77,13 @@ def _default_classes(features_dir: Path, bundle, hr: float, phase_i_checkpoint: 
                      phase_i_config: Path) -> tuple[list[int], str]:
     path = features_dir / "confusion.json"
     if path.is_file():
-        # the same check phase III makes: confusing classes of another phase I model would mislead
+        # the same checks phase III makes: confusing classes of another phase I model would mislead
         try:
             check_provenance(features_dir, phase_i_checkpoint, phase_i_config)
+            chosen = explained_classes(features_dir, bundle.num_classes)
         except UserError as exc:
             raise UserError(f"{str(exc).rstrip('.')}; or pass --classes C [C ...] to choose the classes yourself "
                             f"(the default ones come from {path}).") from exc
-        chosen = explained_classes(features_dir)
         if chosen:
             return chosen, f"tail classes and their confusing classes from {path}"
     _, tail = head_tail_split(bundle.train_counts, hr)
@@ -91,11 +91,9 @@ def _default_classes(features_dir: Path, bundle, hr: float, phase_i_checkpoint: 
 
 
 def run(spec: VisualizeSpec) -> list[Path]:
-    """Write the PNG grids (and TensorBoard images) that `visualize.py` promises; returns the PNG paths."""
-    if spec.samples < 1:
-        raise UserError(f"--samples must be >= 1, got {spec.samples}.")
-    if spec.panel < 32:
-        raise UserError(f"--panel must be at least 32 pixels, got {spec.panel}.")
+    """Write the PNG grids (and TensorBoard images) that `visualize.py` promises; returns the PNG paths.
+    `spec`'s size flags are in range (visualize.check_sizes checks what users type; the pipeline passes
+    the defaults)."""
     name, note = config_name(spec.config), spec.note
     cfg = load_config(spec.config, "phase_ii", list(spec.opts))  # ts / tg / layer; defaults without a file
     if spec.checkpoint:

@@ -36,10 +36,11 @@ from torch import Tensor
 
 from utils.errors import UserError
 
-__all__ = ["FeatureStoreWriter", "FeatureStore", "STORE_ARRAYS", "store_nbytes", "format_bytes"]
+__all__ = ["FeatureStoreWriter", "FeatureStore", "STORE_ARRAYS", "read_meta", "store_nbytes", "format_bytes"]
 
 META_FILE = "meta.json"
 FORMAT = "fsa-lt-feature-store/1"
+RERUN = "python phase_ii_extract_feature.py --config NAME --overwrite"  # the fix in messages, unless told the command
 
 # name -> (dtype, shape builder from (V, N, C, H, W, Ntest))
 STORE_ARRAYS = {
@@ -241,6 +242,41 @@ class FeatureStoreWriter:
             self.abort()
 
 
+def _is_size(value: object, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def read_meta(folder: Path | str, rerun: str = RERUN) -> dict:
+    """The parsed ``meta.json`` of the store in ``folder``, checked against what
+    :meth:`FeatureStoreWriter.close` writes (format, sizes, and every array's file, dtype and shape
+    implied by them); missing, truncated or malformed: a UserError naming it and ``rerun``."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise UserError(f"No complete feature store in {folder} ({META_FILE} missing: phase II did not finish, or ran "
+                        f"with store.enabled: false). Rerun phase II: {rerun}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or not UTF-8 (a truncated or damaged file)
+        raise UserError(f"{path} is unreadable or not valid JSON ({type(exc).__name__}: {exc}): the file is truncated "
+                        f"or damaged. Rerun phase II: {rerun}") from exc
+    fmap_shape = meta.get("fmap_shape") if isinstance(meta, dict) else None
+    sizes_ok = (isinstance(meta, dict) and _is_size(meta.get("views"), 1) and _is_size(meta.get("num_samples"))
+                and _is_size(meta.get("num_test")) and _is_size(meta.get("bytes"))
+                and isinstance(fmap_shape, list) and len(fmap_shape) == 3
+                and all(_is_size(s, 1) for s in fmap_shape))
+    if not sizes_ok or meta.get("format") != FORMAT or meta.get("complete") is not True:
+        raise UserError(f"{path} does not describe a complete FSA-LT feature store ({FORMAT}: format, complete, views, "
+                        f"num_samples, num_test, fmap_shape, bytes); it is damaged or phase II did not finish. "
+                        f"Rerun phase II: {rerun}")
+    expected = {name: {"file": f"{name}.npy", "dtype": np.dtype(STORE_ARRAYS[name][0]).name, "shape": list(shape)}
+                for name, shape in _shapes(meta["views"], meta["num_samples"], fmap_shape, meta["num_test"]).items()}
+    if meta.get("arrays") != expected:
+        raise UserError(f"{path}: its 'arrays' do not match the store's sizes (views {meta['views']}, num_samples "
+                        f"{meta['num_samples']}, fmap_shape {fmap_shape}, num_test {meta['num_test']}); it is damaged. "
+                        f"Rerun phase II: {rerun}")
+    return meta
+
+
 def _as_index(value: Tensor | np.ndarray | Sequence[int] | int, name: str) -> np.ndarray:
     if isinstance(value, Tensor):
         value = value.detach().cpu().numpy()
@@ -251,7 +287,8 @@ def _as_index(value: Tensor | np.ndarray | Sequence[int] | int, name: str) -> np
 
 
 class FeatureStore:
-    """Reader of a store folder. Arrays are memory-mapped read-only (``in_memory=True`` loads them).
+    """Reader of a store folder. Arrays are memory-mapped read-only (``in_memory=True`` loads them);
+    ``rerun``: the command that rewrites the store, named in the errors of a damaged one.
 
     - ``get(indices, view=0) -> (fmaps float32 [B,C,H,W], cams float32 [B,H,W], labels int64 [B])``:
       ``indices`` are rows (= positions in the long-tailed training set); ``view`` is one int for
@@ -262,18 +299,9 @@ class FeatureStore:
       ``(H, W)``, ``num_test``, ``meta`` (the parsed meta.json), ``nbytes``.
     """
 
-    def __init__(self, folder: Path | str, *, in_memory: bool = False):
+    def __init__(self, folder: Path | str, *, in_memory: bool = False, rerun: str = RERUN):
         self.folder = Path(folder)
-        meta_path = self.folder / META_FILE
-        if not meta_path.is_file():
-            raise UserError(
-                f"No complete feature store in {self.folder} (meta.json missing: phase II did not finish, or ran "
-                f"with store.enabled: false). Run phase II again (python phase_ii_extract_feature.py --config "
-                f"NAME --overwrite)."
-            )
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or not self.meta.get("complete"):
-            raise UserError(f"{meta_path} does not describe a complete FSA-LT feature store ({FORMAT}).")
+        self.meta = read_meta(self.folder, rerun)
         mode = None if in_memory else "r"
         self._arrays: dict[str, np.ndarray] = {}
         for name, spec in self.meta["arrays"].items():
@@ -281,11 +309,11 @@ class FeatureStore:
             try:
                 arr = np.load(path, mmap_mode=mode, allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read feature store array {path}: {exc}. Re-run phase II with --overwrite.") from exc
+                raise UserError(f"cannot read feature store array {path}: {exc}. Rerun phase II: {rerun}") from exc
             if list(arr.shape) != list(spec["shape"]) or arr.dtype.name != spec["dtype"]:
                 raise UserError(
                     f"feature store array {path} has shape {list(arr.shape)} / {arr.dtype.name}, meta.json says "
-                    f"{spec['shape']} / {spec['dtype']}. Re-run phase II with --overwrite."
+                    f"{spec['shape']} / {spec['dtype']}. Rerun phase II: {rerun}"
                 )
             self._arrays[name] = arr
         self.views = int(self.meta["views"])
@@ -293,7 +321,7 @@ class FeatureStore:
         self.num_test = int(self.meta["num_test"])
         self.fmap_shape = tuple(int(s) for s in self.meta["fmap_shape"])
         self.cam_shape = self.fmap_shape[1:]
-        self.nbytes = int(self.meta.get("bytes", 0))
+        self.nbytes = int(self.meta["bytes"])
         self.labels = torch.from_numpy(np.array(self._arrays["labels"]))
         self.indices = torch.from_numpy(np.array(self._arrays["indices"]))
 

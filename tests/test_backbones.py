@@ -253,7 +253,7 @@ def test_pipeline_tailcalibx_suite_reports_the_releases_seven_rows(tmp_path):
     code, err = run_main_in_process("pipeline.py", *SMOKE, "--suite", "tailcalibx", "--opts", "train.epochs=2",
                                     "distill.teachers=2", "tailcalib.epochs=1", "decoupled.epochs=1", cwd=tmp_path)
     assert code == 0, err
-    report = json.loads((tmp_path / "reports/smoke/report.json").read_text())
+    report = json.loads((tmp_path / "reports/smoke/default/report.json").read_text())
     assert [row["id"] for row in report["rows"]] == [
         "ce", "cosine_ce", "cbd", "crt", "cosine_tailcalib", "cosine_tailcalibx", "cbd_tailcalibx"]
     pairs = {(p["method"], p["reference"]) for p in report["paired"] if p["metric"] == "top1"}

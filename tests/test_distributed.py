@@ -159,7 +159,7 @@ def test_the_pipeline_under_torchrun_runs_every_phase_on_two_processes(tmp_path)
         assert {k for k in tuned if not torch.equal(tuned[k], start[k])} == {"fc.weight", "fc.bias"}  # DDP-trained head
     assert json.loads((tmp_path / "features/smoke/default/results.json").read_text())["processes"] == 2
     assert list((tmp_path / "visualizations").rglob("*.png"))
-    assert (tmp_path / "reports/smoke/ablation.md").is_file()
+    assert (tmp_path / "reports/smoke/default/ablation.md").is_file()
 
 
 def test_tailcalibx_under_torchrun_equals_one_process(ddp_run, tmp_path):

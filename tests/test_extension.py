@@ -68,11 +68,11 @@ def test_the_pipeline_trains_it_and_the_report_shows_it_with_its_paired_control(
     results = json.loads((cwd / "checkpoints/phase_iii_offline-jitter/smoke/default/results.json").read_text())
     assert results["finished"] and results["method"] == "jitter_offline" and results["generator"] == "jitter"
     assert results["iterations"] == 10 and [h["iteration"] for h in results["history"]] == [0, 10]
-    report = json.loads((cwd / "reports/smoke/report.json").read_text())
+    report = json.loads((cwd / "reports/smoke/default/report.json").read_text())
     ids = [row["id"] for row in report["rows"]]
     assert ids == [m.id for m in METHODS if "fsa" in m.suites]  # the default suite in table order, the new method last
     row = next(r for r in report["rows"] if r["id"] == "jitter_offline")
     assert row["label"] == "Tail jitter (offline)" and row["metrics"]["top1"]["values"] == [results["top1"]]
     pairs = {(p["method"], p["reference"], p["metric"]) for p in report["paired"]}
     assert ("Tail jitter (offline)", "cRT control (offline, no fusion)", "top1") in pairs
-    assert "| Tail jitter (offline) |" in (cwd / "reports/smoke/ablation.md").read_text()
+    assert "| Tail jitter (offline) |" in (cwd / "reports/smoke/default/ablation.md").read_text()

@@ -62,7 +62,7 @@ def test_smoke_chain_runs_every_step_and_prints_the_table(smoke_pipeline):
     assert list((cwd / "visualizations/smoke/default/phase_i").glob("*.png"))
     assert json.loads((cwd / "visualizations/smoke/default/phase_i/results.json").read_text())["finished"] is True
     for name in ("ablation.md", "ablation.csv", "ablation.png", "per_class.png", "report.json"):
-        assert (cwd / "reports/smoke" / name).is_file(), name
+        assert (cwd / "reports/smoke/default" / name).is_file(), name
     # the pipeline's steps used the smoke configs unchanged (no hidden overrides)
     offline = json.loads((cwd / "checkpoints/phase_iii_offline/smoke/default/results.json").read_text())
     assert offline["iterations"] == 60 and offline["generator"] == "fsa"

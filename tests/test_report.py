@@ -7,7 +7,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from analysis.report import build_report, is_up_to_date
+from analysis.report import build_report, is_up_to_date, report_dir
+from engine.artifacts import sha256_file
 from tests.helpers import run_main_in_process
 from utils.errors import UserError
 
@@ -66,7 +67,7 @@ def table_rows(markdown: str, groups: bool = False) -> dict[str, list[str]]:
 def test_markdown_numbers_are_mean_and_sample_std_over_notes(fake_runs, capsys):
     build_report(CONFIG, NOTES, fake_runs)
     printed = capsys.readouterr().out
-    markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    markdown = (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text()
     assert markdown.strip() in printed  # the table is also printed
     rows = table_rows(markdown)
     # columns: top1 many medium few head tail n
@@ -95,7 +96,7 @@ def test_markdown_numbers_are_mean_and_sample_std_over_notes(fake_runs, capsys):
 
 def test_csv_holds_mean_and_std_columns_and_empty_cells_for_absent(fake_runs):
     build_report(CONFIG, NOTES, fake_runs, echo=False)
-    with open(fake_runs / "reports" / CONFIG / "ablation.csv", newline="") as f:
+    with open(report_dir(CONFIG, NOTES, fake_runs) / "ablation.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert list(rows) == ["Phase I baseline (CE)", "cRT control (offline, no fusion)", "FSA offline",
                           "phase_iii_online-mine"]
@@ -113,7 +114,7 @@ def test_csv_holds_mean_and_std_columns_and_empty_cells_for_absent(fake_runs):
 
 def test_json_and_pngs(fake_runs):
     data = build_report(CONFIG, NOTES, fake_runs, echo=False)
-    out = fake_runs / "reports" / CONFIG
+    out = report_dir(CONFIG, NOTES, fake_runs)
     saved = json.loads((out / "report.json").read_text())
     assert saved["notes"] == NOTES and saved["evaluation"] == "selected"
     p1 = saved["rows"][0]
@@ -136,7 +137,7 @@ def test_json_and_pngs(fake_runs):
 def test_single_note_has_no_std_and_no_n(fake_runs):
     write_results(fake_runs, "phase_i", "default", top1=55.5, medium=41.0, few=None, head=88.0, tail=12.25)
     build_report(CONFIG, ["default"], fake_runs, echo=False)
-    markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    markdown = (report_dir(CONFIG, ["default"], fake_runs) / "ablation.md").read_text()
     assert "| method | top1 | many | medium | few | head | tail |" in markdown
     assert table_rows(markdown) == {"Phase I baseline (CE)": ["55.50", "—", "41.00", "—", "88.00", "12.25"]}
     assert "±" not in markdown.split("\n\n")[1]
@@ -150,7 +151,7 @@ def test_up_to_date_until_a_run_changes(fake_runs):
     assert not is_up_to_date(CONFIG, NOTES, fake_runs)
     build_report(CONFIG, NOTES, fake_runs, echo=False)
     assert is_up_to_date(CONFIG, NOTES, fake_runs)
-    later = (fake_runs / "reports" / CONFIG / "report.json").stat().st_mtime + 10
+    later = (report_dir(CONFIG, NOTES, fake_runs) / "report.json").stat().st_mtime + 10
     os.utime(path, (later, later))  # a rerun of an existing row
     assert not is_up_to_date(CONFIG, NOTES, fake_runs)
 
@@ -205,7 +206,7 @@ def test_paired_differences_and_t_intervals_against_a_hand_computation(tmp_path)
     assert vs_control["excludes_zero"] is True and vs_control["verdict"].startswith("higher")
     assert paired[("FSA online", "Phase I baseline (CE)", "tail")]["per_note"] == {n: 0.0 for n in NOTES}
     assert ("FSA online", "cRT control (online, no fusion)", "tail") not in paired  # the control has no tail value
-    markdown = (tmp_path / "reports" / CONFIG / "ablation.md").read_text()
+    markdown = (report_dir(CONFIG, [*NOTES, "seed3"], tmp_path) / "ablation.md").read_text()
     assert "## Paired differences" in markdown and "[+1.52, +6.48]" in markdown
 
 
@@ -231,7 +232,7 @@ def test_cost_table_gives_rows_trained_on_and_wall_time(fake_runs):
         data = json.loads(path.read_text())
         path.write_text(json.dumps({**data, "samples_seen": seen, "wall_time_s": wall}))
     build_report(CONFIG, NOTES, fake_runs, echo=False)
-    markdown = (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+    markdown = (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text()
     cost = markdown.split("## Training cost")[1].split("\n\n## ")[0]
     assert "| Phase I baseline (CE) | 1,100 | 12.0 | 1,100 | 12.0 |" in cost
     assert "| FSA offline | — | — | — | — |" in cost  # not recorded: absent, never 0
@@ -253,7 +254,7 @@ def test_cost_with_backbone_and_teachers_adds_the_runs_a_model_was_built_from(tm
     with_cost(write_results(tmp_path, "phase_iii_online-tailcalibx-on-cbd", note, top1=72.0), 300, 5.0,
               phase_i_checkpoint=str(cbd.parent / "best_model.pt"))
     data = build_report(CONFIG, [note], tmp_path, echo=False)
-    cost = (tmp_path / "reports" / CONFIG / "ablation.md").read_text().split("## Training cost")[1].split("\n\n## ")[0]
+    cost = (report_dir(CONFIG, [note], tmp_path) / "ablation.md").read_text().split("## Training cost")[1].split("\n\n## ")[0]
     assert "| CBD (class-balanced distillation) | 1,000 | 50.0 | 4,000 | 110.0 |" in cost  # 50 + 10 + 20 + 30
     assert "| TailCalibX (online) on CBD (class-balanced distillation) | 300 | 5.0 | 4,300 | 115.0 |" in cost
     assert "| CosineCE | 1,000 | 10.0 | 1,000 | 10.0 |" not in cost  # teachers are not the CosineCE row (note differs)
@@ -261,7 +262,7 @@ def test_cost_with_backbone_and_teachers_adds_the_runs_a_model_was_built_from(tm
     assert by_id["cbd_tailcalibx"]["cost"]["total_wall_time_s"]["values"] == [115.0]
     teachers[1].unlink()
     build_report(CONFIG, [note], tmp_path, echo=False)
-    cost = (tmp_path / "reports" / CONFIG / "ablation.md").read_text().split("## Training cost")[1].split("\n\n## ")[0]
+    cost = (report_dir(CONFIG, [note], tmp_path) / "ablation.md").read_text().split("## Training cost")[1].split("\n\n## ")[0]
     assert "| CBD (class-balanced distillation) | 1,000 | 50.0 | — | — |" in cost
 
 
@@ -274,7 +275,7 @@ def test_pairs_asked_for_by_row_id_are_added_and_unknown_ids_refused(fake_runs, 
     assert extra["ci95"] == pytest.approx([10 - 2.484138, 10 + 2.484138], abs=2e-4)
     assert ("FSA offline", "cRT control (offline, no fusion)", "top1") in paired  # the table's pairs stay
     assert "| cRT control (offline, no fusion) | Phase I baseline (CE) | top1 |" in \
-        (fake_runs / "reports" / CONFIG / "ablation.md").read_text()
+        (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text()
     code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, "--pairs", "fsa_offline:lws",
                                     cwd=fake_runs)
     assert code == 2 and err.startswith("error: --pairs names row id(s) lws") and "Traceback" not in err
@@ -288,3 +289,162 @@ def test_row_styles_tell_apart_the_rows_of_a_full_suite_report():
 
     styles = row_styles(40)  # --suite full + tailcalibx + arms on other backbones: about 25 rows
     assert len(set(styles)) == 40
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs that do not belong together are refused; one folder per note set
+# ------------------------------------------------------------------------------------------------
+def write_config(root: Path, phase: str, note: str, **sections) -> None:
+    """A run's saved config.yaml: seed, dataset and model sections (phase I's), overridden by ``sections``."""
+    import yaml
+
+    saved = {"seed": 0, "dataset": {"name": "synthetic-LT", "imbalance": 100.0, "root": None},
+             "model": {"arch": "resnet8", "classifier": "linear"}, **sections}
+    (root / "checkpoints" / phase / CONFIG / note / "config.yaml").write_text(yaml.safe_dump(saved))
+
+
+def write_chain(root: Path, note: str) -> Path:
+    """Phase I (results, config.yaml, a best_model.pt), phase II with the provenance phase II writes, and FSA
+    offline and its control recording that phase I checkpoint, as phase III does; returns the checkpoint."""
+    from engine.artifacts import make_provenance, write_provenance
+
+    write_results(root, "phase_i", note, top1=60.0)
+    write_config(root, "phase_i", note)
+    checkpoint = root / "checkpoints/phase_i" / CONFIG / note / "best_model.pt"
+    checkpoint.write_bytes(b"phase I weights " + note.encode())
+    features = root / "features" / CONFIG / note
+    features.mkdir(parents=True)
+    (features / "results.json").write_text(json.dumps({"finished": True}))
+    write_provenance(features, make_provenance(config=CONFIG, note=note, checkpoint_path=checkpoint,
+                                               phase_i_config_path=checkpoint.parent / "config.yaml",
+                                               phase_ii_config={}, features_dir=features))
+    for phase, top1 in (("phase_iii_offline", 70.0), ("phase_iii_offline-none", 68.0)):
+        path = write_results(root, phase, note, top1=top1)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "phase_i_checkpoint": str(checkpoint.resolve()),
+                                    "phase_i_checkpoint_sha256": sha256_file(checkpoint)}))
+    return checkpoint
+
+
+def test_a_phase_iii_run_older_than_both_phase_i_and_phase_ii_is_refused(tmp_path):
+    """Phase I and phase II both re-run after FSA: they agree with each other, and the sha256 the phase III
+    runs recorded is what shows them stale."""
+    from engine.artifacts import make_provenance, write_provenance
+
+    for note in NOTES:
+        write_chain(tmp_path, note)
+    checkpoint = tmp_path / "checkpoints/phase_i" / CONFIG / "seed1" / "best_model.pt"
+    checkpoint.write_bytes(b"phase I weights, retrained")
+    features = tmp_path / "features" / CONFIG / "seed1"
+    write_provenance(features, make_provenance(config=CONFIG, note="seed1", checkpoint_path=checkpoint,
+                                               phase_i_config_path=checkpoint.parent / "config.yaml",
+                                               phase_ii_config={}, features_dir=features))
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, cwd=tmp_path)
+    assert code == 2 and err.startswith("error: 2 phase III run(s) no longer pair") and "Traceback" not in err, err
+    assert "trained from a phase I checkpoint with other content" in err and "seed0'" not in err
+    build_report(CONFIG, ["seed0", "seed2"], tmp_path, echo=False)
+
+
+def test_a_phase_iii_run_of_a_retrained_phase_i_run_is_refused(tmp_path):
+    checkpoints = {note: write_chain(tmp_path, note) for note in NOTES}
+    build_report(CONFIG, NOTES, tmp_path, echo=False)  # every FSA run starts from its note's phase I model
+    checkpoints["seed1"].write_bytes(b"phase I weights, retrained")  # phase I of seed1 overwritten after FSA ran
+    write_results(tmp_path, "phase_i", "seed1", top1=50.0)
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, cwd=tmp_path)
+    assert code == 2 and err.startswith("error: 2 phase III run(s) no longer pair") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1  # one paragraph
+    assert (f"Note 'seed1', phase I checkpoint {checkpoints['seed1'].resolve()}: phase II outputs were made from a "
+            f"different phase I checkpoint") in err
+    assert (f"Rerun python phase_ii_extract_feature.py --config {CONFIG} --note seed1 --overwrite; then rerun each phase "
+            f"III run trained from it: row 'cRT control (offline, no fusion)' (checkpoints/phase_iii_offline-none/"
+            f"{CONFIG}/seed1): python phase_iii_offline_train_or_test.py --config {CONFIG} --note seed1 --opts "
+            f"finetune.generator=none --overwrite; row 'FSA offline' (checkpoints/phase_iii_offline/{CONFIG}/seed1): "
+            f"python phase_iii_offline_train_or_test.py --config {CONFIG} --note seed1 --overwrite.") in err
+    assert err.count("phase_ii_extract_feature.py") == 1  # the shared cause told once, for both runs
+    assert f"build the report without note(s) seed1: python report.py --config {CONFIG} --notes seed0 seed2." in err
+    assert "seed0'" not in err and "seed2'" not in err and "seed0 --overwrite" not in err  # runs that pair: not named
+    assert list((tmp_path / "reports").rglob("report.json")) == [report_dir(CONFIG, NOTES, tmp_path) / "report.json"]
+    build_report(CONFIG, ["seed0", "seed2"], tmp_path, echo=False)  # the suggested report is built
+
+
+def test_a_recorded_checkpoint_path_that_moved_is_checked_as_phase_iii_does(tmp_path):
+    """A project moved elsewhere: the absolute phase_i_checkpoint of the FSA run is gone, so (as phase III's
+    read_phase_ii) the phase I run of the note is checked; a pruned checkpoint leaves nothing to check."""
+    checkpoint = write_chain(tmp_path, "default")
+    path = tmp_path / "checkpoints/phase_iii_offline" / CONFIG / "default/results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "phase_i_checkpoint": f"/old/place/checkpoints/phase_i/{CONFIG}/default/best_model.pt"}))
+    build_report(CONFIG, ["default"], tmp_path, echo=False)
+    checkpoint.write_bytes(b"phase I weights, retrained")
+    with pytest.raises(UserError, match=r"^2 phase III run\(s\) no longer pair"):
+        build_report(CONFIG, ["default"], tmp_path, echo=False)
+    checkpoint.unlink()
+    build_report(CONFIG, ["default"], tmp_path, echo=False)
+
+
+def test_runs_with_other_data_model_or_class_counts_are_refused(fake_runs):
+    for note in NOTES:
+        write_config(fake_runs, "phase_i", note, seed=int(note[-1]))  # the seed may differ
+    write_config(fake_runs, "phase_iii_offline-none", "seed0", seed=0, finetune={"lr": 0.01})  # no dataset section
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    # another row may have another model section (a cosine classifier); a data location is not the data
+    write_results(fake_runs, "phase_i-cosine_ce", "seed0", top1=61.0)
+    write_config(fake_runs, "phase_i-cosine_ce", "seed0", model={"arch": "resnet8", "classifier": "cosine"},
+                 dataset={"name": "synthetic-LT", "imbalance": 100.0, "root": "/elsewhere"})
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+
+    write_config(fake_runs, "phase_i", "seed1", dataset={"name": "synthetic-LT", "imbalance": 10.0, "root": None})
+    write_config(fake_runs, "phase_i", "seed2", model={"arch": "resnet32", "classifier": "linear"})
+    path = fake_runs / "checkpoints/phase_iii_offline" / CONFIG / "seed1/results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "train_counts": [120, 50, 10, 5, 5]}))
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, cwd=fake_runs)
+    assert code == 2 and err.startswith("error: 3 run(s) of this report were made with other settings") \
+        and "Traceback" not in err
+    assert (f"Phase I baseline (CE), note 'seed1' (checkpoints/phase_i/{CONFIG}/seed1) differs from Phase I baseline "
+            f"(CE), note 'seed0' in dataset.imbalance") in err
+    assert "note 'seed2' (checkpoints/phase_i/fake/seed2) differs from Phase I baseline (CE), note 'seed0' in model.arch" in err
+    assert "FSA offline, note 'seed1' (checkpoints/phase_iii_offline/fake/seed1) differs from Phase I baseline (CE), " \
+           "note 'seed0' in train_counts" in err
+    for allowed in ("in seed", ", seed", "dataset.root", "model.classifier"):  # the seed, a location, another row
+        assert allowed not in err
+    assert f"e.g. python report.py --config {CONFIG} --notes seed0, or rerun" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["71.5", True, float("nan"), float("inf"), {"mean": 71.5}, [71.5]])
+def test_a_metric_that_is_not_a_finite_number_is_an_error(fake_runs, value):
+    path = fake_runs / "checkpoints/phase_iii_offline" / CONFIG / "seed1/results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "top1": value}))
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--notes", *NOTES, cwd=fake_runs)
+    assert code == 2 and err.startswith("error: cannot read the results.json of 1 run(s)") and "Traceback" not in err
+    assert f"checkpoints/phase_iii_offline/{CONFIG}/seed1/results.json (top1 is {value!r}: not a finite number" in err
+    assert f"python phase_iii_offline_train_or_test.py --config {CONFIG} --note seed1 --overwrite" in err
+    assert not (fake_runs / "reports").exists()
+
+
+def test_each_note_set_has_its_own_report_folder(fake_runs):
+    write_results(fake_runs, "phase_i", "default", top1=55.5)
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    build_report(CONFIG, ["seed2", "seed0"], fake_runs, echo=False)
+    build_report(CONFIG, ["default"], fake_runs, echo=False)
+    reports = fake_runs / "reports" / CONFIG
+    assert sorted(p.name for p in reports.iterdir()) == ["default", "seed0+seed1+seed2", "seed0+seed2"]
+    for notes, folder in ((NOTES, "seed0+seed1+seed2"), (["seed2", "seed0"], "seed0+seed2"), (["default"], "default")):
+        assert report_dir(CONFIG, notes, fake_runs) == reports / folder
+        assert json.loads((reports / folder / "report.json").read_text())["notes"] == notes  # none overwritten
+        assert all((reports / folder / name).is_file() for name in ("ablation.md", "ablation.csv", "ablation.png",
+                                                                     "per_class.png"))
+        assert is_up_to_date(CONFIG, notes, fake_runs)
+    assert "| Phase I baseline (CE) | 62.00 ± 2.00 |" in (reports / "seed0+seed1+seed2/ablation.md").read_text()
+    assert "| Phase I baseline (CE) | 55.50 |" in (reports / "default/ablation.md").read_text()
+
+
+def test_a_long_note_set_is_a_readable_prefix_and_a_hash():
+    from analysis.report import notes_folder
+    from utils.run_dir import MAX_NAME_LENGTH
+
+    notes = [f"experiment-with-a-long-name-seed{i}" for i in range(10)]
+    name = notes_folder(notes)
+    assert len(name) == MAX_NAME_LENGTH and name.startswith("experiment-with-a-long-name-seed0+experiment")
+    assert notes_folder(list(reversed(notes))) == name  # a set: the order given does not matter
+    assert notes_folder(notes[:-1]) != name and len({notes_folder(notes[:k]) for k in range(3, 11)}) == 8
+    assert notes_folder(["default"]) == "default" and notes_folder(["b", "a", "b"]) == "a+b"

@@ -44,6 +44,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path, *, produced_by: str) -> dict:
     """Load with `weights_only=True`; a missing or damaged file is a UserError naming the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint file: pass a file inside it, e.g. {path / 'best_model.pt'}.")
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist. It is produced by: {produced_by}")
     try:
