@@ -4,9 +4,10 @@
     python pipeline.py --config fashion-mnist-LT_resnet32 --seeds 0 1 2 --device 0
     python pipeline.py --config smoke --note iters100 --opts finetune.iterations=100 --seeds 0 1
 
-For each note: phase I -> phase II -> every phase III method of the method table (engine/methods.py:
-cRT control and FSA offline, cRT control and FSA online, TailCalib, TailCalibX) -> visualize; then
-report.py over all notes (reports/<config>/<notes>/). configs/phase_i/NAME.yaml must exist; a missing
+For each note: phase I -> phase II -> every phase III method of the --suite in the method table's order
+(engine/methods.py; the default suite fsa: post-hoc logit adjustment, tau-normalised classifier, cRT
+control and FSA offline, cRT control and FSA online, TailCalib, TailCalibX) -> visualize; then
+report.py over all notes (reports/<config>/<notes>/). The first line the pipeline prints lists the steps. configs/phase_i/NAME.yaml must exist; a missing
 configs/phase_ii or phase_iii/NAME.yaml means that phase's defaults. Finished steps are skipped, never
 rerun, and interrupted ones resumed with their own settings, so rerunning the same command continues
 where it stopped.
@@ -21,11 +22,27 @@ import argparse
 import sys
 
 from engine.methods import SUITES  # the method table imports nothing heavy
-from utils.cli import run_cli
+from utils.cli import ScriptParser, run_cli
+
+
+def resolved_configs(args: argparse.Namespace) -> str:
+    """--print-config: the config of each phase as the chain's (first) note gets it, one YAML document per
+    phase (``yaml.safe_load_all`` reads them back), headed by a comment naming the phase."""
+    from engine import pipeline
+    from utils.config import CONFIG_PHASES, config_text, load_config
+
+    sources = pipeline.config_sources(args.config)
+    routed = pipeline.route_opts(list(args.opts), seeded=bool(args.seeds))
+    notes = pipeline.notes_and_opts(args.note, args.seeds)
+    note, seeded = notes[0]
+    others = " (the other notes differ in seed only)" if len(notes) > 1 else ""
+    return "".join(f"--- # {phase} of note {note}{others}\n"
+                   f"{config_text(load_config(sources[phase], phase, [*seeded, *routed[phase]]))}"
+                   for phase in CONFIG_PHASES)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(__doc__, print_config=resolved_configs)
     parser.add_argument("--config", required=True,
                         help="config name: configs/phase_i/NAME.yaml (phase_ii / phase_iii NAME.yaml optional)")
     parser.add_argument("--note", default=None,

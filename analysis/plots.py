@@ -1,14 +1,34 @@
-"""The report's figures (matplotlib, Agg): grouped bars of the metrics and per-class accuracy
-against class size. Rows are :class:`analysis.report.Row` objects (anything with ``label``,
-``stat(metric)`` and ``per_class()``)."""
+"""The report's figures (matplotlib, Agg), each a PNG in the report folder:
+
+    ablation.png          grouped bars of the metrics (mean, error bar = std over notes)
+    forest.png            every paired difference: mean, 95% t-interval, a line at 0, n per row
+    per_class.png         one small panel per row: per-class accuracy, classes sorted by training count,
+                          bars coloured by shot group, the phase I baseline as a reference line
+    confusion_<id>.png    a row's confusion matrix, rows normalised to recall, classes by training count
+    curves_<id>.png       a row's training and evaluation curves from each note's ``history``
+
+Rows are :class:`analysis.report.Row` objects (``label``, ``stat(metric)``, ``per_class()``, ``head_size()``,
+``runs``); paired differences :class:`analysis.report.PairedDifference` objects (``caption``, ``metric``, ``n``,
+``mean``, ``interval``).
+"""
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
+
+from engine.metrics import FEW_SHOT_BELOW, MANY_SHOT_ABOVE, shot_groups
 
 # fixed figure sizes (inches at 100 dpi) so the PNGs have a known size in pixels
 BAR_FIGSIZE = (9.0, 5.0)
-PER_CLASS_FIGSIZE = (8.0, 5.0)
 DPI = 100
+PANEL_SIZE = (3.0, 2.2)     # one small multiple of per_class.png
+PANEL_COLUMNS = 5
+MAX_CELL_TEXT = 20          # confusion matrices print each cell's value up to this many classes
+GROUP_COLOURS = {"many": "#4c72b0", "medium": "#55a868", "few": "#c44e52"}
+GROUP_NAMES = {"many": f"many-shot (> {MANY_SHOT_ABOVE} images)", "medium": f"medium ({FEW_SHOT_BELOW}-{MANY_SHOT_ABOVE})",
+               "few": f"few-shot (< {FEW_SHOT_BELOW})"}
+METRIC_COLOURS = {"top1": "#1f77b4", "tail": "#d62728"}
 
 
 def _pyplot():
@@ -18,6 +38,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
+    _pyplot().close(fig)
+
+
+def _shown(notes: list[str], how: str) -> str:
+    return f"{how} over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
 
 
 def row_styles(count: int) -> list[tuple[tuple[float, ...], bool]]:
@@ -51,42 +80,277 @@ def bar_chart(path: Path, config: str, notes: list[str], rows: list, metrics: tu
     ax.set_xticklabels(metrics)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    shown = f"mean ± sample std over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
-    ax.set_title(f"{config}: test accuracy of the selected models ({shown})")
+    ax.set_title(f"{config}: test accuracy of the selected models ({_shown(notes, 'mean ± sample std')})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(rows), 3), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# forest.png
+# ------------------------------------------------------------------------------------------------
+def forest_chart(path: Path, title: str, diffs: list) -> list[dict]:
+    """Forest plot of paired differences, one line each, top to bottom in the report's order: a point at
+    the mean, a bar over the 95% t-interval (none with one note), a vertical line at 0, and on the right
+    the mean, interval and n. Filled points: the interval excludes 0.
+
+    Returns what was drawn, read back from the plotted artists (``label``, ``metric``, ``n``, ``mean``,
+    ``ci95``), so that a test can hold the picture to the report's numbers."""
+    plt = _pyplot()
+    count = len(diffs)
+    fig, ax = plt.subplots(figsize=(11.0, 1.6 + 0.32 * count), dpi=DPI, layout="constrained")
+    ys = list(range(count))[::-1]  # the first difference on top
+    points, bars = [], []
+    for y, d in zip(ys, diffs):
+        colour = METRIC_COLOURS.get(d.metric, "#555555")
+        interval = d.interval
+        filled = interval is not None and (interval[0] > 0 or interval[1] < 0)
+        if interval is not None:
+            bars.append(ax.hlines(y, interval[0], interval[1], color=colour, linewidth=2.2))
+        else:
+            bars.append(None)
+        points.append(ax.plot([d.mean], [y], "o", markersize=7, color=colour,
+                              markerfacecolor=colour if filled else "white", markeredgewidth=1.6)[0])
+    pair_starts = [k for k in range(count) if k == 0 or (diffs[k].method, diffs[k].reference)
+                   != (diffs[k - 1].method, diffs[k - 1].reference)]
+    for first, after in list(zip(pair_starts, pair_starts[1:] + [count]))[::2]:  # shade every other pair's lines
+        ax.axhspan(ys[after - 1] - 0.5, ys[first] + 0.5, color="#000000", alpha=0.05, linewidth=0)
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([_wrap(d.caption, 80) for d in diffs], fontsize=9)
+    ax.set_ylim(-0.7, count - 0.3)
+    right = ax.twinx()  # the numbers, one per line, as a column of tick labels on the right
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(ys)
+    right.set_yticklabels([_interval_text(d) for d in diffs], fontsize=9, family="monospace")
+    right.tick_params(length=0)
+    ax.set_xlabel("difference, method − reference (percentage points)")
+    ax.grid(axis="x", alpha=0.3)
+    notes_n = max((d.n for d in diffs), default=0)
+    how = ("point = mean over the notes, bar = 95% t-interval; filled: the interval excludes 0"
+           if notes_n > 1 else "one note: points only, no interval (run several seeds: --seeds 0 1 2)")
+    ax.set_title(f"{title}\n{how}", fontsize=10)
+    handles = [plt.Line2D([], [], color=c, marker="o", linewidth=2.2, label=m) for m, c in METRIC_COLOURS.items()
+               if any(d.metric == m for d in diffs)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    _save(fig, path)
+    return [{"label": label.get_text().replace("\n", " "), "metric": d.metric, "n": d.n,
+             "mean": float(point.get_xdata()[0]),
+             "ci95": None if bar is None else [float(v) for v in sorted(bar.get_segments()[0][:, 0])]}
+            for d, point, bar, label in zip(diffs, points, bars, ax.get_yticklabels())]
+
+
+def _interval_text(d) -> str:
+    interval = "" if d.interval is None else f" [{d.interval[0]:+7.2f}, {d.interval[1]:+7.2f}]"
+    return f"{d.mean:+7.2f}{interval}  n={d.n}"
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
+
+
+# ------------------------------------------------------------------------------------------------
+# per_class.png
+# ------------------------------------------------------------------------------------------------
+def _class_order(counts: list[int]) -> list[int]:
+    """Classes by training count, largest first, ties by class index (the order of the head / tail split)."""
+    return sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+
+
+def _group_of(counts: list[int]) -> dict[int, str]:
+    return {c: group for group, classes in shot_groups(counts).items() for c in classes}
 
 
 def per_class_chart(path: Path, config: str, notes: list[str], rows: list) -> None:
-    """Per-class test accuracy against training-class size (log x), one line per row."""
+    """Small multiples, one panel per row: per-class test accuracy (averaged over notes) as bars, classes
+    sorted by training count (largest left), coloured by shot group, the head | tail boundary dashed, and
+    the first row (the phase I baseline) as a black step line in every other panel for reference."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=PER_CLASS_FIGSIZE, dpi=DPI)
-    styles = row_styles(len(rows))
-    drawn = 0
-    for i, row in enumerate(rows):
-        data = row.per_class()
-        if data is None:
+    data = [(row, row.per_class()) for row in rows]
+    data = [(row, d) for row, d in data if d is not None]
+    if not data:
+        fig, ax = plt.subplots(figsize=PANEL_SIZE, dpi=DPI)
+        ax.text(0.5, 0.5, "no per-class data", ha="center", va="center")
+        ax.set_axis_off()
+        _save(fig, path)
+        return
+    columns = min(PANEL_COLUMNS, len(data))
+    lines = math.ceil(len(data) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * lines + 0.9),
+                             dpi=DPI, sharey=True, squeeze=False, layout="constrained")
+    reference_row, (reference_counts, reference_accuracy) = data[0]
+    for k, ax in enumerate(axes.flat):
+        if k >= len(data):
+            ax.set_axis_off()
             continue
-        counts, accuracy = data
-        points = sorted((max(n, 1), a) for n, a in zip(counts, accuracy) if a is not None)
-        if not points:
-            continue
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o" if len(xs) <= 100 else None, markersize=3, linewidth=1.2, label=row.label,
-                color=styles[i][0], linestyle="--" if styles[i][1] else "-")
-        drawn += 1
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("per-class test accuracy (%)")
-    ax.set_ylim(-2, 102)
-    shown = f"mean over {len(notes)} notes" if len(notes) > 1 else f"note {notes[0]}"
-    ax.set_title(f"{config}: per-class accuracy, selected models ({shown})")
-    ax.grid(alpha=0.3, which="both")
-    if drawn:
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+        row, (counts, accuracy) = data[k]
+        order = _class_order(counts)
+        group = _group_of(counts)
+        xs = range(len(order))
+        ax.bar(xs, [accuracy[c] or 0.0 for c in order], width=1.0,  # a class without test images: no bar
+               color=[GROUP_COLOURS[group[c]] for c in order], edgecolor="white",
+               linewidth=0.8 if len(order) <= 40 else 0)  # a gap between wide bars; none at one pixel per class
+        if k > 0 and reference_counts == counts:
+            ax.stairs([reference_accuracy[c] or 0.0 for c in order], [x - 0.5 for x in range(len(order) + 1)],
+                      color="black", linewidth=1.0)
+        head = row.head_size()
+        if head is not None and 0 < head < len(order):
+            ax.axvline(head - 0.5, color="black", linestyle="--", linewidth=0.9)
+        ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.set_ylim(0, 100)
+        ax.set_yticks([0, 50, 100])
+        ax.grid(axis="y", alpha=0.3)
+        mean = row.stat("top1").mean
+        ax.set_title(_wrap(row.label, 34) + ("" if mean is None else f"  ({mean:.1f})"), fontsize=9)
+        ticks = _count_ticks(counts, order)
+        ax.set_xticks([x for x, _ in ticks])
+        ax.set_xticklabels([str(n) for _, n in ticks], fontsize=7)
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("classes, by training images", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g], label=GROUP_NAMES[g])
+               for g in GROUP_COLOURS if any(g in _group_of(d[0]).values() for _, d in data)]
+    handles.append(plt.Line2D([], [], color="black", linestyle="--", label="head | tail"))
+    if len(data) > 1:
+        handles.append(plt.Line2D([], [], color="black", label=f"{reference_row.label}"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"{config}: per-class test accuracy ({_shown(notes, 'mean')}; title: top-1); x ticks: training "
+                 f"images of the class", fontsize=10)
+    _save(fig, path)
+
+
+def _count_ticks(counts: list[int], order: list[int]) -> list[tuple[int, int]]:
+    """``(x, training count)`` at the first class, the first of each shot group and the last class."""
+    group = _group_of(counts)
+    xs = [0] + [x for x in range(1, len(order)) if group[order[x]] != group[order[x - 1]]] + [len(order) - 1]
+    return [(x, counts[order[x]]) for x in dict.fromkeys(xs)]
+
+
+# ------------------------------------------------------------------------------------------------
+# confusion_<id>.png
+# ------------------------------------------------------------------------------------------------
+def recall_matrix(confusions: list[list[list[int]]], order: list[int]) -> list[list[float | None]]:
+    """The mean over runs of each run's confusion matrix with rows normalised to recall (a true class's
+    predictions as shares), classes in ``order``; a class without test images in any run is a row of None."""
+    size = len(order)
+    out: list[list[float | None]] = []
+    for true in order:
+        shares = [[cm[true][p] / sum(cm[true]) for p in order] for cm in confusions if sum(cm[true])]
+        out.append([sum(s[j] for s in shares) / len(shares) for j in range(size)] if shares else [None] * size)
+    return out
+
+
+def confusion_chart(path: Path, title: str, confusions: list[list[list[int]]], counts: list[int],
+                    head: int | None) -> list[list[float | None]]:
+    """The recall-normalised confusion matrix (``recall_matrix``) as an image, classes sorted by training
+    count on both axes (tick labels ``class (count)``, thinned past ``MAX_CELL_TEXT`` classes, when cell
+    values are no longer printed either), shot-group boundaries as lines, head | tail dashed. Returns the
+    matrix drawn."""
+    import numpy as np
+    from matplotlib.colors import PowerNorm
+
+    plt = _pyplot()
+    order = _class_order(counts)
+    matrix = recall_matrix(confusions, order)
+    size = len(order)
+    values = np.array([[np.nan if v is None else v for v in line] for line in matrix], dtype=float)
+    fig, ax = plt.subplots(figsize=(7.6, 6.6), dpi=DPI, layout="constrained")
+    # a square-root colour scale: the few-percent confusions of a tail class with the head stay visible
+    image = ax.imshow(values, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, shrink=0.85, label="share of the true class's test images (sqrt scale)")
+    bar.set_ticks([0, 0.02, 0.1, 0.25, 0.5, 0.75, 1.0])
+    step = max(1, math.ceil(size / MAX_CELL_TEXT))
+    ticks = list(range(0, size, step))
+    labels = [f"{order[t]} ({counts[order[t]]})" for t in ticks]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(labels, fontsize=7)
+    if size <= MAX_CELL_TEXT:
+        for i in range(size):
+            for j in range(size):
+                if not np.isnan(values[i, j]) and values[i, j] >= 0.005:
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if values[i, j] > 0.6 else "black")
+    group = _group_of(counts)
+    for x in range(1, size):
+        if group[order[x]] != group[order[x - 1]]:
+            for line in (ax.axvline, ax.axhline):
+                line(x - 0.5, color="#444444", linewidth=0.8)
+    if head is not None and 0 < head < size:
+        for line in (ax.axvline, ax.axhline):
+            line(head - 0.5, color="#d62728", linestyle="--", linewidth=1.0)
+    ax.set_xlabel("predicted class (training images), by training count")
+    ax.set_ylabel("true class (training images)")
+    ax.set_title(f"{title}\ngrey lines: shot groups (many | medium | few); red dashed: head | tail", fontsize=9)
+    _save(fig, path)
+    return matrix
+
+
+# ------------------------------------------------------------------------------------------------
+# curves_<id>.png
+# ------------------------------------------------------------------------------------------------
+# the panels of a curves figure: (title, y label, [(history key, legend label, line colour)])
+CURVE_PANELS = (
+    ("training loss", "loss", [("loss", "train loss", "#333333")]),
+    ("top-1 accuracy", "accuracy (%)", [("train_acc", "train (batches)", "#7f7f7f"), ("top1", "test", "#1f77b4"),
+                                         ("val_top1", "validation", "#2ca02c")]),
+    ("head and tail (test, validation)", "accuracy (%)",
+     [("head", "test head", "#9467bd"), ("tail", "test tail", "#d62728"),
+      ("val_head", "val head", "#c5b0d5"), ("val_tail", "val tail", "#ff9896")]),
+)
+STEP_KEYS = ("epoch", "iteration")
+
+
+def has_curves(run: dict) -> bool:
+    """Whether a run's ``history`` holds at least two evaluated steps (a post-hoc method has one)."""
+    history = run.get("history") or []
+    return sum(1 for h in history if isinstance(h, dict) and any(k in h for k in STEP_KEYS)) >= 2
+
+
+def curves_chart(path: Path, title: str, runs: dict[str, dict]) -> None:
+    """Each note's training and evaluation history against its step (epoch or iteration): loss, top-1
+    (train batches, test, validation when the run has one), head and tail; one line style per note, the
+    selected model's step dotted."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(14.0, 4.2), dpi=DPI, layout="constrained")
+    styles = ["-", "--", "-.", (0, (1, 1))]
+    step_name = "step"
+    labelled: dict[str, object] = {}
+    for k, (note, run) in enumerate(runs.items()):
+        history = [h for h in run.get("history") or [] if isinstance(h, dict)]
+        step_name = next((s for s in STEP_KEYS if history and s in history[0]), step_name)
+        selected = (run.get("checkpoint_selection") or {}).get(step_name)
+        for ax, (_, _, series) in zip(axes, CURVE_PANELS):
+            for key, label, colour in series:
+                points = [(h[step_name], h[key]) for h in history if isinstance(h.get(key), (int, float))
+                          and not isinstance(h.get(key), bool) and step_name in h]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                line, = ax.plot(xs, ys, styles[k % len(styles)], color=colour, linewidth=1.4,
+                                marker="o" if len(xs) <= 12 else None, markersize=3)
+                labelled.setdefault(label, line)
+            if isinstance(selected, (int, float)):
+                ax.axvline(selected, color="#888888", linestyle=":", linewidth=1)
+    notes = list(runs)
+    for ax, (panel_title, ylabel, series) in zip(axes, CURVE_PANELS):
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel(step_name)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        shown = [label for _, label, _ in series if label in labelled]
+        if shown:
+            ax.legend([labelled[label] for label in shown], shown, fontsize=8, loc="best")
+        if ylabel.startswith("accuracy"):
+            ax.set_ylim(-2, 102)
+    if len(notes) > 1:  # the line style of each note, once for the figure
+        fig.legend(handles=[plt.Line2D([], [], color="#555555", linestyle=styles[k % len(styles)], label=note)
+                            for k, note in enumerate(notes)],
+                   loc="outside lower center", ncol=len(notes), fontsize=8, frameon=False)
+    fig.suptitle(f"{title}: curves ({_shown(notes, 'one line style per note')}; dotted grey: the selected "
+                 f"model's {step_name})", fontsize=10)
+    _save(fig, path)

@@ -40,7 +40,7 @@ from utils.checkpoint import apply_weights, load_checkpoint
 from utils.cli import script_command
 from utils.config import load_config
 from utils.errors import UserError
-from utils.run_dir import RunPaths, read_results, write_json_atomic
+from utils.run_dir import RunPaths, output_root, read_results, write_json_atomic
 
 __all__ = ["PhaseIRun", "open_phase_i_run", "build_phase_i_model", "checkpoint_payload", "phase_i_command",
            "phase_ii_command", "phase_ii_paths", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "read_phase_ii_json",
@@ -176,13 +176,13 @@ class PhaseIRun:
         return results.get("checkpoint_selection")
 
 
-def open_phase_i_run(config: str, note: str, root: Path = Path("."), *, needed_by: str = "phase II",
+def open_phase_i_run(config: str, note: str, root: Path | None = None, *, needed_by: str = "phase II",
                      need_checkpoint: bool = False, backbone: str = BASELINE) -> PhaseIRun:
     """Find the phase I run of (config, note) of phase I method ``backbone`` and rebuild its datasets;
     UserError naming the phase I command when it (or, with `need_checkpoint`, its best_model.pt) does
     not exist."""
     method = METHODS.get(backbone)
-    paths = RunPaths(method.folder, config, note, Path(root))
+    paths = RunPaths(method.folder, config, note, output_root() if root is None else Path(root))
     config_path = paths.checkpoint_dir / "config.yaml"
     if not config_path.is_file() or (need_checkpoint and not paths.best.is_file()):
         missing = config_path if not config_path.is_file() else paths.best
@@ -190,7 +190,7 @@ def open_phase_i_run(config: str, note: str, root: Path = Path("."), *, needed_b
             f"{needed_by} needs the {method.label} phase I run of config '{config}' (note '{note}'), but "
             f"{missing} does not exist. Run phase I first: {phase_i_command(config, note, backbone=backbone)}"
         )
-    cfg = load_config(str(config_path), "phase_i")
+    cfg = load_config(str(config_path), "phase_i", saved=True)
     return PhaseIRun(paths=paths, cfg=cfg, bundle=build_datasets(cfg["dataset"], paths.checkpoint_dir), method=method)
 
 
@@ -205,9 +205,10 @@ def phase_ii_command(config: str, note: str, *, overwrite: bool = False, backbon
                           *(["--opts", *opts] if opts else []))
 
 
-def phase_ii_paths(config: str, note: str, backbone: str = BASELINE, root: Path = Path(".")) -> RunPaths:
-    """Phase II's run of (config, note) on phase I method ``backbone`` (features/ or features-<backbone>/)."""
-    return RunPaths(phase_ii_folder(METHODS.get(backbone)), config, note, Path(root))
+def phase_ii_paths(config: str, note: str, backbone: str = BASELINE, root: Path | None = None) -> RunPaths:
+    """Phase II's run of (config, note) on phase I method ``backbone`` (features/ or features-<backbone>/)
+    under ``root`` (default: the output root)."""
+    return RunPaths(phase_ii_folder(METHODS.get(backbone)), config, note, output_root() if root is None else Path(root))
 
 
 def _none_if_nan(values: list[float]) -> list[float | None]:

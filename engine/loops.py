@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -21,10 +23,40 @@ from utils.errors import UserError
 from utils.seeding import stream_seed
 
 
-def progress(loader: Iterable, desc: str) -> Iterable:
-    """A tqdm bar on rank 0 (TQDM_DISABLE=1 still silences it); other ranks iterate silently."""
-    quiet = {} if distributed.context().is_main else {"disable": True}
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, **quiet)
+def progress(items: Iterable, desc: str) -> Iterable:
+    """`items`, showing the loop's progress on rank 0: a tqdm bar when stderr is a terminal, else (a log
+    file, a pipe) a plain line now and then (:class:`PlainProgress`), never a redraw per batch. TQDM_DISABLE
+    (any non-empty value, as tqdm reads it) silences both; the other ranks of a torchrun job iterate silently."""
+    if not distributed.context().is_main or os.environ.get("TQDM_DISABLE"):
+        return items
+    if sys.stderr.isatty():
+        return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    return PlainProgress(items, desc)
+
+
+class PlainProgress:
+    """Iterates `items`, writing ``HH:MM:SS desc: done/total (p%), elapsed, left`` to stderr once both
+    `every_s` seconds and `share` of the loop have passed since the last line: fewer than 1/`share` lines
+    per loop, none at its end and none for a loop shorter than `every_s` (the log line that follows says enough)."""
+
+    def __init__(self, items: Iterable, desc: str, *, every_s: float = 30.0, share: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
+        self.items, self.desc, self.every_s, self.share, self.clock = items, desc, every_s, share, clock
+
+    def __iter__(self):
+        total = len(self.items) if hasattr(self.items, "__len__") else None
+        start = last = self.clock()
+        shown = 0
+        for done, item in enumerate(self.items, 1):
+            yield item
+            now = self.clock()
+            if done == total or now - last < self.every_s or (total and done - shown < self.share * total):
+                continue
+            where = f"{done}/{total} ({100 * done / total:.0f}%)" if total else f"{done}"
+            left = f", about {(now - start) * (total - done) / done:.0f} s left" if total else ""
+            print(f"{time.strftime('%H:%M:%S')} {self.desc}: {where}, {now - start:.0f} s{left}", file=sys.stderr,
+                  flush=True)
+            last, shown = now, done
 
 
 @dataclass
@@ -50,7 +82,7 @@ class TrainingTask:
     record_every = 1
     save_every = 0              # periodic model_<step>_NNNN.pt every this many units (0: none)
     evaluate_first = False      # evaluate (and book step 0) before the first step of a fresh run
-    progress_over_units = False  # one tqdm bar over the units (iterations) instead of one per unit
+    progress_over_units = False  # one progress display over the units (iterations) instead of one per unit
     # the settings that make training diverge, named when the loss or the weights stop being finite
     divergence_settings = "the learning rate and momentum"
 

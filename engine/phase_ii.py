@@ -48,8 +48,9 @@ from utils.config import config_name, dump_config, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
-from utils.run_dir import (is_finished, lock_run, open_pending, read_results, recover_replaced, run_started,
-                           write_json_atomic)
+from utils.provenance import begin_run, collect
+from utils.run_dir import (is_finished, lock_run, open_pending, output_root, read_results, recover_replaced,
+                           run_started, write_json_atomic)
 from utils.seeding import seed_everything, stream_seed
 
 PHASE = "phase_ii"
@@ -173,7 +174,7 @@ def run(spec: RunSpec) -> dict:
     cfg = load_config(spec.config, PHASE, list(spec.opts))
     name = config_name(spec.config)
     note = spec.note
-    root = Path(".")
+    root = output_root()
     backbone = cfg["backbone"]
     paths = phase_ii_paths(name, note, backbone, root)
     features_dir = paths.features_dir
@@ -188,6 +189,7 @@ def run(spec: RunSpec) -> dict:
 
     accel = Accel.from_config(cfg["accel"], device)
     ctx = distributed.context()
+    begin_run(cfg)  # determinism, and the start time that provenance records
     seed_everything(cfg["seed"])
     p1 = open_phase_i_run(name, note, root, backbone=backbone)
     bundle = p1.bundle
@@ -334,6 +336,7 @@ def run(spec: RunSpec) -> dict:
         "head": head,
         "tail": tail,
         "confusing": {str(t): c for t, c in confusing.items()},
+        "provenance": collect(),
     }
     write_json_atomic(features_dir / "results.json", results)
     run_started(paths)

@@ -8,6 +8,7 @@ them, and hands them to the method's runner (``engine.phase_iii_maps`` for map m
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_
 from engine.loops import EvalSets
 from engine.methods import METHODS, MODES, Arm, Method
 from engine.recorder import open_run, start_recording, write_test_results
+from fsa.batch_composition import PAPER_ROWS_PER_IMAGE, auto_iterations, batch_size
 from utils.checkpoint import apply_weights
 from utils.cli import RunSpec
 from utils.config import config_name, load_config
@@ -109,6 +111,18 @@ class PhaseIIIInputs:
                 **self.bundle.split_sizes()}
 
 
+def _resolve_iterations(cfg: dict, train_images: int) -> None:
+    """`finetune.iterations: null` -> the paper's budget for this training set, written into `cfg` (so the
+    run's config.yaml, its --resume check and results.json hold the number), and said once."""
+    f = cfg["finetune"]
+    if f["iterations"] is None:
+        f["iterations"] = auto_iterations(train_images, f["nt"], f["na"])
+        if distributed.context().is_main:
+            print(f"note: finetune.iterations = {f['iterations']} (null: the paper's {PAPER_ROWS_PER_IMAGE:.0f} rows "
+                  f"per training image for {train_images} images at batch {batch_size(f['nt'], f['na'])}); set "
+                  f"finetune.iterations to choose another budget.", file=sys.stderr)
+
+
 def run(spec: RunSpec, mode: str) -> dict:
     assert mode in MODES
     cfg = load_config(spec.config, "phase_iii", list(spec.opts))
@@ -132,6 +146,7 @@ def run(spec: RunSpec, mode: str) -> dict:
     lock_run(paths)
     accel = Accel.from_config(cfg["accel"], device)
     phase_i = open_phase_i_run(name, spec.note, needed_by=needed_by, need_checkpoint=True, backbone=backbone)
+    _resolve_iterations(cfg, len(phase_i.bundle.train))
     p2 = read_phase_ii(features_dir, phase_i)
     store = open_store(features_dir, name, spec.note, backbone) if "phase_ii_store" in method.consumes else None
     model = phase_i.load_model(device, p2.checkpoint)

@@ -1,7 +1,7 @@
 """Phase III feature methods (kind ``features`` of the method table): TailCalib (offline) and
 TailCalibX (online).
 
-DESIGN.md section 3.  Unlike `fsa` / `none`, which fine-tune the phase I model on CAM-layer feature
+docs/METHOD.md section 3.  Unlike `fsa` / `none`, which fine-tune the phase I model on CAM-layer feature
 maps, these generators work on the **pooled** features of the frozen phase I backbone and train a
 linear classifier on *transformed* features:
 
@@ -23,7 +23,7 @@ Both evaluate after every epoch on the test set's pooled features (offline: phas
 `engine.metrics.classification_report` (top1, many/medium/few, head/tail with phase II's split, i.e. phase I's eval.hr),
 so their rows compare with every other phase III run.
 
-Choices (where the release or DESIGN leave room):
+Choices (where the release or docs/METHOD.md leave room):
 - classifier: a **fresh** classifier of the backbone's kind seeded by `seed` (`tailcalib.init:
   fresh`, the default): `nn.Linear` on a CE backbone, the cosine classifier (same scale) on a
   CosineCE / CBD backbone, as the release trains its CosineDotProduct classifier there.  The phase I fc was trained on raw pooled features; after L2-normalisation

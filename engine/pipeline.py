@@ -14,9 +14,11 @@ methods but CBD; ``tailcalibx`` the seven experiments of the TailCalibX release 
 CBD, TailCalib and TailCalibX on CosineCE, TailCalibX on CBD).
 
 Every step calls its phase runner in this process with the spec its script would build.
-A step whose finished outputs exist is skipped; an interrupted training run (``last.pt`` without a
-finished ``results.json``) is resumed; phase II, which has no resume, restarts an unfinished
-extraction. Rerunning the same command after an interruption therefore continues where it stopped.
+A step whose finished outputs exist is skipped (its line says when they were made by another commit
+or with a dirty tree, or with a config other than the one it would run with now: ``skip_notes``); an
+interrupted training run (``last.pt`` without a finished ``results.json``) is resumed; phase II,
+which has no resume, restarts an unfinished extraction. Rerunning the same command after an
+interruption therefore continues where it stopped.
 
 ``--seeds 0 1 2`` runs the chain for notes ``seed0 seed1 seed2`` (``NOTE-seed0 ...`` with ``--note
 NOTE``) with ``seed=N`` passed as ``--opts`` to phases I, II and III (and visualize); the long-tailed
@@ -39,16 +41,17 @@ from pathlib import Path
 
 from datasets.fashion_mnist import ensure_fashion_mnist
 from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, phase_ii_folder
-from engine.recorder import SPEED_SETTINGS
+from engine.recorder import SPEED_SETTINGS, saved_config_differences
 from utils import distributed
 from utils.cli import RunSpec, VisualizeSpec
-from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts, read_yaml
+from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts
 from utils.errors import UserError
+from utils.provenance import changes_since, git_state
 from utils.run_dir import RunPaths, check_run_name, is_finished, read_results
 from utils.schema import schema_keys
 
 __all__ = ["Step", "plan_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
-           "check_existing_runs", "step_state", "run"]
+           "check_existing_runs", "step_state", "skip_notes", "run"]
 
 PREFIX = "[pipeline]"
 VISUALIZE_PHASE = "phase_i"
@@ -234,7 +237,8 @@ def check_existing_runs(steps: list[Step], sources: dict[str, str], name: str,
             if not keys or saved_path is None or step_state(step, name, note)[0] not in ("finished", "interrupted"):
                 continue
             try:
-                saved = read_yaml(saved_path)
+                # as the run resolved it (keys added since, e.g. determinism, take their defaults)
+                saved = load_config(str(saved_path), step.config_phase(), saved=True)
             except UserError:
                 continue  # the step's own run reports an unreadable config
             wanted = load_config(sources[step.config_phase()], step.config_phase(), step_opts(step, opts, _seed(sources, opts) if step.teacher else None))
@@ -313,17 +317,38 @@ def _seed(sources: dict[str, str], opts: dict[str, list[str]]) -> int:
     return load_config(sources["phase_i"], "phase_i", opts["phase_i"])["seed"]
 
 
+def skip_notes(step: Step, source: str, name: str, note: str, args: list[str], results: Path,
+               head: tuple[str | None, bool | None]) -> list[str]:
+    """What changed since the finished step was made, for its "skipped" line: the code (its results'
+    provenance against the checkout's `head`, :func:`utils.provenance.git_state`) and the settings (the
+    config it saved against the one it would run with now, from `source` and `args`)."""
+    notes = changes_since((read_results(results) or {}).get("provenance"), head)
+    saved_path = _saved_config_path(step, name, note)
+    if saved_path is None:
+        return notes
+    phase = step.config_phase()
+    try:
+        saved = load_config(str(saved_path), phase, saved=True)  # a key added since the run: its default
+    except UserError:
+        return notes  # a config this code no longer reads: its own run would say why
+    wanted = load_config(source, phase, args)
+    # a null the run resolved when it started (finetune.iterations: null) is not a change
+    changed = [key for key in saved_config_differences(saved, wanted) if _setting(wanted, key) is not None]
+    return notes + ([f"made with other settings than now: {', '.join(changed)}"] if changed else [])
+
+
 def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str,
-              opts: dict[str, list[str]]) -> None:
+              opts: dict[str, list[str]], head: tuple[str | None, bool | None]) -> None:
     name = config_name(sources["phase_i"])
     state, where = step_state(step, name, note)
-    note = step.note(note)
+    args = step_opts(step, opts, _seed(sources, opts) if step.teacher else None)
     if state == "finished":
-        say(f"{tag} skipped (finished: {where})")
+        notes = skip_notes(step, sources[step.config_phase()], name, note, args, Path(where), head)
+        say(f"{tag} skipped (finished: {where}{''.join(f'; {n}' for n in notes)})")
         return
+    note = step.note(note)
     resume = state == "interrupted"
     overwrite = state == "stale" and step.kind != "visualize"
-    args = step_opts(step, opts, _seed(sources, opts) if step.teacher else None)
     with_opts = f" with --opts {shlex.join(args)}" if args else ""
     if resume:
         say(f"{tag} resumed from {where}{with_opts}")
@@ -403,6 +428,7 @@ def run(spec: PipelineSpec) -> dict:
                                     for phase in CONFIG_PHASES))
 
     started = time.perf_counter()
+    head = git_state()  # the checkout every skipped step's provenance is compared with
     data_checked = False
     total = len(steps)
     for note, opts in runs:
@@ -411,7 +437,7 @@ def run(spec: PipelineSpec) -> dict:
                 distributed.on_main(lambda: ensure_fashion_mnist(cfgs["phase_i"]["dataset"], say))
                 distributed.barrier()
                 data_checked = True
-            _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts)
+            _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts, head)
 
     if not distributed.context().is_main:
         return {}

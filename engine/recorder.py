@@ -17,10 +17,19 @@ from utils.config import config_differences, dump_config, read_yaml
 from utils.errors import UserError
 from utils import distributed
 from utils.logging import log_scalars, open_summary_writer, setup_logger, silent_logger
+from utils.provenance import begin_run, collect
 from utils.run_dir import RunPaths, prepare_run, run_started, write_json_atomic
 
 
-SPEED_SETTINGS = "accel."  # may change on --resume (e.g. moving the run to a GPU)
+SPEED_SETTINGS = "accel."  # may change on --resume (e.g. moving the run to a GPU), except under determinism
+
+
+def saved_config_differences(saved: dict, cfg: dict) -> list[str]:
+    """The settings in which `cfg` differs from the config a run saved, as far as they change its results:
+    not the speed settings, unless `cfg` asks for determinism (a bit-identical continuation, which other
+    kernels would break). A config saved before the `determinism` key existed ran without it."""
+    diffs = config_differences({"determinism": False, **saved}, cfg)
+    return diffs if cfg.get("determinism") else [d for d in diffs if not d.startswith(SPEED_SETTINGS)]
 
 
 # a balanced score: a validation split held out of the long-tailed training set is long-tailed too
@@ -45,6 +54,7 @@ class RunRecorder:
         self.optimizer, self.scaler = optimizer, scaler
         self.step_name, self.total_steps = step_name, total_steps
         self.selection_by = "val" if select_on_val else "final"
+        self.resumed = resumed_state is not None
         state = resumed_state or {}
         self.selected: dict = state.get("selected", {})  # step, val score, test report of best_model.pt
         self.history: list[dict] = state.get("history", [])
@@ -111,7 +121,8 @@ class RunRecorder:
         results = {
             "finished": True, "phase": self.paths.phase, "config": self.paths.config, "note": self.paths.note,
             "evaluated": f"best_model.pt: {chosen}", "checkpoint_selection": self.selection(), **report,
-            "wall_time_s": self.elapsed, **extra, "history": self.history,
+            "wall_time_s": self.elapsed, **extra, "provenance": collect(resumed=self.resumed),
+            "history": self.history,
         }
         write_json_atomic(self.paths.results, results)
         run_started(self.paths)
@@ -125,8 +136,10 @@ def open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comma
 
     Returns (mode, logger); mode 'finished' (a --resume of a completed run) comes with no logger.
     Under torchrun rank 0 decides and writes; every rank gets the same mode (and the same UserError),
-    the other ranks a silent logger.
+    the other ranks a silent logger. First, on every rank, the run begins (:func:`utils.provenance.begin_run`:
+    its start, its determinism), before anything is written.
     """
+    begin_run(cfg)
     opened = distributed.on_main(lambda: _open_run(paths, cfg, resume=resume, overwrite=overwrite, command=command))
     mode = distributed.broadcast_object(opened[0] if opened else None)
     if opened is not None:
@@ -143,10 +156,12 @@ def _open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comm
     run_dir.mkdir(parents=True, exist_ok=True)
     if mode == "resume":
         saved = _saved_config(run_dir / "config.yaml", command)
-        diffs = [d for d in config_differences(saved, cfg) if not d.startswith(SPEED_SETTINGS)]
+        diffs = saved_config_differences(saved, cfg)
         if diffs:
+            speed = any(d.startswith(SPEED_SETTINGS) for d in diffs)
             raise UserError(
-                f"--resume with a config that differs from the interrupted run's ({', '.join(diffs)}). "
+                f"--resume with a config that differs from the interrupted run's ({', '.join(diffs)})"
+                f"{'; under determinism: true the accel settings must stay as they were too' if speed else ''}. "
                 f"Resume with the same config and --opts, or start a new run with --note NAME."
             )
     else:
@@ -172,6 +187,7 @@ def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
     """`phase: test` output of any phase: the evaluation of `checkpoint`, in `test_results.json` (rank 0 writes)."""
     out = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(checkpoint), **report}
     if distributed.context().is_main:
+        out["provenance"] = collect()
         write_json_atomic(paths.checkpoint_dir / "test_results.json", out)
     return out
 

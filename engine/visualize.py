@@ -24,12 +24,13 @@ from utils import distributed
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.logging import open_summary_writer, setup_logger
-from utils.run_dir import RESULTS_FILE, RunPaths, check_run_name, read_results, write_json_atomic
+from utils.provenance import begin_run, collect
+from utils.run_dir import RESULTS_FILE, RunPaths, check_run_name, output_root, read_results, write_json_atomic
 
 
 def output_dir(config: str, note: str, phase: str) -> Path:
     """Where the PNGs of (config, note) explaining ``phase``'s model go."""
-    return Path("visualizations") / config / note / phase
+    return output_root() / "visualizations" / config / note / phase
 
 
 def is_complete(folder: Path) -> bool:
@@ -46,7 +47,7 @@ def is_complete(folder: Path) -> bool:
 def run_folders(config: str, note: str) -> list[str]:
     """The run folders ``--phase`` can name for (config, note): ``phase_i`` and every ``phase_iii_*``
     that holds a ``<config>/<note>/`` run, sorted (``phase_i`` first)."""
-    root = Path("checkpoints")
+    root = output_root() / "checkpoints"
     if not root.is_dir():
         return []
     return sorted(d.name for d in root.iterdir()
@@ -106,6 +107,7 @@ def run(spec: VisualizeSpec) -> list[Path]:
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
     logger = setup_logger(None, "fsa_lt.visualize")
     device = resolve_device(spec.device)
+    begin_run(cfg)
     arm = METHODS.by_folder(spec.phase)  # the explained run's backbone: its phase I run and phase II outputs
     backbone = arm.backbone.id if arm is not None else cfg["backbone"]
     p1 = open_phase_i_run(name, note, needed_by="visualize.py", backbone=backbone)
@@ -179,7 +181,8 @@ def run(spec: VisualizeSpec) -> list[Path]:
         writer.close()
     write_json_atomic(out_dir / RESULTS_FILE, {  # written last: it marks a complete run
         "finished": True, "phase": spec.phase, "config": name, "note": note, "checkpoint": str(ckpt),
-        "classes": classes, "split": spec.split, "layer": layer_name, "pngs": [p.name for p in written]})
+        "classes": classes, "split": spec.split, "layer": layer_name, "pngs": [p.name for p in written],
+        "provenance": collect()})
     logger.info(f"Grad-CAM layer {layer_name}, ts={ts} tg={tg}, checkpoint {ckpt}: wrote {len(written)} PNG(s) "
                 f"to {out_dir} and TensorBoard images to {RunPaths('visualize', name, note).summary_dir}")
     return written

@@ -1,5 +1,5 @@
 """Feature Space Augmentation (Chu et al., ECCV 2020): Grad-CAM, decomposition, confusing
-classes, head/tail split and fusion. See docs/ARCHITECTURE.md and DESIGN.md section 2.
+classes, head/tail split and fusion. See docs/ARCHITECTURE.md and docs/METHOD.md section 2.
 
 Submodules are imported explicitly (``from fsa.fusion import fuse``); this package file stays
 import-light so that ``fsa.generators`` and ``fsa.feature_store`` load independently.

@@ -1,4 +1,4 @@
-"""Head / tail split from training counts (DESIGN.md section 2, item 2). Never hard-coded."""
+"""Head / tail split from training counts (docs/METHOD.md 2.2). Never hard-coded."""
 
 from __future__ import annotations
 

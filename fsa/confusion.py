@@ -1,4 +1,4 @@
-"""Confusing classes (DESIGN.md section 2, item 5).
+"""Confusing classes (docs/METHOD.md 2.5).
 
 ``S[t, j]`` = mean softmax score of class ``j`` over the training samples whose TRUE class is
 ``t`` (rows = true class). The confusing classes of tail class ``t`` are the top-``Nf`` entries of

@@ -1,4 +1,4 @@
-"""Feature decomposition (DESIGN.md section 2, item 4).
+"""Feature decomposition (docs/METHOD.md 2.4).
 
 A position of a normalised CAM ``M`` (values in [0, 1]) is class-specific when ``M >= ts`` and
 class-generic when ``M < tg``; positions in between belong to neither side. ``ts > tg`` keeps the

@@ -1,4 +1,4 @@
-"""Feature fusion (DESIGN.md section 2, item 6), vectorised over the batch (no per-sample loop).
+"""Feature fusion (docs/METHOD.md 2.6), vectorised over the batch (no per-sample loop).
 
 One fused map per row ``i``: draw ``gamma_i ~ U(0, 1)``; take ``n_tail_i = round(gamma_i * L)``
 feature vectors (``L = H*W``), sampled uniformly WITH repetition from the tail map's allowed

@@ -1,4 +1,4 @@
-"""Grad-CAM (DESIGN.md section 2, item 3), batched: one forward and at most one backward per batch
+"""Grad-CAM (docs/METHOD.md 2.3), batched: one forward and at most one backward per batch
 (plus a no-grad forward for the CAM-layer maps when :class:`CamExtractor` explains another layer).
 
 Definition: for the feature map ``F`` of a chosen layer and target class ``c``,
@@ -169,7 +169,7 @@ def features_and_cams(
     (one label per image) default to the argmax prediction. Phase II and phase III use this so
     that the feature maps they fuse are the very ones the CAMs were computed from.
 
-    ``use_eval_mode`` (default True, as DESIGN.md requires for CAMs) runs the forward in eval
+    ``use_eval_mode`` (default True, as docs/METHOD.md 2.3 requires for CAMs) runs the forward in eval
     mode and restores every module's mode afterwards; pass False only if the caller wants the
     features in the model's current mode. ``with_grad`` keeps the autograd graph on ``fmap`` and
     ``logits`` (e.g. when phase III fine-tunes the last stage); the CAM is always detached.

@@ -1,13 +1,15 @@
 """Grad-CAM overlays and class-specific / class-generic masks as image grids (OpenCV, BGR uint8).
 
-A grid has one row per sample and four square panels of ``panel`` pixels per row:
+A grid has one row per sample and four square panels of ``panel`` pixels per row, then one colour bar
+(``colour_bar_width(panel)`` pixels wide) that keys the heatmap's colours to the CAM value in [0, 1]:
 
-    image | Grad-CAM heatmap (JET) blended on the image | class-specific mask (M >= ts) | class-generic mask (M < tg)
+    image | Grad-CAM heatmap (JET) blended on the image | class-specific mask (M >= ts) | class-generic mask (M < tg) | bar
 
 The CAM is upsampled to the panel size with ``cv2.resize(..., INTER_LINEAR)`` for the heatmap. The
 masks are the positions the method actually uses (CAM-layer resolution), shown as blocks
 (nearest-neighbour upsampling): kept positions show the image, the rest is dimmed and tinted.
-1-channel images are shown as gray. Small images are upscaled so the grid is legible.
+1-channel images are shown as gray. Small images are upscaled so the grid is legible. Labels are white
+text drawn once on a dark band, so they stay crisp on any image.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["to_display_images", "heatmap_overlay", "mask_panel", "label_panel", "sample_row", "render_grid",
-           "PANEL_TITLES"]
+           "colour_bar", "colour_bar_width", "PANEL_TITLES"]
 
 PANEL_TITLES = ("image", "Grad-CAM", "specific", "generic")
 _SPECIFIC_TINT = np.array([60, 200, 60], dtype=np.float32)   # BGR green
@@ -78,15 +80,49 @@ def mask_panel(image_bgr: np.ndarray, mask: np.ndarray, tint: np.ndarray) -> np.
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def _font_scale(panel: int) -> float:
+    return max(0.3, panel / 300.0)
+
+
 def label_panel(panel: np.ndarray, text: str, line: int = 0) -> np.ndarray:
-    """Small white text with a black outline in the panel's top-left corner (in place)."""
-    scale = max(0.3, panel.shape[0] / 300.0)
-    thick = 1
-    y = int(12 * scale / 0.4) + line * int(14 * scale / 0.4)
-    org = (3, y)
-    cv2.putText(panel, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(panel, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    """White text on a dark band in the panel's top-left corner, line ``line`` (in place). The text is drawn
+    once: an outline drawn under it as a second, thicker copy reads as a ghosted double at small sizes."""
+    scale = _font_scale(panel.shape[0])
+    (width, height), baseline = cv2.getTextSize(text, _FONT, scale, 1)
+    pitch = height + baseline + 3
+    top = line * pitch
+    band = panel[top:top + pitch, :min(width + 6, panel.shape[1])]
+    band[:] = (band.astype(np.float32) * 0.35).astype(np.uint8)  # darkened, not blacked out: the image shows through
+    cv2.putText(panel, text, (3, top + height + 1), _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return panel
+
+
+def colour_bar_width(panel: int) -> int:
+    """The width in pixels of a grid's colour bar for panels of ``panel`` pixels."""
+    return max(36, panel // 3)
+
+
+def colour_bar(height: int, panel: int) -> np.ndarray:
+    """The key of the heatmap panel: JET colours from CAM 1 (top) to 0 (bottom) with ticks 1, 0.5, 0 and the
+    title 'CAM', on white, ``height`` x ``colour_bar_width(panel)`` uint8 BGR."""
+    width = colour_bar_width(panel)
+    scale = _font_scale(panel) * 0.9
+    (_, text_h), baseline = cv2.getTextSize("0.5", _FONT, scale, 1)
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    top, bottom = text_h + baseline + 6, height - text_h // 2 - 3
+    if bottom - top < 8:
+        return out  # too short to draw a key in
+    strip_w = max(6, width // 4)
+    values = np.linspace(255.0, 0.0, bottom - top).astype(np.uint8)[:, None]
+    out[top:bottom, 3:3 + strip_w] = np.repeat(cv2.applyColorMap(values, cv2.COLORMAP_JET), strip_w, axis=1)
+    cv2.putText(out, "CAM", (2, text_h + 2), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    for value, y in ((1.0, top), (0.5, (top + bottom) // 2), (0.0, bottom - 1)):
+        cv2.line(out, (3 + strip_w, y), (6 + strip_w, y), (0, 0, 0), 1)
+        cv2.putText(out, f"{value:g}", (8 + strip_w, y + text_h // 2), _FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
 
 
 def sample_row(image_bgr: np.ndarray, cam: np.ndarray, ts: float, tg: float, *, panel: int = 128,
@@ -113,7 +149,8 @@ def sample_row(image_bgr: np.ndarray, cam: np.ndarray, ts: float, tg: float, *, 
 
 def render_grid(images_bgr: np.ndarray, cams: np.ndarray | Tensor, ts: float, tg: float, *, panel: int = 128,
                 titles: Sequence[str] | None = None, subtitles: Sequence[str] | None = None) -> np.ndarray:
-    """Rows of :func:`sample_row` stacked: uint8 BGR ``[rows*panel, 4*panel, 3]``."""
+    """Rows of :func:`sample_row` stacked, then the colour bar: uint8 BGR
+    ``[rows*panel, 4*panel + colour_bar_width(panel), 3]``."""
     if isinstance(cams, Tensor):
         cams = cams.detach().float().cpu().numpy()
     rows = [
@@ -122,5 +159,6 @@ def render_grid(images_bgr: np.ndarray, cams: np.ndarray | Tensor, ts: float, tg
         for i in range(len(images_bgr))
     ]
     if not rows:
-        return np.zeros((0, 4 * panel, 3), dtype=np.uint8)
-    return np.concatenate(rows, axis=0)
+        return np.zeros((0, 4 * panel + colour_bar_width(panel), 3), dtype=np.uint8)
+    grid = np.concatenate(rows, axis=0)
+    return np.concatenate([grid, colour_bar(grid.shape[0], panel)], axis=1)

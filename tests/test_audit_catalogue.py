@@ -71,7 +71,7 @@ CONFIG_CASES = [
     (PHASE_I, ["train.milestones=[-5,0]"], "'train.milestones' (every item) must be >= 1"),
     (PHASE_I, ["train.milestones=[10,5]"], "train.milestones must be strictly increasing"),
     (PHASE_I, ["train.gamma=0"], "'train.gamma' must be in (0, 1]"),
-    (PHASE_I, ["seed=-1"], "'seed' must be in [0, 4.29497e+09]"),
+    (PHASE_I, ["seed=-1"], "'seed' must be in [0, 4294967295]"),
     (PHASE_I, ["dataset.imbalance=.nan"], "'dataset.imbalance' must be a finite number"),
     (PHASE_I, ["dataset.val.fraction=1"], "'dataset.val.fraction' must be in (0, 1)"),
     (PHASE_I, ["dataset.image_size=1"], "'dataset.image_size' must be in [8, 4096]"),

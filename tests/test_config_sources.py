@@ -130,6 +130,7 @@ def test_defaults_are_what_an_empty_config_resolves_to(phase):
 # ------------------------------------------------------------------------------------------------
 PHASE_II_DEFAULTS = {
     "seed": 0,
+    "determinism": False,
     "backbone": "ce",
     "gradcam": {"layer": None, "method": "auto", "batch_size": 256},
     "split": {"ts": 0.8, "tg": 0.2},

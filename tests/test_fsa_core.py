@@ -1,4 +1,4 @@
-"""Head/tail split, confusing classes, decomposition and fusion (DESIGN.md section 2)."""
+"""Head/tail split, confusing classes, decomposition and fusion (docs/METHOD.md section 2)."""
 
 import math
 

@@ -340,3 +340,24 @@ def test_online_fine_tuning_on_image_files_prefetches_through_dataloader_workers
     assert len(fetched) == 4 and all(prefetched for prefetched, _ in fetched)
     # nt tail + nt*na donors + nt*(1+na) head images; a batch out of step with the draws raises in _images
     assert all(len(indices) == 2 + 2 * 1 + 2 * (1 + 1) for _, indices in fetched)
+
+
+def test_default_budget_is_the_papers_rows_per_training_image():
+    """finetune.iterations: null = the paper's 6,400 iterations of 128 rows per CIFAR-10-LT's 12,406 images,
+    scaled to the training set (a 438-image folder: 226 iterations, not 6,400); an explicit value stays."""
+    from engine.phase_iii import _resolve_iterations
+    from fsa.batch_composition import auto_iterations
+    from utils.config import load_config
+
+    assert auto_iterations(12406, 16, 3) == 6400
+    assert auto_iterations(438, 16, 3) == round(6400 * 128 / 12406 * 438 / 128) == 226
+    assert auto_iterations(438, 4, 3) == round(6400 * 128 / 12406 * 438 / 32)
+    assert auto_iterations(1, 16, 3) == 1
+    cfg = load_config("smoke", "phase_iii", ["finetune.iterations=null"])
+    assert cfg["finetune"]["iterations"] is None
+    _resolve_iterations(cfg, 438)
+    assert cfg["finetune"]["iterations"] == auto_iterations(438, 4, 3)  # smoke: nt 4, na 3
+    explicit = load_config("smoke", "phase_iii")
+    _resolve_iterations(explicit, 438)
+    assert explicit["finetune"]["iterations"] == 60
+    assert load_config("cifar10-LT_resnet18", "phase_iii")["finetune"]["iterations"] == 6400

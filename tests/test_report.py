@@ -128,7 +128,8 @@ def test_json_and_pngs(fake_runs):
     assert p1["per_class"] == {"train_counts": COUNTS, "accuracy": [90.0, 40.0, 10.0, 0.0]}
     assert saved["rows"][2]["missing_notes"] == ["seed2"]
     assert data["rows"] == saved["rows"]
-    for name, shape in (("ablation.png", (500, 900, 3)), ("per_class.png", (500, 800, 3))):
+    # per_class.png: one 300 x 220 pixel panel per row (4 rows: one line of 4), 90 pixels for title and legend
+    for name, shape in (("ablation.png", (500, 900, 3)), ("per_class.png", (310, 1200, 3))):
         image = cv2.imread(str(out / name))
         assert image is not None and image.shape == shape, name
         assert image.std() > 0, f"{name} is blank"
@@ -448,3 +449,174 @@ def test_a_long_note_set_is_a_readable_prefix_and_a_hash():
     assert notes_folder(list(reversed(notes))) == name  # a set: the order given does not matter
     assert notes_folder(notes[:-1]) != name and len({notes_folder(notes[:k]) for k in range(3, 11)}) == 8
     assert notes_folder(["default"]) == "default" and notes_folder(["b", "a", "b"]) == "a+b"
+
+
+# ------------------------------------------------------------------------------------------------
+# Code versions, ablation.csv ids and cost, variants side by side
+# ------------------------------------------------------------------------------------------------
+def set_provenance(root: Path, phase: str, note: str, commit: str | None, dirty: bool | None) -> None:
+    path = root / "checkpoints" / phase / CONFIG / note / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "provenance": {"git_commit": commit, "git_dirty": dirty, "python": "3.11"}}))
+
+
+ROWS_OF_FAKE_RUNS = (("phase_i", NOTES), ("phase_iii_offline-none", NOTES), ("phase_iii_offline", NOTES[:2]),
+                     ("phase_iii_online-mine", ["seed1"]))
+
+
+def test_runs_of_one_commit_give_one_line_and_mixed_commits_are_listed(fake_runs):
+    one, other = "a" * 40, "0123456789abcdef" * 2 + "01234567"
+    for phase, notes in ROWS_OF_FAKE_RUNS:
+        for note in notes:
+            set_provenance(fake_runs, phase, note, one, False)
+    data = build_report(CONFIG, NOTES, fake_runs, echo=False)
+    markdown = (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text()
+    assert f"Code: every run from commit `{'a' * 12}` (clean tree)." in markdown and "## Code versions" not in markdown
+    assert data["code_versions"]["mixed"] is False
+    for phase, notes in ROWS_OF_FAKE_RUNS:  # one commit, but a dirty tree pins no code: said as if mixed
+        for note in notes:
+            set_provenance(fake_runs, phase, note, one, True)
+    versions = build_report(CONFIG, NOTES, fake_runs, echo=False)["code_versions"]
+    assert versions["mixed"] is True and len(versions["versions"]) == 1
+    for phase, notes in ROWS_OF_FAKE_RUNS:
+        for note in notes:
+            set_provenance(fake_runs, phase, note, one, False)
+
+    set_provenance(fake_runs, "phase_i", "seed2", other, False)               # another commit
+    set_provenance(fake_runs, "phase_iii_offline-none", "seed2", other, False)
+    set_provenance(fake_runs, "phase_iii_offline", "seed1", one, True)       # uncommitted changes
+    data = build_report(CONFIG, NOTES, fake_runs, echo=False)
+    markdown = (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text()
+    section = markdown.split("## Code versions")[1].split("\n\n## ")[0]
+    assert "3 code version(s)" in section and "some with uncommitted changes" in section
+    assert (f"- `{'a' * 12}` (clean tree): seed0: all rows; seed1: Phase I baseline (CE), cRT control (offline, no "
+            f"fusion), phase_iii_online-mine") in section
+    assert "- `0123456789ab` (clean tree): seed2: all rows" in section
+    assert f"- `{'a' * 12}` + uncommitted changes: seed1: FSA offline" in section
+    versions = data["code_versions"]
+    assert versions["mixed"] is True
+    assert [(v["short"], v["dirty"], v["runs"]) for v in versions["versions"]] == [
+        ("a" * 12, False, {"seed0": ["ce", "control_offline", "fsa_offline"], "seed1": ["ce", "control_offline",
+                                                                                       "phase_iii_online-mine"]}),
+        ("0123456789ab", False, {"seed2": ["ce", "control_offline"]}),
+        ("a" * 12, True, {"seed1": ["fsa_offline"]})]
+    assert versions["versions"][1]["commit"] == other
+
+
+def test_runs_without_provenance_are_unknown_not_an_error(fake_runs):
+    data = build_report(CONFIG, NOTES, fake_runs, echo=False)  # no run records provenance
+    markdown = (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text()
+    assert "Code version of the runs: unknown (no provenance in results.json: runs made before it was recorded)." \
+        in markdown
+    assert data["code_versions"] == {"mixed": False, "versions": [
+        {"commit": None, "short": "unknown", "dirty": None, "runs": {
+            "seed0": ["ce", "control_offline", "fsa_offline"],
+            "seed1": ["ce", "control_offline", "fsa_offline", "phase_iii_online-mine"],
+            "seed2": ["ce", "control_offline"]}}]}
+    set_provenance(fake_runs, "phase_i", "seed0", "b" * 40, None)  # one run recorded: the others may differ
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    section = (report_dir(CONFIG, NOTES, fake_runs) / "ablation.md").read_text().split("## Code versions")[1]
+    assert f"- `{'b' * 12}` (tree state not recorded): seed0: Phase I baseline (CE)" in section
+    assert "- unknown (no provenance in results.json: runs made before it was recorded): seed0: cRT control" in section
+
+
+def test_csv_carries_each_rows_id_and_training_cost(fake_runs):
+    for note, seen, wall in zip(NOTES, (1000, 1000, 1300), (10.0, 12.0, 14.0)):
+        path = fake_runs / "checkpoints/phase_i" / CONFIG / note / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "samples_seen": seen, "wall_time_s": wall}))
+    data = build_report(CONFIG, NOTES, fake_runs, echo=False)
+    with open(report_dir(CONFIG, NOTES, fake_runs) / "ablation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [r["id"] or "" for r in data["rows"]] == ["ce", "control_offline", "fsa_offline", ""]
+    p1 = rows[0]
+    assert float(p1["samples_seen_mean"]) == pytest.approx(1100.0) and float(p1["wall_time_s_mean"]) == pytest.approx(12.0)
+    assert float(p1["wall_time_s_std"]) == pytest.approx(2.0)
+    assert float(p1["total_samples_seen_mean"]) == pytest.approx(1100.0)  # phase I is built from nothing else
+    assert float(p1["total_wall_time_s_mean"]) == pytest.approx(data["rows"][0]["cost"]["total_wall_time_s"]["mean"])
+    assert rows[2]["samples_seen_mean"] == "" and rows[2]["total_wall_time_s_mean"] == ""  # not recorded: empty
+
+
+@pytest.fixture()
+def variant_runs(tmp_path) -> Path:
+    """Variant default (notes seed0..2) and lr05 (lr05-seed0..2), as pipeline.py --seeds 0 1 2 [--note lr05]
+    names them; FSA offline of default misses seed2; lr05-seed3 was not asked for."""
+    for k, note in enumerate(NOTES):
+        write_results(tmp_path, "phase_i", note, top1=(60.0, 62.0, 64.0)[k], tail=20.0, medium=40.0)
+        write_results(tmp_path, "phase_i", f"lr05-{note}", top1=(61.0, 65.0, 66.0)[k], tail=(25.0, 27.0, 20.0)[k],
+                      medium=41.0)
+        write_config(tmp_path, "phase_i", note, seed=k, train={"lr": 0.1})
+        write_config(tmp_path, "phase_i", f"lr05-{note}", seed=k, train={"lr": 0.05})
+        write_results(tmp_path, "phase_iii_offline", f"lr05-{note}", top1=70.0 + k, tail=40.0)
+    for k, note in enumerate(NOTES[:2]):
+        write_results(tmp_path, "phase_iii_offline", note, top1=(69.0, 73.0)[k], tail=40.0)
+    write_results(tmp_path, "phase_i", "lr05-seed3", top1=99.0)
+    return tmp_path
+
+
+def test_variants_side_by_side_pair_by_seed_against_a_hand_computation(variant_runs, capsys):
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--variants", "default", "lr05",
+                                    "--seeds", "0", "1", "2", cwd=variant_runs)
+    assert code == 0, err
+    out = variant_runs / "reports" / CONFIG / "default,lr05@seed0+seed1+seed2"
+    data = json.loads((out / "report.json").read_text())
+    assert data["notes"] == {"default": NOTES, "lr05": ["lr05-seed0", "lr05-seed1", "lr05-seed2"]}
+    paired = {(d["method"], d["metric"]): d for d in data["paired"]}
+    # phase I top1: lr05 61/65/66 - default 60/62/64 = 1, 3, 2: mean 2, sd 1, half-width 4.302653 / sqrt(3)
+    top1 = paired[("Phase I baseline (CE) @ lr05", "top1")]
+    assert top1["reference"] == "Phase I baseline (CE) @ default"
+    assert top1["per_note"] == {"seed0": 1.0, "seed1": 3.0, "seed2": 2.0}
+    assert top1["ci95"] == pytest.approx([2 - 2.484138, 2 + 2.484138], abs=2e-4)
+    # tail: 25/27/20 - 20 = 5, 7, 0: mean 4, sd sqrt(13), half-width 4.302653 x sqrt(13) / sqrt(3) = 8.956642
+    tail = paired[("Phase I baseline (CE) @ lr05", "tail")]
+    assert tail["mean"] == pytest.approx(4.0) and tail["ci95"] == pytest.approx([4 - 8.956642, 4 + 8.956642], abs=2e-4)
+    # FSA offline: seed2 has no default run, so two pairs: 70 - 69, 71 - 73
+    fsa = paired[("FSA offline @ lr05", "top1")]
+    assert fsa["per_note"] == {"seed0": 1.0, "seed1": -2.0} and fsa["n"] == 2
+    markdown = (out / "ablation.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out
+    header = next(line for line in markdown.splitlines() if line.startswith("| method"))
+    assert header.startswith("| method | default: top1 | default: many |") and "| lr05: top1 |" in header
+    assert "| Phase I baseline (CE) | 62.00 ± 2.00 | — | 40.00 ± 0.00 |" in markdown
+    assert "| FSA offline | 71.00 ± 2.83 |" in markdown and "| 2 | 71.00 ± 1.00 |" in markdown  # n per variant
+    assert "`lr05`: train.lr" in markdown  # the saved setting that makes the variant
+    assert "[-0.48, +4.48]" in markdown and (out / "forest.png").is_file()
+    assert data["files"]["forest.png"] == f"reports/{CONFIG}/default,lr05@seed0+seed1+seed2/forest.png"
+    with open(out / "ablation.csv", newline="") as f:
+        lines = [(r["id"], r["variant"], r["n"]) for r in csv.DictReader(f)]
+    assert lines == [("ce", "default", "3"), ("ce", "lr05", "3"), ("fsa_offline", "default", "2"),
+                     ("fsa_offline", "lr05", "3")]
+
+
+def test_variants_without_seeds_pair_the_notes_themselves(variant_runs):
+    from analysis.report import build_variant_report, variant_notes, variants_folder
+
+    assert variant_notes("default", None) == ["default"] and variant_notes("lr05", [0, 2]) == ["lr05-seed0", "lr05-seed2"]
+    assert variant_notes("default", [1]) == ["seed1"]
+    assert variants_folder(["lr05", "default"], None) == "lr05,default"  # the first is the reference
+    write_results(variant_runs, "phase_i", "default", top1=50.0)
+    write_results(variant_runs, "phase_i", "lr05", top1=52.5)
+    data = build_variant_report(CONFIG, ["default", "lr05"], None, variant_runs, echo=False)
+    (d,) = [d for d in data["paired"] if d["metric"] == "top1"]
+    assert d["per_note"] == {"single run": 2.5} and d["ci95"] is None
+    with pytest.raises(UserError, match=r"No finished run of variant\(s\) lr5 .* lr5: lr5-seed0, lr5-seed1"):
+        build_variant_report(CONFIG, ["default", "lr5"], [0, 1], variant_runs, echo=False)  # a typo is no empty column
+    with pytest.raises(UserError, match="--variants needs two or more variants"):
+        build_variant_report(CONFIG, ["lr05"], [0], variant_runs, echo=False)
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--variants", "default", "lr05", "--pairs",
+                                    "fsa_offline:ce", cwd=variant_runs)
+    assert code == 2 and "--pairs compares rows within one note set" in err
+    code, err = run_main_in_process("report.py", "--config", CONFIG, "--seeds", "0", "1", "2", cwd=variant_runs)
+    assert code == 0, err  # --seeds alone: the notes seed0 seed1 seed2
+    assert report_dir(CONFIG, NOTES, variant_runs).joinpath("report.json").is_file()
+
+
+def test_a_report_of_an_older_format_is_not_up_to_date(fake_runs):
+    build_report(CONFIG, NOTES, fake_runs, echo=False)
+    path = report_dir(CONFIG, NOTES, fake_runs) / "report.json"
+    data = json.loads(path.read_text())
+    assert is_up_to_date(CONFIG, NOTES, fake_runs)
+    path.write_text(json.dumps({**data, "format": None}))
+    assert not is_up_to_date(CONFIG, NOTES, fake_runs)
+    path.write_text(json.dumps(data))
+    (report_dir(CONFIG, NOTES, fake_runs) / "forest.png").unlink()  # a figure it lists is gone
+    assert not is_up_to_date(CONFIG, NOTES, fake_runs)

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.helpers import copy_phase_i, run_main_in_process, run_script
 from tests.test_phase_ii import smoke_phase_ii
+from fsa.visualization import colour_bar_width
 
 OUT = "visualizations/smoke/default"
 
@@ -35,14 +36,14 @@ def test_default_classes_write_four_panel_pngs_and_tensorboard_images(run_dir):
         img = cv2.imread(str(png))
         assert img is not None and img.dtype == "uint8" and img.shape[2] == 3
         panel = 128
-        assert img.shape[1] == 4 * panel and img.shape[0] % panel == 0 and 1 <= img.shape[0] // panel <= 3
+        assert img.shape[1] == 4 * panel + colour_bar_width(panel) and img.shape[0] % panel == 0 and 1 <= img.shape[0] // panel <= 3
         assert img[:, :panel].std() > 5 and img[:, panel:2 * panel].std() > 5  # real content, not blank
     events = EventAccumulator(str(run_dir / "run_summary/visualize/smoke/default"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()["images"]
     assert len(tags) == len(pngs) and all(t.startswith("phase_i/") for t in tags)
     event = events.Images(tags[0])[0]
-    assert event.width == 4 * 128
+    assert event.width == 4 * 128 + colour_bar_width(128)
     record = json.loads((run_dir / OUT / "phase_i/results.json").read_text())  # written after the last PNG
     assert record["finished"] is True and sorted(record["pngs"]) == [p.name for p in pngs]
     assert set(record["classes"]) == expected
@@ -55,7 +56,7 @@ def test_chosen_classes_other_layer_and_panel_size(run_dir):
     pngs = [p for p in _images(run_dir) if p.name.endswith("_layer2.png")]
     assert sorted(int(p.name.split("_class")[1][:3]) for p in pngs) == [0, 3]
     for png in pngs:
-        assert cv2.imread(str(png)).shape == (2 * 64, 4 * 64, 3)
+        assert cv2.imread(str(png)).shape == (2 * 64, 4 * 64 + colour_bar_width(64), 3)
 
 
 def test_bad_visualize_input_fails_cleanly(run_dir, tmp_path):

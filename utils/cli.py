@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from utils import distributed, run_dir
-from utils.config import CONFIG_PHASES, CONFIG_ROOT
+from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_text, load_config
 from utils.errors import UserError
 
 
@@ -58,8 +58,38 @@ class VisualizeSpec(RunSpec):
         return replace(spec, classes=None if spec.classes is None else tuple(spec.classes))
 
 
+class ScriptParser(argparse.ArgumentParser):
+    """The parser of every top-level script. Every script takes --output-root, which becomes the process's
+    output root as the arguments are parsed (`run_dir.set_output_root`), so every path after it follows.
+    A script with a config also takes --print-config: print that resolved config (`print_config` of the
+    parsed arguments, YAML) and exit 0 without touching a file, as --help does."""
+
+    def __init__(self, description: str, print_config: Callable[[argparse.Namespace], str] | None = None):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_argument("--output-root", metavar="DIR",
+                          help=f"folder of all outputs (checkpoints/, run_summary/, features*/, visualizations/, "
+                               f"reports/); default ${run_dir.OUTPUT_ROOT_ENV}, else the working directory")
+        self._print_config = print_config
+        if print_config is not None:
+            self.add_argument("--print-config", action="store_true",
+                              help="print the resolved config (after --opts) as YAML and exit")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        run_dir.set_output_root(parsed.output_root)
+        run_dir.output_root()  # a bad FSA_LT_OUTPUT_ROOT is named now, before any work
+        if self._print_config is not None and parsed.print_config:
+            text = self._print_config(parsed)
+            if distributed.first_process():  # under torchrun: once
+                print(text, end="", flush=True)
+            sys.exit(0)
+        return parsed
+
+
 def phase_parser(description: str, *, training: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments every phase script shares; --print-config prints the config of the phase whose
+    folder the script reads (`config_phase`)."""
+    parser = ScriptParser(description, print_config=_phase_config_text)
     parser.add_argument("--config", required=True, help="config name (configs/<phase>/NAME.yaml) or path to a YAML file")
     parser.add_argument("--device", default=RunSpec.device, help="auto (default), cpu, or a GPU index such as 0")
     parser.add_argument("--note", default=RunSpec.note, help="experiment name; outputs go to .../<config>/<note>/")
@@ -84,14 +114,31 @@ _SCRIPT_CONFIG_PHASE = {"phase_i_train_or_test.py": "phase_i", "phase_ii_extract
                         "visualize.py": "phase_ii"}
 
 
+def config_phase(script: str) -> str:
+    """The config folder (phase) a phase script reads: phase_i, phase_ii, or phase_iii for the phase III ones."""
+    return _SCRIPT_CONFIG_PHASE.get(Path(script).name, "phase_iii")
+
+
+def _phase_config_text(args: argparse.Namespace) -> str:
+    """--print-config of a phase script: its resolved config (the script is sys.argv[0], as for argparse's prog)."""
+    return config_text(load_config(args.config, config_phase(sys.argv[0]), args.opts))
+
+
+def output_root_args() -> list[str]:
+    """`["--output-root", DIR]` when this command's --output-root set the root, for the commands messages
+    suggest (a root from FSA_LT_OUTPUT_ROOT or the working directory holds for the next command too)."""
+    given = run_dir.output_root_flag()
+    return [] if given is None else ["--output-root", str(given)]
+
+
 def script_command(script: str, config: str, note: str, *extra: str) -> str:
     """The command line a user types to run `script` for a config name and note (for error messages).
 
     Where the user gave this process a config file rather than a shipped name, the command names the
-    matching file (the same file, or its sibling DIR/<phase>/NAME.yaml), so that it runs as written."""
-    phase = _SCRIPT_CONFIG_PHASE.get(script, "phase_iii")
-    parts = ["python", script, "--config", _config_argument(phase, config),
-             *([] if note == "default" else ["--note", note]), *extra]
+    matching file (the same file, or its sibling DIR/<phase>/NAME.yaml), so that it runs as written;
+    an --output-root of this command is repeated."""
+    parts = ["python", script, "--config", _config_argument(config_phase(script), config),
+             *([] if note == "default" else ["--note", note]), *output_root_args(), *extra]
     return shlex.join(parts)
 
 
@@ -147,6 +194,7 @@ def run_cli(main: Callable[[], object]) -> None:
         raise
     finally:
         run_dir.release_locks()
+        run_dir.set_output_root(None)  # the flag is this command's: a caller in the same process starts clean
         distributed.shutdown()
 
 

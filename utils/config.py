@@ -11,14 +11,17 @@ name needs a phase II / III file only where it changes a setting.
 from __future__ import annotations
 
 import copy
+import difflib
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from utils.distributed import first_process
 from utils.errors import UserError
 from utils.run_dir import check_run_name
-from utils.schema import MOVED_KEYS, SCHEMAS, Field, validate_values
+from utils.schema import MOVED_KEYS, SCHEMAS, Field, fit_schedule, validate_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ROOT = REPO_ROOT / "configs"
@@ -200,14 +203,51 @@ def parse_opts(opts: list[str] | None) -> dict:
     return result
 
 
-def apply_schema(values: dict, schema: dict, prefix: str = "") -> dict:
-    """Fill defaults, reject unknown keys, check types. Returns a new, complete dict."""
+def _dotted(schema: dict, prefix: str = "") -> list[str]:
+    """Every key of a schema, dotted, sections included (``train``, ``train.lr``, ...)."""
+    out: list[str] = []
+    for key, spec in schema.items():
+        out.append(f"{prefix}{key}")
+        if isinstance(spec, dict):
+            out += _dotted(spec, f"{prefix}{key}.")
+    return out
+
+
+def close_keys(dotted: str, keys: list[str], cutoff: float = 0.75) -> list[str]:
+    """The keys of `keys` a mistyped dotted key most likely meant, best first (at most 3): by the whole
+    path (``train.lrr`` -> ``train.lr``) or by its last part, wherever it lives (``lr`` -> ``train.lr``)."""
+    leaf = dotted.rsplit(".", 1)[-1]
+
+    def score(key: str) -> float:
+        return max(difflib.SequenceMatcher(None, dotted, key).ratio(),
+                   difflib.SequenceMatcher(None, leaf, key.rsplit(".", 1)[-1]).ratio())
+
+    # not the sections the key is in (dataset.synthetic for dataset.synthetic.size); stable: schema order breaks ties
+    scored = sorted(((score(k), k) for k in keys if not dotted.startswith(f"{k}.")), key=lambda pair: -pair[0])
+    best = scored[0][0] if scored else 0.0
+    # only the best matches: a close second guess helps, a list of every '*.lr' under 'train.lrr' does not
+    return [key for value, key in scored if value >= max(cutoff, best - 0.05)][:3]
+
+
+def did_you_mean(keys: list[str]) -> str:
+    """`` Did you mean 'a'?`` (or 'a', 'b' or 'c') for the keys of `close_keys`; "" for none."""
+    if not keys:
+        return ""
+    quoted = [f"'{k}'" for k in keys]
+    return f" Did you mean {quoted[0] if len(quoted) == 1 else ', '.join(quoted[:-1]) + ' or ' + quoted[-1]}?"
+
+
+def apply_schema(values: dict, schema: dict, prefix: str = "", *, whole: dict | None = None) -> dict:
+    """Fill defaults, reject unknown keys, check types. Returns a new, complete dict. `whole`: the phase's
+    schema that `schema` is a section of (for the keys an unknown key may have meant; default `schema`)."""
+    whole = schema if whole is None else whole
     out: dict = {}
     for key in values:
         if key not in schema:
             where = f"section '{prefix[:-1]}'" if prefix else "the top level"
             known = ", ".join(sorted(schema))
-            raise UserError(f"Unknown config key '{prefix}{key}' in {where}. Valid keys there: {known}.")
+            guess = did_you_mean(close_keys(f"{prefix}{key}", _dotted(whole)))
+            raise UserError(f"Unknown config key '{prefix}{key}' in {where}.{guess} Valid keys there: {known}.")
     for key, spec in schema.items():
         path = f"{prefix}{key}"
         if isinstance(spec, dict):
@@ -216,29 +256,53 @@ def apply_schema(values: dict, schema: dict, prefix: str = "") -> dict:
                 given = {}
             if not isinstance(given, dict):
                 raise UserError(f"Config key '{path}' must be a section (a mapping), got {given!r}.")
-            out[key] = apply_schema(given, spec, prefix=f"{path}.")
+            out[key] = apply_schema(given, spec, prefix=f"{path}.", whole=whole)
         else:
             assert isinstance(spec, Field)
             out[key] = spec.coerce(values[key], path) if key in values else copy.deepcopy(spec.default)
     return out
 
 
-def load_config(name_or_path: str, phase: str, opts: list[str] | None = None) -> dict:
+def load_config(name_or_path: str, phase: str, opts: list[str] | None = None, *, saved: bool = False) -> dict:
     """Read, inherit, override, validate; a phase II / III NAME without a file is the defaults + `opts`
-    (`config_path`). Raises UserError for every user mistake."""
+    (`config_path`). Raises UserError for every user mistake.
+
+    A request for a run has its phase I decay epochs fitted to train.epochs (`utils.schema.fit_schedule`:
+    defaults scaled, said once on stderr; stated ones that are never reached refused). `saved`: the
+    config.yaml a run wrote, read as it ran (it states every key, so nothing would be scaled; a run made
+    before the rule may hold milestones past its epochs, which must not make it unreadable)."""
     if phase not in SCHEMAS:
         raise ValueError(f"unknown phase {phase}")
     path = config_path(name_or_path, phase)
     raw = {} if path is None else _load_with_inheritance(path, phase)
     overrides = parse_opts(opts)
     _refuse_moved_keys(overrides, phase, "--opts")
-    cfg = apply_schema(deep_merge(raw, overrides), SCHEMAS[phase])
+    given = deep_merge(raw, overrides)
+    cfg = apply_schema(given, SCHEMAS[phase])
     validate_values(cfg, phase)
+    if phase == "phase_i" and not saved:
+        _say_once(fit_schedule(cfg, lambda dotted: _sets(given, dotted)))
     return cfg
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(note: str | None) -> None:
+    """A note about a loaded config, on stderr once per process (the pipeline loads a config many times),
+    by the first process of a torchrun job only."""
+    if note and note not in _SAID and first_process():
+        _SAID.add(note)
+        print(f"note: {note}", file=sys.stderr)
+
+
+def config_text(cfg: dict) -> str:
+    """A resolved config as the YAML a run saves (config.yaml) and --print-config prints."""
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
 def dump_config(cfg: dict, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path.write_text(config_text(cfg))
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -28,10 +28,23 @@ def parse_device(spec: str) -> str | int:
     return int(index)
 
 
+_resolved: torch.device | None = None  # what resolve_device chose last (results.json's provenance.device)
+
+
 def resolve_device(spec: str) -> torch.device:
+    """The device ``--device spec`` names, noted as the one this process computes on (:func:`device_in_use`)."""
+    global _resolved
     choice = parse_device(spec)
     if choice == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if choice == "cpu":
-        return torch.device("cpu")
-    return torch.device("cuda", choice)
+        choice = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    _resolved = torch.device("cpu") if choice == "cpu" else torch.device("cuda", choice)
+    return _resolved
+
+
+def device_in_use() -> torch.device:
+    """The device this process computes on: what :func:`resolve_device` chose; in a torchrun process
+    (whose device ``utils.distributed.setup_device`` picks itself) the current CUDA device once CUDA is
+    set up, else the CPU."""
+    if _resolved is not None:
+        return _resolved
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_initialized() else torch.device("cpu")

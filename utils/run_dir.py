@@ -1,9 +1,13 @@
 """Where each phase's outputs live, and the rules that keep runs safe.
 
+Every output lives under one output root (`output_root`): --output-root DIR, else the environment
+variable FSA_LT_OUTPUT_ROOT, else the working directory. Below it:
+
 checkpoints/<phase>/<config>/<note>/   checkpoints, config.yaml, log.txt, results.json
 run_summary/<phase>/<config>/<note>/   TensorBoard events
 features/<config>/<note>/              phase II outputs (on the CE backbone)
 features-<backbone>/<config>/<note>/   phase II outputs on another phase I method's backbone (phase_ii-<backbone>)
+visualizations/<config>/<note>/<phase>/, reports/<config>/<notes>/
 
 Safety rules, all here:
 - a config name and a note are each one plain folder name (`check_run_name`), so a run's folders
@@ -28,7 +32,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils import distributed
@@ -55,12 +59,62 @@ def check_run_name(value: str, what: str) -> str:
     return value
 
 
+# ------------------------------------------------------------------------------------------------
+# The output root
+# ------------------------------------------------------------------------------------------------
+OUTPUT_ROOT_ENV = "FSA_LT_OUTPUT_ROOT"
+_flag_root: Path | None = None  # this command's --output-root (set_output_root)
+
+
+def set_output_root(path: str | Path | None) -> None:
+    """Make `path`, the command line's --output-root, this process's output root (None: the command gave
+    none, so FSA_LT_OUTPUT_ROOT or the working directory applies). A UserError if it cannot be a folder."""
+    global _flag_root
+    _flag_root = None if path is None else _checked_root(Path(path).expanduser(), "--output-root", ".")
+
+
+def output_root_flag() -> Path | None:
+    """The --output-root this command gave, if any (the commands that messages suggest repeat it; a root
+    from the environment variable needs no repeating)."""
+    return _flag_root
+
+
+def output_root() -> Path:
+    """The folder all outputs live under: --output-root, else $FSA_LT_OUTPUT_ROOT, else the working
+    directory (``Path(".")``). It need not exist yet: the first run creates it."""
+    if _flag_root is not None:
+        return _flag_root
+    env = os.environ.get(OUTPUT_ROOT_ENV)
+    if env:
+        return _checked_root(Path(env).expanduser(), f"{OUTPUT_ROOT_ENV}={env}", f", or unset {OUTPUT_ROOT_ENV}.")
+    return Path(".")
+
+
+def _checked_root(root: Path, source: str, fix_end: str) -> Path:
+    """`root` if it is a folder, or can be created: its nearest existing ancestor is a writable folder.
+    Else a UserError naming `source` (the flag or the variable), whose advice ends in `fix_end`."""
+    fix = ("The output root holds checkpoints/, run_summary/, features*/, visualizations/ and reports/: name a folder "
+           f"(a missing one is created){fix_end}")
+    if root.exists():
+        if not root.is_dir():
+            raise UserError(f"{source}: {root} is a file, not a folder. {fix}")
+        return root
+    ancestor = root.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "a file" if not ancestor.is_dir() else "a folder this user cannot write to"
+        raise UserError(f"{source}: {root} cannot be created, as {ancestor} is {why}. {fix}")
+    return root
+
+
 @dataclass(frozen=True)
 class RunPaths:
     phase: str
     config: str
     note: str
-    root: Path = Path(".")
+    # resolved per instance (a plain default would be the root at import time, before --output-root is parsed)
+    root: Path = field(default_factory=output_root)
 
     def __post_init__(self) -> None:
         check_run_name(self.phase, "phase")

@@ -58,11 +58,17 @@ class Range:
 
     def text(self) -> str:
         """The interval as a reader writes it: `> 0`, `>= 1`, `in (0, 1)`, `in [0, 1]`."""
+        low, high = _number_text(self.low), _number_text(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number_text(x: float | None) -> str:
+    """An int as written (a seed's 4294967295), a float in its shortest form (0.1, 1e-08)."""
+    return str(x) if isinstance(x, int) or x is None else f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,7 @@ ACCEL = {"amp": F("none", choices=("none", "bf16", "fp16")), "channels_last": F(
 
 PHASE_I = {
     "seed": seed(),
+    "determinism": F(False),
     "phase": F("train", choices=("train", "test")),
     "dataset": DATASET,
     "model": {
@@ -241,7 +248,9 @@ PHASE_I = {
         "epochs": count(200),
         "batch_size": count(128),
         "schedule": F("multistep", choices=registry_choices("engine.optim", "SCHEDULES")),
-        "milestones": F([160, 180], list, item=int, ge=1),  # strictly increasing (validate_values)
+        # strictly increasing (validate_values); milestones and step_size are for the default epochs: a run of
+        # another length that does not state the one its schedule uses gets it scaled (fit_schedule)
+        "milestones": F([160, 180], list, item=int, ge=1),
         "step_size": count(150),
         "gamma": F(0.1, float, gt=0, le=1),
         "warmup_epochs": F(0.0, float, ge=0),  # at most train.epochs (validate_values)
@@ -281,6 +290,7 @@ BACKBONE = F("ce", str, choices=registry_choices("engine.methods", "BACKBONE_IDS
 
 PHASE_II = {
     "seed": seed(),
+    "determinism": F(False),
     "backbone": BACKBONE,
     "gradcam": {
         "layer": F(None, str, nullable=True),
@@ -296,6 +306,7 @@ PHASE_II = {
 
 PHASE_III = {
     "seed": seed(),
+    "determinism": F(False),
     "backbone": BACKBONE,
     "phase": F("train", choices=("train", "test")),
     "finetune": {
@@ -304,7 +315,9 @@ PHASE_III = {
         "weight_decay": F(5e-4, float, ge=0),
         # a phase III method of the method table (engine.methods), with the script's mode
         "generator": F("fsa", str, choices=registry_choices("engine.methods", "GENERATOR_NAMES")),
-        "iterations": count(6400),
+        # null: the paper's budget relative to the training set (fsa.batch_composition.auto_iterations:
+        # 6,400 on CIFAR-10-LT at batch 128, about 66 rows per training image)
+        "iterations": F(None, int, nullable=True, ge=1),
         "nt": count(16, hint="real tail images per batch; batch = 2*nt*(1+na)"),
         "na": count(3, minimum=0, hint="fused maps per tail image; batch = 2*nt*(1+na)"),
         "unfreeze": F(False),
@@ -388,6 +401,48 @@ def validate_values(cfg: dict, phase: str) -> None:
         _require(s["tg"] < s["ts"], f"split thresholds need tg < ts, got ts={s['ts']}, tg={s['tg']}.")
     elif phase == "phase_iii":
         _require(bool(cfg["decoupled"]["tau_grid"]), "decoupled.tau_grid must list at least one tau.")
+
+
+def fit_schedule(cfg: dict, stated: Callable[[str], bool]) -> str | None:
+    """Fit phase I's learning-rate decay to train.epochs, for a run being asked for (not a saved config).
+
+    The defaults of train.milestones (schedule multistep) and train.step_size (schedule step) are set
+    for the default train.epochs (200). Where the config (files and --opts: `stated(dotted key)`) does
+    not state the one its schedule uses, it is scaled by epochs / 200 into `cfg`, rounded into
+    1 .. epochs - 1 (30 epochs: milestones [24, 27], step_size 23; milestones kept strictly increasing,
+    those that no longer fit dropped), and the returned note says so (None: nothing changed). A stated
+    value the run never reaches (>= train.epochs) is a UserError: the learning rate would never decay."""
+    t, train = cfg["train"], PHASE_I["train"]
+    epochs, base = t["epochs"], train["epochs"].default
+    scaled: list[int] | int
+    if t["schedule"] == "multistep":
+        name = "milestones"
+        scaled = []
+        for m in train[name].default:
+            at = max(min(math.floor(m * epochs / base + 0.5), epochs - 1), scaled[-1] + 1 if scaled else 1)
+            if at >= epochs:
+                break
+            scaled.append(at)
+        late = [m for m in t[name] if m >= epochs]
+    elif t["schedule"] == "step":
+        name = "step_size"
+        scaled = max(1, min(math.floor(train[name].default * epochs / base + 0.5), epochs - 1))
+        late = [t[name]] if t[name] >= epochs > 1 else []  # a one-epoch run has no decay to place
+    else:
+        return None
+    key, default = f"train.{name}", train[name].default
+    if stated(key):
+        if late:
+            raise UserError(f"{key} = {t[name]} reaches past the run: train.epochs is {epochs} (epochs 0 .. {epochs - 1}), "
+                            f"so schedule {t['schedule']} never decays at epoch {late[0]}. Set {key} below {epochs} "
+                            f"(e.g. --opts '{key}={scaled}', the default {default} scaled to {epochs} epochs), leave it "
+                            f"out to get that scaling, or raise train.epochs.")
+        return None
+    if scaled == default:
+        return None
+    t[name] = scaled
+    return (f"{key} not set: its default {default} (for {base} epochs) scaled to train.epochs = {epochs}: {scaled}. "
+            f"Set {key} to choose others.")
 
 
 def schema_fields(phase: str) -> dict[str, Field]:

@@ -9,6 +9,7 @@ run kind); integers are positions (epoch, iteration, batch, rank, view).
 """
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -30,6 +31,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# the cuBLAS workspace settings under which its GEMMs are deterministic (torch accepts these two)
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+
+
+def set_determinism(enabled: bool) -> None:
+    """Turn torch's deterministic mode on or off for this process (the ``determinism`` config key).
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises,
+    naming itself, rather than silently varying), cuDNN deterministic, no cuDNN autotuning. Off: torch's
+    defaults, so one process running several phases (the pipeline) gives each its own setting."""
+    if enabled and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in DETERMINISTIC_CUBLAS:
+        # Before any CUDA work: PyTorch reads the cuBLAS workspace size once, when the process's first
+        # cuBLAS handle is created, so a value set after the first GEMM would not take effect (torch's
+        # check would pass, the workspace would be the default one). Hence the phases apply this at
+        # their setup, before building models or moving data to the GPU.
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS[0]
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    if enabled:
+        torch.backends.cudnn.benchmark = False  # autotuning may pick another algorithm from run to run
 
 
 def _derived_seed(seed: int, step: int) -> int:

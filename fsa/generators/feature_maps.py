@@ -40,7 +40,7 @@ class MapGenerator:
 
 
 class FusionGenerator(MapGenerator):
-    """FSA (DESIGN 2.6): each tail sample's class-specific vectors fused with the class-generic
+    """FSA (docs/METHOD.md 2.6): each tail sample's class-specific vectors fused with the class-generic
     vectors of a donor from one of its confusing classes; the fused map keeps the tail label."""
 
     def __init__(self, ctx: GeneratorContext):

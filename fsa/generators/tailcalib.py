@@ -6,7 +6,7 @@ A library on plain arrays, independent of the CLI::
 
     feats, labels, per_class = generate(X, y, tukey=1.0, alpha=0.0, k=3, seed=0)
 
-What is computed (DESIGN.md section 3), with the choices this module makes where the paper is
+What is computed (docs/METHOD.md section 3), with the choices this module makes where the paper is
 silent:
 
 1. Rows of ``X`` are L2-normalised (``normalize=True``), then Tukey's ladder transform is applied
