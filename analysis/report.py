@@ -52,7 +52,8 @@ from engine.artifacts import check_provenance, sha256_file
 from engine.methods import METHODS
 from utils.config import config_differences, config_name, read_yaml
 from utils.errors import UserError
-from utils.run_dir import MAX_NAME_LENGTH, RunPaths, load_results, output_root, read_results, write_json_atomic
+from utils.run_dir import (MAX_NAME_LENGTH, RunPaths, load_results, output_root, read_results, seed_notes,
+                           write_json_atomic)
 
 __all__ = ["METRICS", "REPORT_DIR", "discover_rows", "collect", "check_settings_agree", "check_phase_i_sources",
            "build_report", "format_value", "run", "notes_folder", "report_dir", "is_up_to_date", "code_versions",
@@ -914,9 +915,7 @@ VARIANT_AT = " @ "  # a row in a variant: "FSA offline @ lr05"
 def variant_notes(variant: str, seeds: list[int] | None) -> list[str]:
     """The notes ``pipeline.py`` gives a variant: ``--note VARIANT`` (no --note for ``default``), with
     ``--seeds``: ``VARIANT-seedS`` (``seedS`` for ``default``); without: the note ``VARIANT`` itself."""
-    from engine.pipeline import notes_and_opts  # the one implementation of the naming
-
-    return [note for note, _ in notes_and_opts(None if variant == DEFAULT_VARIANT else variant, seeds)]
+    return seed_notes(None if variant == DEFAULT_VARIANT else variant, seeds)
 
 
 def variants_folder(variants: list[str], seeds: list[int] | None) -> str:

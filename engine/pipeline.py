@@ -47,7 +47,7 @@ from utils.cli import RunSpec, VisualizeSpec
 from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts
 from utils.errors import UserError
 from utils.provenance import changes_since, git_state
-from utils.run_dir import RunPaths, check_run_name, is_finished, read_results
+from utils.run_dir import RunPaths, is_finished, read_results, seed_notes
 from utils.schema import schema_keys
 
 __all__ = ["Step", "plan_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
@@ -139,16 +139,10 @@ def config_sources(config: str) -> dict[str, str]:
 
 
 def notes_and_opts(note: str | None, seeds: list[int] | None) -> list[tuple[str, list[str]]]:
-    """``[(note, --opts for the phases)]``: one note, or ``seedN`` (``NOTE-seedN`` with a note) with
+    """``[(note, --opts for the phases)]``: the variant's notes (``utils.run_dir.seed_notes``) with
     ``seed=N`` per seed."""
-    if seeds:
-        if len(set(seeds)) != len(seeds):
-            raise UserError(f"--seeds {' '.join(map(str, seeds))}: each seed once, please.")
-        if any(s < 0 for s in seeds):
-            raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be >= 0.")
-        prefix = "" if note is None else f"{note}-"
-        return [(check_run_name(f"{prefix}seed{s}", "--note"), [f"seed={s}"]) for s in seeds]
-    return [(check_run_name("default" if note is None else note, "--note"), [])]
+    notes = seed_notes(note, seeds)
+    return list(zip(notes, [[f"seed={s}"] for s in seeds] if seeds else [[]]))
 
 
 def _opt_key(item: str) -> str:

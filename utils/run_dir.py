@@ -108,6 +108,19 @@ def _checked_root(root: Path, source: str, fix_end: str) -> Path:
     return root
 
 
+def seed_notes(note: str | None, seeds: list[int] | None) -> list[str]:
+    """The notes of one variant's runs, as the pipeline names them and the report finds them: `note`
+    (default `default`), or `seedN` per seed (`NOTE-seedN` with a note); each checked with `check_run_name`."""
+    if not seeds:
+        return [check_run_name("default" if note is None else note, "--note")]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: each seed once, please.")
+    if any(s < 0 for s in seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: seeds must be >= 0.")
+    prefix = "" if note is None else f"{note}-"
+    return [check_run_name(f"{prefix}seed{s}", "--note") for s in seeds]
+
+
 @dataclass(frozen=True)
 class RunPaths:
     phase: str
