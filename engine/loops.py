@@ -18,12 +18,20 @@ from engine.accel import NO_ACCEL, Accel
 from engine.metrics import classification_report
 from engine.optim import set_lr
 from fsa.gradcam import eval_mode
-from utils import distributed
+from utils import distributed, threads
 from utils.errors import UserError
 from utils.seeding import stream_seed
 
 
 def progress(items: Iterable, desc: str) -> Iterable:
+    """`items` of a long loop, shown (:func:`progress_display`); each item lets the thread policy follow
+    the machine's load (:func:`utils.threads.tick`)."""
+    for item in progress_display(items, desc):
+        threads.tick()
+        yield item
+
+
+def progress_display(items: Iterable, desc: str) -> Iterable:
     """`items`, showing the loop's progress on rank 0: a tqdm bar when stderr is a terminal, else (a log
     file, a pipe) a plain line now and then (:class:`PlainProgress`), never a redraw per batch. TQDM_DISABLE
     (any non-empty value, as tqdm reads it) silences both; the other ranks of a torchrun job iterate silently."""

@@ -1,9 +1,14 @@
 """Fixtures shared across test modules."""
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import run_script
+
+# A fixed CPU thread count for runs made inside the test process too (script_env sets it for the scripts):
+# tests compare runs bit for bit, and accel.threads: auto would follow the machine's load (utils/threads.py).
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")

@@ -136,7 +136,7 @@ PHASE_II_DEFAULTS = {
     "split": {"ts": 0.8, "tg": 0.2},
     "confusion": {"nf": 3},
     "store": {"enabled": True, "views": 0, "num_workers": 0},
-    "accel": {"amp": "none", "channels_last": False},
+    "accel": {"amp": "auto", "channels_last": "auto", "threads": "auto"},
 }
 PAPER_FINETUNE = {"iterations": 6400, "nt": 16, "na": 3, "lr": 0.001, "eval_every": 400}
 RELEASE_TAILCALIB = {"lr": 0.01, "epochs": 150, "batch_size": 128}

@@ -113,7 +113,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     (["--config", "smoke", "--device", "gpu0"], "--device must be"),
     (["--config", "smoke", "--opts", "model.arch=resnet33"], "resnet32"),
     (["--config", "smoke", "--device", "cpu", "--opts", "accel.amp=fp16"], "accel.amp=fp16 needs a GPU"),
-    (["--config", "smoke", "--opts", "accel.amp=fp8"], "accel.amp' must be one of none, bf16, fp16"),
+    (["--config", "smoke", "--opts", "accel.amp=fp8"], "accel.amp' must be one of auto, none, bf16, fp16"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, args, fragment):
     code, stderr = run_main_in_process(SCRIPT, *args, cwd=tmp_path)
@@ -232,7 +232,7 @@ def test_fp16_grad_scaler_state_round_trips_through_last_pt_on_resume(tmp_path):
 
 def test_last_pt_has_no_scaler_entry_without_fp16(smoke_run):
     last = torch.load(smoke_run / "checkpoints/phase_i/smoke/default/last.pt", weights_only=True)
-    assert "scaler" not in last and last["config"]["accel"]["amp"] == "none"
+    assert "scaler" not in last and last["config"]["accel"]["amp"] == "auto"  # bf16 or float32: never fp16
 
 
 def test_phase_i_passes_its_fp16_scaler_to_the_loop_and_last_pt(tmp_path, monkeypatch):

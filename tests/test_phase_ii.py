@@ -27,7 +27,8 @@ def smoke_phase_ii(tmp_path_factory, phase_i_dir: Path) -> Path:
         if cwd.exists():
             shutil.rmtree(cwd)
         copy_phase_i(phase_i_dir, cwd)
-        run_script(SCRIPT, "--config", "smoke", "--device", "cpu", cwd=cwd)
+        # float32 (accel.amp=none): the tests recompute maps, CAMs and scores with the float32 model as their oracle
+        run_script(SCRIPT, "--config", "smoke", "--device", "cpu", "--opts", "accel.amp=none", cwd=cwd)
         done.write_text("ok")
     return cwd
 
@@ -180,7 +181,7 @@ def test_views_autograd_and_disabled_store_through_the_cli(run_dir, tmp_path):
 
     cwd = _copy_run(run_dir, tmp_path / "copy")
     code, err = run_main_in_process(SCRIPT, "--config", "smoke", "--device", "cpu", "--overwrite", "--opts",
-                                    "gradcam.method=autograd", "store.views=1", cwd=cwd)
+                                    "gradcam.method=autograd", "store.views=1", "accel.amp=none", cwd=cwd)
     assert code == 0, err
     results = _json(cwd / FEATURES / "results.json")
     assert results["cam_method"] == "autograd" and results["views"] == 2

@@ -361,3 +361,29 @@ def test_default_budget_is_the_papers_rows_per_training_image():
     _resolve_iterations(explicit, 438)
     assert explicit["finetune"]["iterations"] == 60
     assert load_config("cifar10-LT_resnet18", "phase_iii")["finetune"]["iterations"] == 6400
+
+
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_frozen_backbone_evaluation_equals_a_full_forward(classifier, amp):
+    """Classifier-only runs evaluate fc on features computed once: the reports must be those of model(x)."""
+    from datasets import build_datasets
+    from engine.accel import Accel
+    from engine.loops import EvalSets
+    from models import build_model
+
+    cfg = load_config("smoke", "phase_i", ["dataset.val.source=train", "dataset.val.fraction=0.2"])
+    bundle = build_datasets(cfg["dataset"])
+    torch.manual_seed(0)
+    model = build_model("resnet8", bundle.num_classes, bundle.train.images.shape[1], classifier=classifier)
+    model.eval()
+    accel = Accel.from_config({"amp": amp, "channels_last": "auto"}, torch.device("cpu"))
+    accel.prepare_model(model)
+    sets = EvalSets.of(bundle, 16, torch.device("cpu"))
+    frozen = phase_iii_maps.FrozenBackboneEval(model, sets, accel)
+    for step in range(3):  # the fc moves as training would; the cached features stay valid
+        with torch.no_grad():
+            model.fc.weight.add_(torch.randn_like(model.fc.weight) * 0.3)
+        expected = sets.evaluate(model, bundle.train_counts, 0.2, accel=accel)
+        assert frozen.evaluate(model, bundle.train_counts, 0.2, accel=accel) == expected
+        assert expected[1] is not None

@@ -23,7 +23,8 @@ BASE = ["--config", "smoke", "--device", "cpu"]
 # The smoke set balances to only 8 x 100 features: the release's lr 0.01 / batch 128 would take far more epochs
 # than a test can afford to fit a fresh classifier on unit-norm features. Plain SGD (no momentum) keeps the
 # classifier on the weak features of a 3-epoch backbone from oscillating between epochs.
-COMMON = ["tailcalib.batch_size=16", "tailcalib.lr=0.1", "finetune.momentum=0.0"]
+# float32 (accel.amp=none): the tests recompute features and predictions in float32 as their oracle
+COMMON = ["tailcalib.batch_size=16", "tailcalib.lr=0.1", "finetune.momentum=0.0", "accel.amp=none"]
 BATCH = 16
 OFF_OPTS = ["--opts", "finetune.generator=tailcalib", "tailcalib.epochs=15", *COMMON]
 ON_OPTS = ["--opts", "finetune.generator=tailcalibx", "tailcalib.epochs=3", *COMMON]
@@ -44,7 +45,7 @@ def _json(path: Path) -> dict:
 def _prepared(cwd: Path) -> Path:
     cwd.mkdir(parents=True)
     run_script("phase_i_train_or_test.py", *BASE, "--opts", "train.epochs=3", cwd=cwd)
-    run_script("phase_ii_extract_feature.py", *BASE, cwd=cwd)
+    run_script("phase_ii_extract_feature.py", *BASE, "--opts", "accel.amp=none", cwd=cwd)  # float32: the oracle's
     return cwd
 
 

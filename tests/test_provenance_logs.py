@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from engine import loops
-from engine.loops import PlainProgress, progress
+from engine.loops import PlainProgress, progress_display
 from engine.methods import METHODS
 from engine.pipeline import Step, skip_notes, step_opts
 from engine.recorder import open_run, saved_config_differences
@@ -23,7 +23,7 @@ from utils.run_dir import RunPaths
 
 PIPED_OPTS = ("train.epochs=1", "dataset.synthetic.train_per_class=20", "dataset.synthetic.test_per_class=6")
 PROVENANCE_KEYS = {"git_commit", "git_dirty", "command", "python", "torch", "torchvision", "cuda", "cudnn", "device",
-                   "device_name", "host", "started", "finished", "deterministic", "resumed"}
+                   "device_name", "host", "started", "finished", "deterministic", "accel", "threads", "resumed"}
 
 
 def _head() -> str | None:
@@ -76,13 +76,13 @@ def test_progress_draws_a_bar_only_on_a_terminal(monkeypatch):
     items = [1, 2, 3]
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.setattr(loops.sys, "stderr", _Stderr(tty=True))
-    bar = progress(items, "eval")
+    bar = progress_display(items, "eval")
     assert isinstance(bar, tqdm)
     bar.close()
     monkeypatch.setattr(loops.sys, "stderr", _Stderr(tty=False))
-    assert isinstance(progress(items, "eval"), PlainProgress)
+    assert isinstance(progress_display(items, "eval"), PlainProgress)
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    assert progress(items, "eval") is items
+    assert progress_display(items, "eval") is items
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,11 @@ def test_results_json_records_its_provenance(piped_run):
     assert record["device"] == "cpu" and record["torch"] == torch.__version__
     assert record["deterministic"] is False and record["resumed"] is False
     assert record["started"] <= record["finished"] and record["started"][10] == "T"
+    assert record["accel"] == dict(zip(("amp", "channels_last"), device.resolve_accel({"amp": "auto", "channels_last": "auto"},
+                                                                                   torch.device("cpu"))))
+    # the scripts' environment sets OMP_NUM_THREADS=2 (tests/helpers.script_env): auto keeps it, fixed
+    assert record["threads"]["setting"] == "auto" and record["threads"]["usable_cores"] == 2
+    assert not record["threads"]["adaptive"] and set(record["threads"]["seconds_at"]) == {"2"}
 
 
 def test_provenance_device_is_the_one_resolved(monkeypatch):

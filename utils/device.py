@@ -48,3 +48,27 @@ def device_in_use() -> torch.device:
     if _resolved is not None:
         return _resolved
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_initialized() else torch.device("cpu")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 autocast speeds this device up: a CUDA GPU with bf16 support (Ampere on), or a
+    CPU with AVX-512 BF16 or AMX instructions (oneDNN's bf16 kernels; elsewhere bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_accel(section: dict, device: torch.device) -> tuple[str, bool]:
+    """(amp, channels_last) that an ``accel:`` section means on `device`: ``amp: auto`` is bf16 where
+    :func:`bf16_is_fast`, else none; ``channels_last: auto`` is on exactly when autocast is (NHWC is what
+    oneDNN's bf16 convolutions and tensor cores want; in float32 it is not reliably faster on a CPU)."""
+    amp = section.get("amp", "none")
+    if amp == "auto":
+        amp = "bf16" if bf16_is_fast(device) else "none"
+    channels_last = section.get("channels_last", False)
+    if channels_last == "auto":
+        channels_last = amp != "none"
+    return amp, bool(channels_last)

@@ -7,10 +7,13 @@
     device, device_name, host                 what computed it: "cpu" / "cuda:0", the CPU or GPU model
     started, finished        ISO 8601 local time, seconds
     deterministic            whether torch's deterministic mode was on (the ``determinism`` config key)
+    accel                    the run's autocast dtype and channels-last as computed (``auto`` resolved:
+                             utils.device.resolve_accel)
+    threads                  the CPU thread policy and what it used (utils/threads.py)
     resumed                  whether this process continued an interrupted run
 
 A run marks its start with :func:`begin_run` when it opens (training runs: ``engine.recorder.open_run``),
-which also applies its ``determinism`` setting. ``started`` is this process's start of the run: a
+which also applies its ``determinism`` setting and its thread policy. ``started`` is this process's start of the run: a
 resumed run says ``resumed: true`` and its ``started`` is when the resume began (the first attempt's
 start is in its log.txt); a run that noted no start (a ``phase: test`` evaluation) gives the start of
 this process.
@@ -28,7 +31,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from utils.device import device_in_use
+from utils import threads
+from utils.device import device_in_use, resolve_accel
 from utils.errors import UserError
 from utils.seeding import set_determinism
 
@@ -42,13 +46,14 @@ def _now() -> str:
 
 _PROCESS_STARTED = _now()   # when the toolkit was imported: a run that noted no start of its own
 _run_started: str | None = None  # the start begin_run noted for the run now open, until its provenance is taken
+_run_accel: dict = {}  # the accel section of the run begin_run opened last
 
 
 def begin_run(cfg: dict) -> None:
     """Open a run of `cfg`: refuse settings that cannot go together, apply its ``determinism``
-    (:func:`utils.seeding.set_determinism`) and note its start. Call it on every process of the run,
-    before the run builds models or moves data to a GPU."""
-    global _run_started
+    (:func:`utils.seeding.set_determinism`) and its thread policy (:func:`utils.threads.apply`), and note
+    its start. Call it on every process of the run, before the run builds models or moves data to a GPU."""
+    global _run_started, _run_accel
     deterministic = bool(cfg.get("determinism", False))
     if deterministic and cfg.get("accel", {}).get("compile"):
         # torch's switch covers eager kernels; the kernels torch.compile generates and tunes are not bound by it
@@ -56,6 +61,8 @@ def begin_run(cfg: dict) -> None:
                         "kernels are outside torch's deterministic mode, so reruns could differ. Set "
                         "accel.compile=false for a reproducible run, or determinism=false for the compiled speed.")
     set_determinism(deterministic)
+    _run_accel = dict(cfg.get("accel", {}))
+    threads.apply(_run_accel.get("threads", "auto"), fixed=deterministic)
     _run_started = _now()
 
 
@@ -107,6 +114,8 @@ def collect(*, resumed: bool = False) -> dict:
         "started": started,
         "finished": _now(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "accel": dict(zip(("amp", "channels_last"), resolve_accel(_run_accel, device))),
+        "threads": threads.summary(),
         "resumed": resumed,
     }
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from utils.errors import UserError
+from utils.threads import parse_setting
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
 _PLURAL_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
@@ -229,7 +230,10 @@ OPTIM = {
 }
 
 # speed settings (engine/accel.py); they may differ between a run and its --resume
-ACCEL = {"amp": F("none", choices=("none", "bf16", "fp16")), "channels_last": F(False)}
+# auto: bf16 + channels-last where bf16 is fast (utils.device.resolve_accel); threads: utils/threads.py
+ACCEL = {"amp": F("auto", choices=("auto", "none", "bf16", "fp16")),
+         "channels_last": F("auto", bool, str, choices=("auto", True, False)),
+         "threads": F("auto", str, int, ge=1, le=4096, hint="CPU threads; auto follows the idle cores")}
 
 PHASE_I = {
     "seed": seed(),
@@ -396,7 +400,9 @@ def validate_values(cfg: dict, phase: str) -> None:
                      "pipeline's --suite full does).")
         _require(not cfg["distill"]["enabled"] or cfg["model"]["classifier"] == "cosine",
                  "distill.enabled trains the CBD student, a cosine classifier: set model.classifier=cosine too.")
-    elif phase == "phase_ii":
+    if "accel" in cfg:
+        parse_setting(cfg["accel"]["threads"])
+    if phase == "phase_ii":
         s = cfg["split"]
         _require(s["tg"] < s["ts"], f"split thresholds need tg < ts, got ts={s['ts']}, tg={s['tg']}.")
     elif phase == "phase_iii":
