@@ -27,7 +27,6 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from datasets.base import LTDataset
 from datasets.transforms import random_crop_flip
@@ -163,7 +162,7 @@ class _PadCropFlip:
         return random_crop_flip(image.unsqueeze(0), self.pad, self.flip)[0]
 
 
-def build_transform(policy: str, image_size: int, flip: bool, train: bool) -> T.Compose:
+def build_transform(policy: str, image_size: int, flip: bool, train: bool):
     """PIL image -> normalised float ``[3, image_size, image_size]``: the training view of ``policy``
     (crop_flip or resized_crop), or with ``train=False`` its deterministic (evaluation) view, which a
     run without augmentation also trains on.
@@ -173,6 +172,7 @@ def build_transform(policy: str, image_size: int, flip: bool, train: bool) -> T.
     and flips. resized_crop is ImageNet's: random-resized crop + flip for training, resize to 256/224 of the
     size + centre crop for evaluation.
     """
+    from torchvision import transforms as T  # here: importing torchvision costs every process about 1.5 s
     if policy == "resized_crop":
         if train:
             steps = [T.RandomResizedCrop(image_size), *([T.RandomHorizontalFlip()] if flip else [])]

@@ -201,10 +201,14 @@ def test_a_second_process_on_a_live_run_is_refused_and_kill_9_leaves_no_stale_lo
     try:
         lock = tmp_path / "checkpoints/phase_i/smoke/.default.lock"
         _wait_for_lock_holder(lock, first.pid, first)
+        saved = tmp_path / "checkpoints/phase_i/smoke/default/config.yaml"
+        deadline = time.monotonic() + 120
+        while not saved.is_file() and time.monotonic() < deadline:  # the holder writes it just after locking
+            time.sleep(0.2)
         for extra in ([], ["--resume"], ["--overwrite"]):
             code, err = run_main_in_process(PHASE_I, *SMOKE, "--opts", "train.epochs=200", *extra, cwd=tmp_path)
             assert code == 2 and f"in use by process {first.pid} " in err, (extra, err)
-        assert (tmp_path / "checkpoints/phase_i/smoke/default/config.yaml").is_file()  # --overwrite touched nothing
+        assert saved.is_file()  # --overwrite touched nothing
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -21,7 +21,10 @@ this process.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
+import importlib.util
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -29,7 +32,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torchvision
 
 from utils import threads
 from utils.device import device_in_use, resolve_accel
@@ -82,6 +84,21 @@ def git_state(root: Path = REPO_ROOT) -> tuple[str | None, bool | None]:
     return (head.strip() if head else None), (None if status is None else bool(status.strip()))
 
 
+def _torchvision_version() -> str | None:
+    """torchvision.__version__ (with its build tag, e.g. +cu130), read from the package's version.py without
+    importing torchvision, whose import costs every process about 1.5 s; the installed distribution's
+    version where that file cannot be read."""
+    try:
+        spec = importlib.util.find_spec("torchvision")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        return found[1] if found else importlib.metadata.version("torchvision")
+    except (OSError, importlib.metadata.PackageNotFoundError):
+        return None
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -105,7 +122,7 @@ def collect(*, resumed: bool = False) -> dict:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _torchvision_version(),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),  # None without cuDNN
         "device": str(device),
