@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEP_LINE = re.compile(r"^\[pipeline\] \S+ \d+/\d+ (?P<step>.+?): finished in (?P<s>[\d.]+) s$")
+STEP_LINE = re.compile(r"^\[pipeline\] \S+ (?:\d+/\d+ (?P<step>.+?)|(?P<report>report) \(.*\)): finished in (?P<s>[\d.]+) s$")
 TOTAL_LINE = re.compile(r"^\[pipeline\] done in (?P<s>[\d.]+) s")
 
 
@@ -33,7 +33,7 @@ def step_seconds(log: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in log.splitlines():
         if m := STEP_LINE.match(line.strip()):
-            out[m["step"]] = float(m["s"])
+            out[m["step"] or m["report"]] = float(m["s"])
         elif m := TOTAL_LINE.match(line.strip()):
             out["total"] = float(m["s"])
     return out
@@ -76,12 +76,12 @@ def main() -> None:
     if not this:
         sys.exit("no '[pipeline] ... finished in X s' lines in the log")
     other = step_seconds(Path(args.against).read_text()) if args.against else {}
-    top1 = re.search(r"phase_i .*finished: test top1 ([\d.]+)", log)
+    top1 = re.search(r"finished: test top1 ([\d.]+)", log)  # the first run of the chain: phase I
     print(f"\n{args.config}, seed {args.seed}{', beside one busy process' if args.busy else ''}"
           f"{f'; phase I top-1 {top1[1]}' if top1 else ''}"
           + ("" if args.log else f"; measured in {time.perf_counter() - started:.0f} s"))
     header = "| step | seconds |" + (" against (s) | x |" if other else "")
-    print(header + "\n" + re.sub(r"[^|]+", "---", header).replace("|---|", "|:---|", 1))
+    print(header + "\n" + re.sub(r"[^|]+", "---:", header).replace("|---:|", "|:---|", 1))
     for step, seconds in this.items():
         row = f"| {step} | {seconds:.1f} |"
         if other:

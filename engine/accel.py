@@ -11,8 +11,8 @@ channels-last memory format and ``torch.compile``.
 CPU with AVX-512 BF16 or AMX (utils.device.resolve_accel); elsewhere float32, contiguous. On this
 project's 2-core AVX-512 BF16 machine a ResNet-20 training step takes about 0.5x the float32 time, and
 3 seeds of the main job's phase I moved top-1 by a paired difference whose interval includes 0
-(docs/RESULTS.md). ``amp: none`` is float32 (with ``channels_last: auto`` then off): one setting away,
-bit-for-bit the float32 path. bf16 needs no loss scaling; fp16 is for GPUs without bf16.
+(docs/RESULTS.md). ``amp: none`` is float32 (with ``channels_last: auto`` then off), one setting away:
+the float32 path of earlier versions. bf16 needs no loss scaling; fp16 is for GPUs without bf16.
 Grad-CAMs, statistics and stored maps are always computed and kept in float32 / float16 from the
 autocast outputs, so the phase II store has the same format whatever ``amp`` is.
 """
