@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEP_LINE = re.compile(r"^\[pipeline\] \S+ (?:\d+/\d+ (?P<step>.+?)|(?P<report>report) \(.*\)): finished in (?P<s>[\d.]+) s$")
+STEP_LINE = re.compile(r"^\[pipeline\] \S+ (?:\d+/\d+ (?P<step>.+?)|(?P<report>report) \(.*\)): finished in (?P<s>[\d.]+) s(?: \(expected .*\))?$")
 TOTAL_LINE = re.compile(r"^\[pipeline\] done in (?P<s>[\d.]+) s")
 
 

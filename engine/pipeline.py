@@ -40,6 +40,7 @@ from pathlib import Path
 
 
 from datasets.fashion_mnist import ensure_fashion_mnist
+from engine.cost import Rates, Sizes, Work, approx_seconds, probe_rates, step_work
 from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, phase_ii_folder
 from engine.recorder import SPEED_SETTINGS, saved_config_differences
 from utils import distributed
@@ -332,7 +333,7 @@ def skip_notes(step: Step, source: str, name: str, note: str, args: list[str], r
 
 
 def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str,
-              opts: dict[str, list[str]], head: tuple[str | None, bool | None]) -> None:
+              opts: dict[str, list[str]], head: tuple[str | None, bool | None], costs: StepCosts | None) -> None:
     name = config_name(sources["phase_i"])
     state, where = step_state(step, name, note)
     args = step_opts(step, opts, _seed(sources, opts) if step.teacher else None)
@@ -344,12 +345,14 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
     resume = state == "interrupted"
     overwrite = state == "stale" and step.kind != "visualize"
     with_opts = f" with --opts {shlex.join(args)}" if args else ""
+    expected = costs.expected(note, step) if costs is not None else None
+    expecting = f" (expected {approx_seconds(expected)})" if expected is not None else ""
     if resume:
-        say(f"{tag} resumed from {where}{with_opts}")
+        say(f"{tag} resumed from {where}{with_opts}{expecting.replace('expected', 'expected at most')}")
     elif state == "stale":
-        say(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where})")
+        say(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where}){expecting}")
     else:
-        say(f"{tag} started{with_opts}")
+        say(f"{tag} started{with_opts}{expecting}")
     spec = _spec(step, sources[step.config_phase()], note, device, args, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     try:
@@ -361,7 +364,58 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
     except KeyboardInterrupt:
         say(f"{tag} interrupted after {time.perf_counter() - started:.1f} s")
         raise
-    say(f"{tag} finished in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    say(f"{tag} finished in {seconds:.1f} s{expecting}")
+    if costs is not None and not resume:
+        costs.record(step, seconds)
+
+
+class StepCosts:
+    """Each pending step's expected seconds (:mod:`engine.cost`): the probe's estimate of its work, or
+    what the same step took for an earlier note of this pipeline when it ran there from start to end."""
+
+    def __init__(self, works: dict[tuple[str, str], Work], rates: Rates):
+        self.works, self.rates, self.measured = works, rates, {}
+
+    def expected(self, note: str, step: Step) -> float | None:
+        if step.label in self.measured:
+            return self.measured[step.label]
+        work = self.works.get((note, step.label))
+        return None if work is None else work.seconds(self.rates)
+
+    def record(self, step: Step, seconds: float) -> None:
+        self.measured.setdefault(step.label, seconds)
+
+
+def _expected_costs(pending: dict[tuple[str, str], Step], runs: dict[str, dict[str, list[str]]],
+                    sources: dict[str, str], phase_i_cfg: dict, device) -> StepCosts:
+    """Probe this device (:func:`engine.cost.probe_rates`), print the expected cost of the pending steps
+    (of the first note with any, then the total) and return them."""
+    from datasets import build_datasets
+
+    bundle = build_datasets(phase_i_cfg["dataset"])
+    sizes = Sizes.of(bundle)
+    rates = probe_rates(phase_i_cfg, bundle, device, distributed.context().world_size)
+    works = {}
+    for (note, label), step in pending.items():
+        opts = runs[note]
+        cfg = None if step.kind == "visualize" else load_config(
+            sources[step.config_phase()], step.config_phase(), step_opts(step, opts, _seed(sources, opts) if step.teacher else None))
+        works[(note, label)] = step_work(step, cfg, sizes)
+    costs = StepCosts(works, rates)
+    say(f"expected cost, from a {rates.probe_s:.1f} s probe of the phase I model on {device}: "
+        f"{rates.trained * 1e3:.3g} ms per image trained, {rates.forwarded * 1e3:.3g} ms per image forwarded "
+        f"(data of {sizes.train:,} train / {sizes.val:,} val / {sizes.test:,} test images; classifier-only steps, "
+        f"checkpoints and the report are not counted):")
+    first = next(iter(pending))[0]
+    for (note, label), step in pending.items():
+        if note == first:
+            work = works[(note, label)]
+            say(f"  {label}: {work.what}, {approx_seconds(work.seconds(rates))}")
+    notes = len({note for note, _ in pending})
+    total = sum(work.seconds(rates) for work in works.values())
+    say(f"  total {approx_seconds(total)} for {len(pending)} step(s) of {notes} note(s)")
+    return costs
 
 
 def _check_configs_choose_nothing(cfgs: dict[str, dict], name: str) -> None:
@@ -404,7 +458,7 @@ def run(spec: PipelineSpec) -> dict:
     runs = [(note, {phase: [*base, *user_opts[phase]] for phase in CONFIG_PHASES})
             for note, base in notes_and_opts(spec.note, seeds)]
     device = spec.device
-    distributed.setup_device(device)  # under torchrun: join the process group once, for every step
+    torch_device = distributed.setup_device(device)  # under torchrun: join the process group once, for every step
     # check every config (and the --opts) before the first hour of training
     cfgs = {phase: load_config(sources[phase], phase, runs[0][1][phase]) for phase in CONFIG_PHASES}
     for phase in ("phase_i", "phase_iii"):
@@ -423,15 +477,17 @@ def run(spec: PipelineSpec) -> dict:
 
     started = time.perf_counter()
     head = git_state()  # the checkout every skipped step's provenance is compared with
-    data_checked = False
+    pending = {(note, step.label): step for note, _ in runs for step in steps
+               if step_state(step, name, note)[0] != "finished"}
+    costs = None
+    if pending:
+        distributed.on_main(lambda: ensure_fashion_mnist(cfgs["phase_i"]["dataset"], say))
+        distributed.barrier()
+        costs = _expected_costs(pending, dict(runs), sources, cfgs["phase_i"], torch_device)
     total = len(steps)
     for note, opts in runs:
         for i, step in enumerate(steps, 1):
-            if step.kind == "phase_i" and not data_checked:
-                distributed.on_main(lambda: ensure_fashion_mnist(cfgs["phase_i"]["dataset"], say))
-                distributed.barrier()
-                data_checked = True
-            _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts, head)
+            _run_step(step, f"{name}/{note} {i}/{total} {step.label}:", sources, note, device, opts, head, costs)
 
     if not distributed.context().is_main:
         return {}
