@@ -1,6 +1,7 @@
 """The report's figures (matplotlib, Agg), each a PNG in the report folder:
 
-    ablation.png          grouped bars of the metrics (mean, error bar = std over notes)
+    ablation.png          one panel per metric, one horizontal bar per row (mean, error bar = std over
+                          notes), coloured by method group; taller with more rows
     forest.png            every paired difference: mean, 95% t-interval, a line at 0, n per row
     per_class.png         one small panel per row: per-class accuracy, classes sorted by training count,
                           bars coloured by shot group, the phase I baseline as a reference line
@@ -20,7 +21,14 @@ from pathlib import Path
 from engine.metrics import FEW_SHOT_BELOW, MANY_SHOT_ABOVE, shot_groups
 
 # fixed figure sizes (inches at 100 dpi) so the PNGs have a known size in pixels
-BAR_FIGSIZE = (9.0, 5.0)
+BAR_FIGSIZE = (9.0, 5.0)    # ablation.png: its width and its least height
+BAR_ROW_PIXELS = 17         # ablation.png: height of one row (a label line) in each panel
+BAR_PANEL_PIXELS = 45       # ablation.png: a line of panels' title and x tick labels
+BAR_FIXED_PIXELS = 100      # ablation.png: the title, x label and legend
+BAR_COLUMNS = 3             # ablation.png: metric panels side by side
+BAR_LABEL_WIDTH = 40        # ablation.png: row labels wrap past this many characters
+BAR_EXTRA_LINE = 0.7        # ablation.png: a row's extra height (in rows) for each further line of its label
+FOREST_EXTRA_LINE = 0.4     # forest.png: the same for a line whose caption wraps
 DPI = 100
 PANEL_SIZE = (3.0, 2.2)     # one small multiple of per_class.png
 PANEL_COLUMNS = 5
@@ -58,33 +66,101 @@ def row_styles(count: int) -> list[tuple[tuple[float, ...], bool]]:
     return [(tuple(palette(i % 20)), (i // 20) % 2 == 1) for i in range(count)]
 
 
-def bar_chart(path: Path, config: str, notes: list[str], rows: list, metrics: tuple[str, ...]) -> None:
-    """Mean test accuracy per metric and row (error bar: sample std over notes)."""
+def bar_chart(path: Path, config: str, notes: list[str], rows: list, metrics: tuple[str, ...]) -> list[dict]:
+    """Mean test accuracy per metric and row as horizontal bars: one panel per metric (``BAR_COLUMNS`` to a
+    line of panels), one bar per row, rows top to bottom in the report's order with their labels on the y
+    axis, bars coloured by the row's method group; error bar: sample std over notes (none with one note); a
+    row without the metric says ``n/a`` instead of a bar; a dashed line at the first row's mean (the phase I
+    baseline) in each panel. The figure is ``BAR_FIGSIZE`` wide and grows in height with the rows: each row
+    ``BAR_ROW_PIXELS`` in each line of panels, ``BAR_EXTRA_LINE`` times that more for each further line of
+    a wrapped label; never below ``BAR_FIGSIZE``'s height.
+
+    Returns what was drawn, read back from the plotted artists (``label``, ``metric``, ``mean``, ``std``; mean
+    None for ``n/a``), row by row in each metric's panel, so that a test can hold the picture to the report's
+    numbers."""
+    import matplotlib
+    import numpy as np
+
     plt = _pyplot()
     metrics = [m for m in metrics if any(row.stat(m).n for row in rows)]
-    fig, ax = plt.subplots(figsize=BAR_FIGSIZE, dpi=DPI)
-    width = 0.8 / max(len(rows), 1)
-    styles = row_styles(len(rows))
-    for i, row in enumerate(rows):
-        color, patterned = styles[i]
-        stats = [row.stat(m) for m in metrics]
-        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(metrics))]
-        means = [s.mean if s.mean is not None else 0.0 for s in stats]
-        errs = [s.std if s.std is not None else 0.0 for s in stats]
-        keep = [k for k, s in enumerate(stats) if s.n]  # an absent group draws no bar
-        with_err = any(stats[k].std is not None for k in keep)
-        ax.bar([xs[k] for k in keep], [means[k] for k in keep], width * 0.95,
-               yerr=[errs[k] for k in keep] if with_err else None, capsize=3, label=row.label, color=color,
-               hatch="//" if patterned else None)
-    ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels(metrics)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{config}: test accuracy of the selected models ({_shown(notes, 'mean ± sample std')})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(rows), 3), frameon=False)
-    fig.tight_layout()
+    columns = max(1, min(BAR_COLUMNS, len(metrics)))
+    lines = max(1, math.ceil(len(metrics) / columns))
+    labels = [_wrap(row.label, BAR_LABEL_WIDTH) for row in rows]
+    ys, spans = _stacked(labels, BAR_EXTRA_LINE)
+    ys = np.array(ys)
+    panel_pixels = BAR_PANEL_PIXELS + round(BAR_ROW_PIXELS * sum(spans))
+    height = max(BAR_FIGSIZE[1] * DPI, BAR_FIXED_PIXELS + lines * panel_pixels)
+    fig, axes = plt.subplots(lines, columns, figsize=(BAR_FIGSIZE[0], height / DPI), dpi=DPI, sharex=True,
+                             sharey=True, squeeze=False, layout="constrained")
+    groups = list(dict.fromkeys(row.group or "other" for row in rows))
+    colours = {g: matplotlib.colormaps["tab10"](k % 10) for k, g in enumerate(groups)}
+    panels, referenced = [], False
+    for k, ax in enumerate(axes.flat):
+        if k >= len(metrics):
+            ax.set_axis_off()
+            continue
+        metric = metrics[k]
+        stats = [row.stat(metric) for row in rows]
+        for y, span in list(zip(ys, spans))[1::2]:  # every other row shaded, to read a row across the panels
+            ax.axhspan(y - span / 2, y + span / 2, color="#000000", alpha=0.05, linewidth=0)
+        keep = [i for i, s in enumerate(stats) if s.n]  # an absent group draws no bar, but n/a
+        bars = ax.barh(ys[keep], [stats[i].mean for i in keep], height=0.7,
+                       color=[colours[rows[i].group or "other"] for i in keep])
+        spread = [i for i in keep if stats[i].std is not None]  # one note: no error bar (not a zero one)
+        errors = ax.errorbar([stats[i].mean for i in spread], ys[spread], xerr=[stats[i].std for i in spread],
+                             fmt="none", ecolor="black", elinewidth=1.0, capsize=2.5) if spread else None
+        absent = [ax.text(1.5, ys[i], "n/a", va="center", ha="left", fontsize=7, color="#666666")
+                  for i in range(len(rows)) if i not in keep]
+        if stats and stats[0].mean is not None:
+            ax.axvline(stats[0].mean, color="black", linestyle="--", linewidth=0.9)
+            referenced = True
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlim(0, 100)
+        ax.set_xticks([0, 25, 50, 75, 100])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="y", labelsize=8, length=0)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_ylim(0, sum(spans))
+        panels.append((metric, bars, errors, absent))
+    axes[0, 0].set_yticks(ys)
+    axes[0, 0].set_yticklabels(labels)
+    for column in range(min(columns, len(metrics))):  # x ticks and label under the lowest panel of each column
+        lowest = axes.flat[max(k for k in range(len(metrics)) if k % columns == column)]
+        lowest.tick_params(axis="x", labelbottom=True)
+        lowest.set_xlabel("test accuracy (%)", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[g], label=g) for g in groups]
+    if referenced:
+        handles.append(plt.Line2D([], [], color="black", linestyle="--", label=rows[0].label))
+    legend_lines = max(1, math.ceil(len(handles) / 7))  # lines of even length, at most 7 entries each
+    fig.legend(handles=handles, loc="outside lower center", ncol=max(1, math.ceil(len(handles) / legend_lines)),
+               fontsize=8, frameon=False)
+    fig.suptitle(f"{config}: test accuracy of the selected models ({_shown(notes, 'mean ± sample std')})\n"
+                 f"colour: method group; dashed line: the first row's mean", fontsize=10)
+    drawn = _bars_drawn(axes[0, 0], panels)
     _save(fig, path)
+    return drawn
+
+
+def _bars_drawn(label_axes, panels: list) -> list[dict]:
+    """What each metric panel of ``bar_chart`` drew, read back from its artists, top to bottom: the row label
+    at the bar's height, the bar's length (mean), half its error bar (std; None without one), or None for
+    both where the panel says n/a."""
+    def at(y) -> float:  # a row's height, as the bars, error bars, texts and tick labels hold it
+        return round(float(y), 6)
+
+    names = {at(y): label.get_text().replace("\n", " ")
+             for y, label in zip(label_axes.get_yticks(), label_axes.get_yticklabels())}
+    out = []
+    for metric, bars, errors, absent in panels:
+        means = {at(patch.get_y() + patch.get_height() / 2): float(patch.get_width()) for patch in bars.patches}
+        means.update({at(text.get_position()[1]): None for text in absent})
+        spans = {}
+        if errors is not None:
+            _, _, (segments,) = errors.lines
+            spans = {at(seg[0][1]): float(abs(seg[1][0] - seg[0][0]) / 2) for seg in segments.get_segments()}
+        out += [{"label": names[y], "metric": metric, "mean": means[y], "std": spans.get(y)}
+                for y in sorted(means, reverse=True)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,8 +175,10 @@ def forest_chart(path: Path, title: str, diffs: list) -> list[dict]:
     ``ci95``), so that a test can hold the picture to the report's numbers."""
     plt = _pyplot()
     count = len(diffs)
-    fig, ax = plt.subplots(figsize=(11.0, 1.6 + 0.32 * count), dpi=DPI, layout="constrained")
-    ys = list(range(count))[::-1]  # the first difference on top
+    captions = [_wrap(d.caption, 80) for d in diffs]
+    ys, spans = _stacked(captions, FOREST_EXTRA_LINE)  # the first difference on top
+    height = round((1.6 + 0.32 * sum(spans)) * DPI)  # whole pixels
+    fig, ax = plt.subplots(figsize=(11.0, height / DPI), dpi=DPI, layout="constrained")
     points, bars = [], []
     for y, d in zip(ys, diffs):
         colour = METRIC_COLOURS.get(d.metric, "#555555")
@@ -115,11 +193,12 @@ def forest_chart(path: Path, title: str, diffs: list) -> list[dict]:
     pair_starts = [k for k in range(count) if k == 0 or (diffs[k].method, diffs[k].reference)
                    != (diffs[k - 1].method, diffs[k - 1].reference)]
     for first, after in list(zip(pair_starts, pair_starts[1:] + [count]))[::2]:  # shade every other pair's lines
-        ax.axhspan(ys[after - 1] - 0.5, ys[first] + 0.5, color="#000000", alpha=0.05, linewidth=0)
+        ax.axhspan(ys[after - 1] - spans[after - 1] / 2, ys[first] + spans[first] / 2, color="#000000", alpha=0.05,
+                   linewidth=0)
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(ys)
-    ax.set_yticklabels([_wrap(d.caption, 80) for d in diffs], fontsize=9)
-    ax.set_ylim(-0.7, count - 0.3)
+    ax.set_yticklabels(captions, fontsize=9)
+    ax.set_ylim(-0.2, sum(spans) + 0.2)
     right = ax.twinx()  # the numbers, one per line, as a column of tick labels on the right
     right.set_ylim(ax.get_ylim())
     right.set_yticks(ys)
@@ -139,6 +218,14 @@ def forest_chart(path: Path, title: str, diffs: list) -> list[dict]:
              "mean": float(point.get_xdata()[0]),
              "ci95": None if bar is None else [float(v) for v in sorted(bar.get_segments()[0][:, 0])]}
             for d, point, bar, label in zip(diffs, points, bars, ax.get_yticklabels())]
+
+
+def _stacked(labels: list[str], extra_line: float) -> tuple[list[float], list[float]]:
+    """``(centres, heights)`` of rows stacked top to bottom in the order of their (wrapped) labels, each 1 high
+    plus ``extra_line`` for each further line of its label: the first on top, the last one's bottom at 0."""
+    heights = [1 + extra_line * label.count("\n") for label in labels]
+    tops = [sum(heights) - sum(heights[:k]) for k in range(len(heights))]
+    return [top - height / 2 for top, height in zip(tops, heights)], heights
 
 
 def _interval_text(d) -> str:
@@ -205,12 +292,16 @@ def per_class_chart(path: Path, config: str, notes: list[str], rows: list) -> No
         ax.set_title(_wrap(row.label, 34) + ("" if mean is None else f"  ({mean:.1f})"), fontsize=9)
         ticks = _count_ticks(counts, order)
         ax.set_xticks([x for x, _ in ticks])
-        ax.set_xticklabels([str(n) for _, n in ticks], fontsize=7)
+        tick_labels = ax.set_xticklabels([str(n) for _, n in ticks], fontsize=7)
+        if len(order) > 1:  # the end labels inside their panel, apart from the next panel's first
+            tick_labels[0].set_horizontalalignment("left")
+            tick_labels[-1].set_horizontalalignment("right")
         ax.tick_params(axis="y", labelsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)", fontsize=8)
-    for ax in axes[-1]:
-        ax.set_xlabel("classes, by training images", fontsize=8)
+    for column in range(columns):  # under the lowest panel of each column (the last line may be short)
+        axes.flat[max(k for k in range(len(data)) if k % columns == column)].set_xlabel("classes, by training images",
+                                                                                    fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLOURS[g], label=GROUP_NAMES[g])
                for g in GROUP_COLOURS if any(g in _group_of(d[0]).values() for _, d in data)]
     handles.append(plt.Line2D([], [], color="black", linestyle="--", label="head | tail"))

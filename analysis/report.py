@@ -15,7 +15,7 @@ Reads ``checkpoints/<phase>/<config>/<note>/results.json`` of every finished run
                     and the figures
     ablation.csv    one line per row (its report.json id, mean and std of each metric and training cost in
                     separate columns; empty cell = absent / undefined)
-    ablation.png    grouped bar chart (mean, error bar = sample std over notes)
+    ablation.png    one panel per metric, a horizontal bar per row (mean, error bar = sample std over notes)
     forest.png      every paired difference: mean, 95% t-interval, a line at 0 (points only with one note)
     per_class.png   one panel per row: per-class accuracy, classes by training count, shot groups coloured
     confusion_<id>.png, curves_<id>.png

@@ -1,6 +1,8 @@
 """The report's figures from hand-written results.json files: the forest plot draws the report's own paired
-intervals; every PNG opens at a sane size; per-class panels stay fast and bounded at 25 rows x 100 classes;
-confusion matrices are recall over classes by training count; curves only for trained rows."""
+intervals; every PNG opens at a sane size; ablation bars are the rows' means and stds, and at 25 rows (a full
+suite) no two texts of ablation.png, per_class.png or forest.png overlap and none leaves the figure; per-class
+panels stay fast and bounded at 25 rows x 100 classes; confusion matrices are recall over classes by training
+count; curves only for trained rows."""
 import json
 import time
 from pathlib import Path
@@ -113,20 +115,166 @@ def test_figures_of_rows_that_left_the_report_are_removed(runs):
     assert not (out / "curves_fsa_offline.png").exists() and (out / "curves_ce.png").is_file()
 
 
-def test_per_class_panels_of_25_rows_and_100_classes_are_fast_and_bounded(tmp_path):
+# the 21 labels of a report of --suite full then tailcalibx, and four more arms on other backbones: 25 rows; the
+# last one too long for a line
+SUITE_LABELS = ["Phase I baseline (CE)", "Focal loss", "Class-balanced CE", "Balanced softmax", "Logit-adjusted loss",
+                "LDAM-DRW", "CosineCE", "CBD (class-balanced distillation)", "Post-hoc logit adjustment",
+                "tau-normalised classifier", "LWS (learned class scales)", "cRT (re-trained classifier)",
+                "cRT control (offline, no fusion)", "FSA offline", "cRT control (online, no fusion)", "FSA online",
+                "TailCalib (offline)", "TailCalibX (online)", "TailCalib (offline) on CosineCE",
+                "TailCalibX (online) on CosineCE", "cRT (re-trained classifier) on CosineCE", "FSA offline on CosineCE",
+                "FSA online on CosineCE", "tau-normalised classifier on CosineCE",
+                "TailCalibX (online) on CBD (class-balanced distillation)"]
+SUITE_GROUPS = (["baseline"] + ["losses"] * 5 + ["cosine"] * 2 + ["decoupled"] * 4 + ["FSA"] * 4 + ["TailCalib"] * 4
+                + [None] * 4 + ["TailCalib"])
+
+
+def suite_rows(classes: int = 4) -> list[Row]:
+    """25 rows over three notes with distinct metrics; LDAM-DRW has no few-shot class (n/a) and Focal loss
+    only one note of 'many' (a bar without an error bar)."""
+    counts = [int(500 * 0.01 ** (c / (classes - 1))) for c in range(classes)]
+    rows = []
+    for k, (label, group) in enumerate(zip(SUITE_LABELS, SUITE_GROUPS)):
+        runs = {}
+        for j, note in enumerate(NOTES):
+            runs[note] = {metric: 20.0 + k * 2.5 + m * 3 + j * (1 + k % 3)
+                          for m, metric in enumerate(analysis.report.METRICS)}
+            runs[note].update(per_class=[float((c * 7 + k + j) % 100) for c in range(classes)],
+                              train_counts=counts, groups={"head": list(range(max(1, classes * 3 // 10)))})
+            if label == "LDAM-DRW":
+                runs[note]["few"] = None
+            if label == "Focal loss" and note != "seed0":
+                runs[note]["many"] = None
+        rows.append(Row(label, f"phase_x{k}", id=f"x{k}", group=group, runs=runs))
+    return rows
+
+
+def drawn_figure(monkeypatch) -> list:
+    """The figures the plots module saves, kept open (drawn again by the caller) to measure their texts."""
+    import analysis.plots
+
+    figures = []
+    real = analysis.plots._save
+    monkeypatch.setattr(analysis.plots, "_save", lambda fig, path: figures.append(fig) or real(fig, path))
+    return figures
+
+
+def visible_texts(fig) -> list:
+    """Every text the figure shows (titles, axis and tick labels, legend entries, annotations), its extent in
+    pixels after drawing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    canvas = FigureCanvasAgg(fig)  # pyplot detached the closed figure from its canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = []
+    for axes in fig.axes:
+        if not axes.axison:
+            continue
+        for axis in (axes.xaxis, axes.yaxis):  # the tick labels in view of a shown axis (a twin hides one)
+            if axis.get_visible():
+                low, high = sorted(axis.get_view_interval())
+                texts += [label for tick in axis.get_major_ticks() if low <= tick.get_loc() <= high
+                          for label in (tick.label1, tick.label2)]
+                texts.append(axis.label)
+        texts += [axes.title, *axes.texts]
+    texts += [text for legend in fig.legends for text in legend.get_texts()]
+    texts += [fig._suptitle] if fig._suptitle is not None else []
+    texts = [t for t in texts if isinstance(t, Text) and t.get_visible() and t.get_text().strip()]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+
+
+def assert_readable(fig) -> None:
+    """No two texts of the figure overlap, and each lies inside the figure."""
+    texts = visible_texts(fig)
+    width, height = fig.canvas.get_width_height()
+    assert fig.get_size_inches() * fig.dpi == pytest.approx([width, height]) and texts  # whole pixels
+    for text, box in texts:
+        assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height, f"{text!r} leaves the figure: {box}"
+    for k, (text, box) in enumerate(texts):
+        for other, other_box in texts[k + 1:]:
+            assert not box.overlaps(other_box), f"{text!r} {box} overlaps {other!r} {other_box}"
+
+
+def test_ablation_bars_are_the_rows_means_and_stds(tmp_path):
+    from analysis.plots import bar_chart
+
+    rows = suite_rows()
+    drawn = bar_chart(tmp_path / "ablation.png", CONFIG, NOTES, rows, analysis.report.METRICS)
+    metrics = [m for m in analysis.report.METRICS if any(row.stat(m).n for row in rows)]
+    assert [(d["metric"], d["label"]) for d in drawn] == [(m, row.label) for m in metrics for row in rows]
+    for d in drawn:
+        stat = next(row for row in rows if row.label == d["label"]).stat(d["metric"])
+        assert d["mean"] == (None if stat.mean is None else pytest.approx(stat.mean, abs=1e-9)), d
+        assert d["std"] == (None if stat.std is None else pytest.approx(stat.std, abs=1e-9)), d
+    by = {(d["label"], d["metric"]): d for d in drawn}
+    assert by["LDAM-DRW", "few"] == {"label": "LDAM-DRW", "metric": "few", "mean": None, "std": None}  # n/a, no bar
+    assert by["Focal loss", "many"]["mean"] == 20.0 + 2.5 + 3 and by["Focal loss", "many"]["std"] is None
+    assert by["Focal loss", "top1"]["std"] == pytest.approx(2.0)  # 22.5, 24.5, 26.5
+    # one note: bars without error bars
+    single = bar_chart(tmp_path / "one.png", CONFIG, ["seed0"], [Row(r.label, r.phase, runs={"seed0": r.runs["seed0"]})
+                                                                 for r in rows[:3]], analysis.report.METRICS)
+    assert all(d["std"] is None for d in single) and single[0]["mean"] == rows[0].runs["seed0"]["top1"]
+
+
+def test_ablation_of_25_rows_has_no_overlapping_text_and_grows_in_height(tmp_path, monkeypatch):
+    from analysis.plots import bar_chart
+
+    figures = drawn_figure(monkeypatch)
+    bar_chart(tmp_path / "ablation.png", CONFIG, NOTES, suite_rows(), analysis.report.METRICS)
+    (fig,) = figures
+    assert_readable(fig)
+    labels = [t.replace("\n", " ") for t, _ in visible_texts(fig)]
+    # each label on both lines of metric panels; the first row's also in the legend (its dashed line)
+    assert [labels.count(label) for label in SUITE_LABELS] == [3] + [2] * 24
+    assert "n/a" in labels and SUITE_LABELS[0] in [t.get_text() for t in fig.legends[0].get_texts()]
+    # the row labels sit left of their panels, not on the bars
+    first = fig.axes[0]
+    boxes = [label.get_window_extent() for label in first.get_yticklabels()]
+    assert max(box.x1 for box in boxes) <= first.get_window_extent().x0 and len(boxes) == 25
+    # bars thick enough to see and tell apart: at least 10 pixels each, 25 (24 where n/a) to a panel
+    bars = [[patch for patch in axes.patches if patch.get_width() > 0 and patch.get_height() < 1] for axes in fig.axes]
+    assert [len(panel) for panel in bars] == [25, 25, 25, 24, 25, 25]
+    assert min(patch.get_window_extent().height for panel in bars for patch in panel) >= 10
+    assert "\n" in first.get_yticklabels()[-1].get_text()  # the long label wrapped, its row 1.7 rows high
+    image = cv2.imread(str(tmp_path / "ablation.png"))
+    assert image.shape == (1064, 900, 3)  # 100 + 2 lines x (45 + 25.7 rows x 17) pixels, 900 wide
+    # five metrics (a smoke report has no many-shot class): the third column's x axis under its only panel
+    bar_chart(tmp_path / "five.png", CONFIG, NOTES, suite_rows(), ("top1", "medium", "few", "head", "tail"))
+    assert_readable(figures[1])
+    texts = visible_texts(figures[1])
+    assert [t for t, _ in texts].count("test accuracy (%)") == 3 and [t for t, _ in texts].count("100") == 3
+
+
+def test_per_class_panels_of_25_rows_and_100_classes_are_fast_bounded_and_readable(tmp_path, monkeypatch):
     from analysis.plots import per_class_chart
 
-    counts = [int(500 * 0.01 ** (c / 99)) for c in range(100)]
-    rows = [Row(f"method {k} with a fairly long label", f"phase_iii_x{k}",
-                runs={note: {"top1": 50.0, "per_class": [float((c * 7 + k) % 100) for c in range(100)],
-                             "train_counts": counts, "groups": {"head": list(range(30))}} for note in NOTES})
-            for k in range(25)]
+    figures = drawn_figure(monkeypatch)
+    rows = suite_rows(classes=100)
     start = time.perf_counter()
     per_class_chart(tmp_path / "per_class.png", CONFIG, NOTES, rows)
     assert time.perf_counter() - start < 60  # about 10 s on a busy 2-core machine
     image = cv2.imread(str(tmp_path / "per_class.png"))
     assert image.shape == (1190, 1500, 3)  # 5 x 5 panels of 300 x 220 pixels, 90 pixels of title and legend
     assert (tmp_path / "per_class.png").stat().st_size < 1_000_000
+    assert_readable(figures[0])
+    for axes in figures[0].axes:  # a panel's class counts stay under it, apart from the next panel's
+        inside = axes.get_window_extent()
+        for label in axes.get_xticklabels():
+            box = label.get_window_extent()
+            assert inside.x0 - 1 <= box.x0 and box.x1 <= inside.x1 + 1, (label.get_text(), box, inside)
+
+
+def test_forest_of_a_full_suite_has_no_overlapping_text(tmp_path, monkeypatch):
+    from analysis.plots import forest_chart
+
+    figures = drawn_figure(monkeypatch)
+    rows = suite_rows()
+    diffs = [d for row in rows[1:] for d in analysis.report._paired(row.label, row.runs, rows[0].label, rows[0].runs)]
+    assert len(diffs) == 48  # top1 and tail of 24 rows against the first
+    forest_chart(tmp_path / "forest.png", f"{CONFIG}: paired differences", diffs)
+    assert_readable(figures[0])
 
 
 def test_confusion_rows_are_recall_averaged_over_notes_in_training_count_order():
