@@ -341,11 +341,11 @@ def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: 
         notes = skip_notes(step, sources[step.config_phase()], name, note, args, Path(where), head)
         say(f"{tag} skipped (finished: {where}{''.join(f'; {n}' for n in notes)})")
         return
+    expected = costs.expected(note, step) if costs is not None else None  # keyed by the chain's note
     note = step.note(note)
     resume = state == "interrupted"
     overwrite = state == "stale" and step.kind != "visualize"
     with_opts = f" with --opts {shlex.join(args)}" if args else ""
-    expected = costs.expected(note, step) if costs is not None else None
     expecting = f" (expected {approx_seconds(expected)})" if expected is not None else ""
     if resume:
         say(f"{tag} resumed from {where}{with_opts}{expecting.replace('expected', 'expected at most')}")

@@ -109,6 +109,19 @@ def test_pipeline_prints_each_steps_expected_cost(tmp_path, monkeypatch, capsys)
     assert "smoke/seed1 2/11 phase II: started with --opts seed=1 (expected <1 s)" in out
 
 
+def test_teacher_steps_have_their_expected_cost(tmp_path, monkeypatch, capsys):
+    from analysis import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "_call", lambda step, spec: None)
+    monkeypatch.setattr(report, "build_report", lambda name, notes: {})
+    pipeline.run(pipeline.PipelineSpec(config="smoke", device="cpu", suite="tailcalibx",
+                                       opts=("train.epochs=2", "distill.teachers=2")))
+    out = capsys.readouterr().out
+    for k in (1, 2):
+        assert re.search(rf"phase I CosineCE teacher {k}: started with --opts .* \(expected (<1|~\d+) s\)$", out, re.M), out
+
+
 def test_the_benchmark_reads_finished_lines_with_their_expectation():
     log = ("[pipeline] smoke/default 1/11 phase I: finished in 8.0 s (expected ~7 s)\n"
            "[pipeline] smoke/default 2/11 phase II: finished in 0.4 s\n[pipeline] done in 9.5 s; report in x/\n")
