@@ -22,7 +22,8 @@ from utils import run_dir
 from utils.errors import UserError
 from utils.seeding import stream_seed
 
-__all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "EpochBatches", "class_balanced_indices"]
+__all__ = ["BatchLoader", "sequential_batches", "shuffled_batches", "EpochBatches", "class_balanced_indices",
+           "fresh_class_aware_indices"]
 
 
 def _chunks(order: Sequence[int], batch_size: int, drop_last: bool) -> list[list[int]]:
@@ -59,6 +60,47 @@ def class_balanced_indices(labels: torch.Tensor, num_classes: int, n: int, gener
     return order[starts[classes] + offsets]
 
 
+def fresh_class_aware_indices(labels: torch.Tensor, n: int, samples_per_class: int,
+                              generator: torch.Generator) -> torch.Tensor:
+    """The first `n` training indices of a freshly made class-aware sampler (cRT / LWS, one per epoch;
+    engine.phase_iii_decoupled): classes are visited in cycles, each cycle a random order of the classes
+    that have samples; each visit takes the next `samples_per_class` indices of that class's own endless
+    list, a random permutation of its samples followed by new permutations as it runs out (a visit may
+    straddle two). The sampling of the classifier-balancing release's ``data/ClassAwareSampler.py``
+    (``num_samples_cls``; its class and sample lists are reshuffled at every wrap). Vectorised: no loop
+    over samples, classes or cycles. CBD's batches too (:class:`EpochBatches`)."""
+    if samples_per_class < 1:
+        raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+    labels, k = labels.cpu().long(), int(samples_per_class)
+    if n <= 0:
+        return torch.empty(0, dtype=torch.long)
+    counts = torch.bincount(labels)
+    members = torch.argsort(labels, stable=True)          # the samples of class c: members[starts[c]:][:counts[c]]
+    starts = torch.cumsum(counts, 0) - counts
+    present = torch.nonzero(counts).flatten()
+    visits = -(-n // k)
+    cycles = -(-visits // len(present))
+    # class of each visit: one random order of the present classes per cycle
+    visit_class = present[torch.argsort(torch.rand(cycles, len(present), generator=generator), dim=1)].flatten()[:visits]
+    # how many earlier visits its class has had: visit j of class c reads items j*k .. j*k+k-1 of its list
+    by_class = torch.argsort(visit_class, stable=True)
+    per_class = torch.bincount(visit_class, minlength=len(counts))
+    first_visit = torch.cumsum(per_class, 0) - per_class
+    earlier = torch.empty(visits, dtype=torch.long)
+    earlier[by_class] = torch.arange(visits) - first_visit[visit_class[by_class]]
+    # each class's list: as many permutations of its samples as its visits need, laid end to end
+    perms = torch.where(per_class > 0, -(-(per_class * k) // counts.clamp_min(1)), 0)
+    length = perms * counts
+    list_start = torch.cumsum(length, 0) - length
+    owner = torch.repeat_interleave(torch.arange(len(counts)), length)
+    item = torch.arange(int(length.sum())) - list_start[owner]
+    copy_start = list_start[owner] + item - item % counts[owner]   # where this item's permutation starts
+    key = copy_start.double() + torch.rand(len(item), generator=generator, dtype=torch.float64)
+    lists = members[starts[owner] + item % counts[owner]][torch.argsort(key)]  # shuffled within each permutation
+    at = (list_start[visit_class] + earlier * k)[:, None] + torch.arange(k)
+    return lists[at].flatten()[:n]
+
+
 class EpochBatches:
     """The training batches of one epoch, shuffled and split across processes (a batch sampler).
 
@@ -68,13 +110,24 @@ class EpochBatches:
     processes sees the same rows as one step of a single process. The last, short global batch is
     cut into equal parts too (its remainder, fewer than ``world_size`` rows, is left out that epoch).
 
-    With ``labels`` and ``balanced_share`` > 0 (CBD's sampling), ``round(share * size)`` rows of every
-    global batch are class-balanced draws (:func:`class_balanced_indices`, seeded by ``(seed,
-    "phase_i.balanced", e)``) and the rest come from the permutation, so an epoch still has ``n`` rows.
+    With ``labels`` and ``samples_per_class`` >= 1 (CBD's sampling, the TailCalibX release's
+    ``ClassAwareSampler``), every row is class-aware instead: epoch ``e`` is the first ``R`` rows of a
+    fresh class-aware sampler (:func:`fresh_class_aware_indices`, seeded by ``(seed, "phase_i.balanced",
+    e)``), ``R = steps * batch_size`` with ``steps = max(1, n // batch_size)`` full global batches: the
+    release's epoch of ``int(len(dataset) / batch_size)`` steps ("based on actual number of training data
+    instead of oversampled data number", its ``libs/core/core_base.py``). The release keeps one sampler,
+    whose class and per-class cycles run on across epochs; a fresh one per epoch keeps a resumed run exact
+    (the difference is where a cycle starts).
+
+    With ``labels`` and ``balanced_share`` > 0 (the ``mixed`` CBD variant of this project), ``round(share *
+    size)`` rows of every global batch are i.i.d. class-balanced draws (:func:`class_balanced_indices`,
+    seeded by ``(seed, "phase_i.balanced", e)``) and the rest come from the permutation, so an epoch still
+    has ``n`` rows.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, *,
-                 labels: torch.Tensor | None = None, balanced_share: float = 0.0) -> None:
+                 labels: torch.Tensor | None = None, balanced_share: float = 0.0,
+                 samples_per_class: int = 0) -> None:
         if batch_size < 1 or batch_size % world_size:
             raise UserError(
                 f"The batch size ({batch_size}) is the global batch and must be a positive multiple of the number of "
@@ -84,16 +137,24 @@ class EpochBatches:
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.labels, self.balanced_share = labels, float(balanced_share) if labels is not None else 0.0
+        self.samples_per_class = int(samples_per_class) if labels is not None else 0
+        if self.samples_per_class and self.balanced_share:
+            raise ValueError("class-aware batches (samples_per_class) and a class-balanced share exclude each other")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def _global_sizes(self) -> list[int]:
+        if self.samples_per_class:
+            return [self.batch_size] * max(1, self.n // self.batch_size)
         full, rest = divmod(self.n, self.batch_size)
         return [self.batch_size] * full + ([rest] if rest >= self.world_size else [])
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.samples_per_class:
+            yield from self._class_aware()
+            return
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
         sizes = self._global_sizes()
         balanced_rows = [round(self.balanced_share * size) for size in sizes]
@@ -108,6 +169,16 @@ class EpochBatches:
             used, taken = used + size - k, taken + k
             part = size // self.world_size
             yield rows[self.rank * part:(self.rank + 1) * part].tolist()
+
+    def _class_aware(self) -> Iterator[list[int]]:
+        sizes = self._global_sizes()
+        total = sum(sizes)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, "phase_i.balanced", self.epoch))
+        rows = fresh_class_aware_indices(self.labels, total, self.samples_per_class, generator)
+        part = self.batch_size // self.world_size
+        for b in range(len(sizes)):
+            batch = rows[b * self.batch_size:(b + 1) * self.batch_size]
+            yield batch[self.rank * part:(self.rank + 1) * part].tolist()
 
     def __len__(self) -> int:
         return len(self._global_sizes())

@@ -114,8 +114,9 @@ def read_feature_classifier_checkpoint(path: Path, produced_by: str, generator: 
     fc, transform = payload.get("fc"), payload.get("feature_transform")
     bad = [key for key, ok in (
         ("kind", payload.get("kind") == FEATURE_CLASSIFIER_KIND),
+        # a bias-free head (LDAM's normed classifier) saves none
         ("fc", isinstance(fc, dict) and isinstance(fc.get("weight"), torch.Tensor) and fc["weight"].ndim == 2
-         and isinstance(fc.get("bias"), torch.Tensor)),
+         and isinstance(fc.get("bias", torch.zeros(0)), torch.Tensor)),
         ("feature_transform", isinstance(transform, dict) and _is_number(transform.get("tukey"))
          and _is_number(transform.get("eps")) and isinstance(transform.get("normalize"), bool)),
         ("arch", isinstance(payload.get("arch"), str)),

@@ -102,7 +102,21 @@ def phase_iii_work(method, cfg: dict, sizes: Sizes) -> Work:
         if method.mode == "offline":
             return Work(forwarded=sizes.val, what=f"{epochs} epochs on stored features")
         return Work(forwarded=epochs * sizes.train + sizes.evaluated, what=f"{epochs} epochs of online features")
-    return Work(forwarded=sizes.val, what="on stored features")  # decoupled: phase II's pooled store, val forwarded
+    return _decoupled_work(method, cfg["decoupled"], sizes)
+
+
+def _decoupled_work(method, d: dict, sizes: Sizes) -> Work:
+    """Decoupled methods read phase II's pooled store and forward the validation images; the trained ones
+    (cRT, LWS; ``decoupled.features: augmented``) forward every epoch's rows as fresh augmented images."""
+    from engine.phase_iii_decoupled import RELEASE_EPOCHS, decoupled_epochs, epoch_rows
+
+    if method.id not in RELEASE_EPOCHS:  # chosen on stored features, nothing trained
+        return Work(forwarded=sizes.val, what="chosen on stored features")
+    epochs = decoupled_epochs(d, method.id)
+    if d["features"] != "augmented":
+        return Work(forwarded=sizes.val, what=f"{epochs} epochs on stored features")
+    rows = epoch_rows(sizes.train, d["batch_size"], d["sampler"])
+    return Work(forwarded=epochs * rows + sizes.val, what=f"{epochs} epochs of {rows:,} augmented rows")
 
 
 def step_work(step, cfg: dict | None, sizes: Sizes) -> Work:

@@ -13,12 +13,15 @@ from torch import nn
 
 
 class FocalLoss(nn.Module):
-    """Lin et al. 2017: CE scaled by (1 - p_t)^gamma, mean over the batch."""
+    """Softmax focal loss, mean over the batch of ``-(1 - p_y)^gamma log p_y`` (Lin et al. 2017's modulating
+    factor on the softmax cross-entropy), as the LDAM-DRW release's focal baseline (losses.py ``FocalLoss``,
+    ``cifar_train.py``: ``gamma=1``, no class weights). ``train.focal_gamma`` defaults to that release's 1
+    (Cui et al.'s release also runs focal at ``GAMMA=1.0``); Lin et al.'s detection setting is 2 (with a
+    sigmoid and alpha = 0.25, neither used here)."""
 
-    def __init__(self, gamma: float, weight: torch.Tensor | None = None):
+    def __init__(self, gamma: float):
         super().__init__()
-        self.gamma = gamma
-        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+        self.gamma = float(gamma)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
@@ -41,10 +44,39 @@ class LogitAdjustedLoss(nn.Module):
 
 
 def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
-    """Cui et al. 2019: weight_c proportional to (1 - beta) / (1 - beta^n_c), normalised to sum C."""
+    """Cui et al. 2019: weight_c proportional to (1 - beta) / (1 - beta^n_c), normalised to sum C (their
+    release, src/cifar_main.py: ``weights / np.sum(weights) * data_version``; LDAM-DRW's the same)."""
     n = torch.tensor(counts, dtype=torch.float64).clamp_min(1)
     weights = (1 - beta) / (1 - beta ** n)
     return (weights / weights.sum() * len(counts)).float()
+
+
+CB_REDUCTIONS = ("mean", "weighted_mean")  # train.cb_reduction
+
+
+class ClassBalancedLoss(nn.Module):
+    """Class-balanced softmax cross-entropy (Cui et al. 2019): per-sample CE ``l_i`` weighted by ``w_{y_i}``
+    of :func:`class_balanced_weights`, averaged by ``reduction``:
+
+    - ``mean`` (the default): ``mean_i(w_{y_i} l_i)``, Cui et al.'s release (src/cifar_main.py, loss type
+      ``softmax``: ``tf.losses.softmax_cross_entropy(..., weights=w_y)``, whose default reduction
+      SUM_BY_NONZERO_WEIGHTS divides by the batch size as every weight is > 0).
+    - ``weighted_mean``: ``sum_i(w_{y_i} l_i) / sum_i(w_{y_i})``, PyTorch's weighted ``cross_entropy`` as the
+      LDAM-DRW release's re-weighting (``--train_rule Reweight``) and DRW use it; the per-batch denominator
+      undoes the weights' overall size, so the step size does not shrink on head-heavy batches."""
+
+    def __init__(self, counts: list[int], beta: float, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in CB_REDUCTIONS:
+            raise ValueError(f"class-balanced reduction must be one of {', '.join(CB_REDUCTIONS)}, got {reduction!r}")
+        self.reduction = reduction
+        self.register_buffer("weight", class_balanced_weights(counts, beta), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(logits.device)
+        if self.reduction == "weighted_mean":
+            return F.cross_entropy(logits, target, weight=weight.to(logits.dtype))
+        return (weight[target] * F.cross_entropy(logits, target, reduction="none")).mean()
 
 
 def ldam_margins(counts: list[int], max_margin: float) -> torch.Tensor:
@@ -54,11 +86,16 @@ def ldam_margins(counts: list[int], max_margin: float) -> torch.Tensor:
 
 
 class LDAMDRWLoss(nn.Module):
-    """LDAM with deferred re-weighting (Cao et al. 2019) on the logits ``s * cos + b`` of a cosine
-    classifier with fixed scale ``s``: the true class's logit loses ``s * m_y``, i.e. cross-entropy of
-    ``s * (cos - m_y 1_y) + b``. From epoch ``drw_epoch`` on, the cross-entropy is weighted by the
-    effective-number weights (``class_balanced_weights(counts, beta)``); before it, unweighted. The
-    weights are a pure function of the epoch (:meth:`set_epoch`), so a resumed run gets the same."""
+    """LDAM with deferred re-weighting (Cao et al. 2019), as the release (kaidic/LDAM-DRW losses.py
+    ``LDAMLoss``, cifar_train.py ``--loss_type LDAM --train_rule DRW``), on the logits ``s * cos`` of the
+    bias-free ``normed`` classifier (the release's ``NormedLinear``) with fixed scale ``s`` (30): the true
+    class's logit loses ``s * m_y``, i.e. cross-entropy of ``s * (cos - m_y 1_y)``, ``m_y`` from
+    :func:`ldam_margins` (``max_m`` 0.5). From epoch ``drw_epoch`` on (0-based; the release's
+    ``epoch // 160`` picks beta 0.9999 from epoch 160 of 200) the cross-entropy is weighted by the
+    effective-number weights (``class_balanced_weights(counts, beta)``) and averaged as PyTorch's weighted
+    ``cross_entropy`` (sum of w l / sum of w over the batch, as the release); before it, unweighted (the
+    release's beta 0 gives all-one weights). The weights are a pure function of the epoch
+    (:meth:`set_epoch`), so a resumed run gets the same."""
 
     def __init__(self, counts: list[int], *, scale: float, max_margin: float = 0.5, drw_epoch: int = 160,
                  beta: float = 0.9999):
@@ -78,7 +115,7 @@ class LDAMDRWLoss(nn.Module):
         margin = self.scale * self.margins.to(logits.device)[target]
         shifted = logits.scatter_add(1, target[:, None], -margin[:, None].to(logits.dtype))
         weight = self.weights()
-        return F.cross_entropy(shifted, target, weight=None if weight is None else weight.to(logits.device))
+        return F.cross_entropy(shifted, target, weight=None if weight is None else weight.to(logits.device, logits.dtype))
 
 
 # name -> factory(counts, options): counts are the training images per class, options the phase I config's
@@ -87,7 +124,7 @@ class LDAMDRWLoss(nn.Module):
 LOSSES: dict[str, Callable[[list[int], dict], nn.Module]] = {
     "ce": lambda counts, o: nn.CrossEntropyLoss(),
     "focal": lambda counts, o: FocalLoss(o["focal_gamma"]),
-    "class_balanced": lambda counts, o: nn.CrossEntropyLoss(weight=class_balanced_weights(counts, o["cb_beta"])),
+    "class_balanced": lambda counts, o: ClassBalancedLoss(counts, o["cb_beta"], o["cb_reduction"]),
     "balanced_softmax": lambda counts, o: LogitAdjustedLoss(counts, 1.0),
     "la_loss": lambda counts, o: LogitAdjustedLoss(counts, o["la_tau"]),
     "ldam_drw": lambda counts, o: LDAMDRWLoss(counts, scale=o["scale"], max_margin=o["ldam_max_margin"],

@@ -334,17 +334,19 @@ def _losses() -> list[Method]:
         return (("train.loss", name),)
 
     return [
-        Method("focal", "Focal loss", settings=loss("focal"), **common, summary="CE scaled by (1 - p_t)^train.focal_gamma"),
+        Method("focal", "Focal loss", settings=loss("focal"), **common,
+               summary="softmax CE scaled by (1 - p_t)^train.focal_gamma (1: the LDAM-DRW release's focal baseline)"),
         Method("class_balanced", "Class-balanced CE", settings=loss("class_balanced"), **common,
-               summary="CE weighted by the effective number of samples (train.cb_beta)"),
+               summary="CE weighted by the effective number of samples (train.cb_beta), batch mean of w_y * CE as "
+                       "Cui et al.'s release (train.cb_reduction)"),
         Method("balanced_softmax", "Balanced softmax", settings=loss("balanced_softmax"), **common,
                summary="CE on logits + log(prior)"),
         Method("la_loss", "Logit-adjusted loss", settings=loss("la_loss"), **common,
                summary="CE on logits + train.la_tau * log(prior)"),
-        Method("ldam_drw", "LDAM-DRW", settings=(*loss("ldam_drw"), ("model.classifier", "cosine")),
+        Method("ldam_drw", "LDAM-DRW", settings=(*loss("ldam_drw"), ("model.classifier", "normed")),
                opts=("model.scale=30", "model.learn_scale=false"), **common,
-               summary="LDAM margins train.ldam_max_margin * (n_min / n_c)^(1/4) on cosine logits (s = 30), "
-                       "class-balanced weights from train.drw_epoch on"),
+               summary="LDAM margins train.ldam_max_margin * (n_min / n_c)^(1/4) on the release's bias-free "
+                       "NormedLinear cosine logits (s = 30), class-balanced weights from train.drw_epoch on"),
     ]
 
 
@@ -354,11 +356,12 @@ def _cosine() -> list[Method]:
     return [
         Method("cosine_ce", "CosineCE", settings=(("model.classifier", "cosine"),), tag="cosine",
                suites=("full", "tailcalibx"), **common,
-               summary="CE on a cosine classifier (model.scale, learned)"),
+               summary="CE on the TailCalibX release's cosine classifier (weights normalised per feature over the "
+                       "classes, bias, learned scale from model.scale)"),
         Method("cbd", "CBD (class-balanced distillation)", settings=(("model.classifier", "cosine"), ("distill.enabled", True)),
                teacher="cosine_ce", suites=("tailcalibx",), **common,
                summary="CosineCE student distilled from distill.teachers CosineCE teachers (cosine feature loss), "
-                       "half class-balanced batches"),
+                       "class-aware batches (the TailCalibX release's ClassAwareSampler)"),
     ]
 
 
@@ -389,10 +392,12 @@ METHODS = MethodTable([
                                    "every iteration"),
     Method("tailcalib", "TailCalib (offline)", "TailCalib", "phase_iii", "features", mode="offline",
            generator="tailcalib", consumes=("phase_i_model", "phase_ii_split", "phase_ii_store"), versus_baseline=True,
-           summary="calibrated Gaussian tail features generated once from phase II's pooled features"),
+           summary="calibrated Gaussian tail features generated once from phase II's pooled features; the phase I "
+                   "classifier fine-tuned on real + generated features"),
     Method("tailcalibx", "TailCalibX (online)", "TailCalib", "phase_iii", "features", mode="online",
            generator="tailcalibx", consumes=("phase_i_model", "phase_ii_split", "images"), versus_baseline=True,
-           summary="TailCalib regenerated every epoch from freshly augmented images"),
+           summary="TailCalib regenerated every epoch from freshly augmented images; the phase I classifier "
+                   "fine-tuned on them"),
 ])
 
 # arms of a suite on backbones other than CE: suite -> ((method id, backbone id), ...), in run order

@@ -89,7 +89,7 @@ def load_teachers(cfg: dict, paths: RunPaths, method: Method, device: torch.devi
         raise UserError(f"{method.label} distils from {k_total} {METHODS.get(method.teacher).label} teacher run(s) "
                         f"(distill.teachers), of which {len(missing)} are not finished. Train them first (pipeline.py "
                         f"--suite tailcalibx does): " + "; ".join(missing))
-    return TeacherEnsemble(teachers).to(device)
+    return TeacherEnsemble(teachers, batch_statistics=cfg["distill"]["teacher_bn"] == "batch").to(device)
 
 
 def _test(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, checkpoint: str | None, command: str) -> dict:
@@ -120,12 +120,16 @@ class BackboneTraining(TrainingTask):
         self.cfg, self.t, self.bundle, self.model, self.train_model, self.accel = cfg, t, bundle, model, train_model, accel
         self.total, self.eval_every, self.save_every = t["epochs"], t["eval_every"], t["save_every"]
         self.rank = ctx.rank
-        self.teachers = teachers  # CBD: train_model is then a DistillStudent returning (logits, projected feature)
+        self.teachers = teachers  # CBD: train_model is then a DistillStudent returning (logits, student feature)
         self.criterion = build_loss(t["loss"], bundle.train_counts, **t, scale=cfg["model"]["scale"]).to(device)
         train_set = bundle.train.with_augment(cfg["dataset"]["augment"])
-        share = cfg["distill"]["class_balanced_share"] if teachers is not None else 0.0
+        d = cfg["distill"]
+        # CBD's batches: the release's class-aware sampler, or the `mixed` variant; every other method: shuffled
+        sampling = {} if teachers is None else (
+            {"samples_per_class": d["samples_per_class"]} if d["sampler"] == "class_aware"
+            else {"balanced_share": d["class_balanced_share"]})
         self.sampler = EpochBatches(len(train_set), t["batch_size"], cfg["seed"], ctx.rank, ctx.world_size,
-                                    labels=train_set.targets, balanced_share=share)
+                                    labels=train_set.targets, **sampling)
         self.augment_rng = torch.Generator()
         # one loader for the whole run, so DataLoader workers persist; set_epoch picks each epoch's batches
         self.loader = BatchLoader(train_set, self.sampler, device, num_workers=t["num_workers"],
@@ -182,8 +186,10 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, metho
         bundle = build_datasets(cfg["dataset"], paths.checkpoint_dir)
     t = cfg["train"]
     model = accel.prepare_model(build_phase_i_model(cfg, bundle, device))
-    # what the loop trains: the model, or (CBD) the model and its projection to the teachers' features
-    trained: torch.nn.Module = model if teachers is None else DistillStudent(model, teachers.feature_dim).to(device)
+    # what the loop trains: the model, or (CBD) the model and, with more than one teacher, its projection to the
+    # teachers' features (the release's ecbd_converter)
+    trained: torch.nn.Module = model if teachers is None else DistillStudent(
+        model, teachers.feature_dim, project=len(teachers.teachers) > 1).to(device)
     optimizer = build_optimizer(trained.parameters(), t)
     scaler = accel.grad_scaler()
     scaler = scaler if scaler.is_enabled() else None
@@ -192,12 +198,13 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, metho
                 f"{ctx.world_size} process(es), global batch {t['batch_size']}; {accel.describe()}")
 
     def payload(**extra) -> dict:
-        projection = {} if teachers is None else {"projection": trained.projection.state_dict()}
+        projection = {} if teachers is None or trained.projection is None else {
+            "projection": trained.projection.state_dict()}
         return checkpoint_payload(model, cfg, bundle, paths.phase, **projection, **extra)
 
     def restore(state: dict, path: Path) -> None:
         apply_weights(model, state, path)
-        if teachers is not None:
+        if teachers is not None and trained.projection is not None:
             trained.projection.load_state_dict(state["projection"])
 
     start, recorder = start_recording(paths, mode, logger, payload, restore=restore, optimizer=optimizer, scaler=scaler, step_name="epoch", total_steps=t["epochs"],

@@ -10,11 +10,42 @@ lws         learnable weight scaling: logits s_c * (W_c z + b_c), only the C sca
 crt         classifier re-training: the linear classifier re-initialised and trained on
             class-balanced batches.
 
-All four read phase II's store: the pooled features of the un-augmented training images (view 0)
-and of the test images; the validation split's features come from a forward pass. (cRT and LWS
-therefore train on un-augmented features: seconds instead of a pass over the images per epoch.)
-Class-balanced batches: every row draws a class uniformly, then one of its training samples
-uniformly; an epoch has as many rows as the training set; every draw is a function of (seed, epoch).
+All four read phase II's store for the pooled features of the test images; the validation split's
+features come from a forward pass; la_posthoc / tau_norm choose tau on them and the stored pooled
+features of the un-augmented training images.
+
+lws / crt default to the classifier-balancing release (github.com/facebookresearch/classifier-balancing,
+``config/ImageNet_LT/cls_crt.yaml`` / ``cls_lws.yaml``, ``run_networks.py``, ``data/ClassAwareSampler.py``):
+
+- SGD lr ``decoupled.lr`` 0.2, momentum / weight decay from ``finetune`` (0.9 / 5e-4 as the release),
+  batch ``decoupled.batch_size`` 512, ``decoupled.epochs`` null = the release's per method (crt 10,
+  lws 5, :data:`RELEASE_EPOCHS`).
+- ``decoupled.schedule: cosine``: the release's ``CosineAnnealingLR(T_max=epochs, eta_min=0)``, stepped
+  once at the start of every epoch before its batches, so epoch e (0-based) trains at
+  ``0.5 * lr * (1 + cos(pi * (e + 1) / epochs))`` and the last epoch at 0 (:func:`epoch_lr`).
+  ``constant``: lr throughout.
+- ``decoupled.sampler: class_aware``: the release's ClassAwareSampler (``num_samples_cls: 4``): visits
+  classes in cycles of random order, ``samples_per_class`` consecutive rows per visit, each class's own
+  sample list reshuffled when exhausted (``datasets.loader.fresh_class_aware_indices``); an epoch is
+  ``len(train) // batch_size`` full batches (the release's ``epoch_steps``; one batch of every
+  training row when the set is smaller than a batch). ``independent``: every row a uniform class then a
+  uniform sample of it, as many rows as the training set, the last batch short (the earlier variant).
+  A fresh sampler every epoch, seeded by (seed, epoch): resume-safe (the release keeps its sampler's
+  state across epochs; the difference is where a cycle starts).
+- ``decoupled.features: augmented``: every epoch, the epoch's rows (a sample drawn twice: two images)
+  are freshly augmented (the dataset's training augmentation) and pushed through the frozen backbone in
+  eval mode, one forward pass per row as in the release, but all before the epoch's steps
+  (``engine.phase_iii_features.pooled_features``, TailCalibX's pass) and in batches of
+  ``eval.batch_size``: the same images and features as pushing each training batch through, since an
+  eval-mode backbone treats every image alone. Phase II's stored augmented views are not used: with
+  ``store.views`` V (0 by default) an epoch could only reuse V fixed views per image, where the release
+  draws a new augmentation for every row. ``stored``: phase II's pooled features of the un-augmented
+  images (the earlier variant: seconds, no backbone pass).
+- Deviation kept: the release calls ``model.train()`` on every network, the frozen backbone included,
+  so its BatchNorm layers normalise with batch statistics and re-estimate their running statistics on
+  the class-balanced batches (the test-time backbone changes too); here the backbone stays in eval mode
+  with phase I's statistics: a frozen representation, batch-independent features, one backbone for
+  every phase III method.
 
 tau (la_posthoc, tau_norm) is chosen on the validation split -- the grid value with the best mean
 class accuracy, the first on ties -- when the run has one (``dataset.val``); without one nothing is
@@ -29,18 +60,20 @@ visualize and any later stage load it as they load a phase I model.
 from __future__ import annotations
 
 import copy
+import math
 import time
+from typing import Callable
 
 import torch
 from torch import nn
 
-from datasets.loader import class_balanced_indices
+from datasets.loader import class_balanced_indices, fresh_class_aware_indices
 from engine.artifacts import checkpoint_payload
 from engine.loops import fit
 from engine.methods import Method
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
-from engine.phase_iii_features import ClassifierTraining, FeatureSource, evaluate_features
+from engine.phase_iii_features import ClassifierTraining, FeatureSource, evaluate_features, pooled_features
 from models import CosineClassifier, fresh_like
 from utils.checkpoint import apply_weights
 from utils.errors import UserError
@@ -82,16 +115,88 @@ class ScaledClassifier(nn.Module):
         return scales[:, None] * self.weight, scales * self.bias
 
 
-class BalancedTraining(ClassifierTraining):
-    """lws / crt: class-balanced batches (drawn from stream `shuffle_stream`) instead of a permutation."""
+# the classifier-balancing release's num_epochs (config/ImageNet_LT/cls_crt.yaml, cls_lws.yaml)
+RELEASE_EPOCHS = {"crt": 10, "lws": 5}
 
-    divergence_settings = "decoupled.lr and finetune.momentum"
+
+def decoupled_epochs(d: dict, method_id: str) -> int:
+    """lws / crt's epochs: ``decoupled.epochs``, or (null) the release's for the method."""
+    return int(d["epochs"]) if d["epochs"] is not None else RELEASE_EPOCHS[method_id]
+
+
+def epoch_lr(d: dict, epoch: int, epochs: int) -> float:
+    """The learning rate of (0-based) epoch `epoch` of `epochs` under ``decoupled.schedule``.
+
+    cosine: the release builds ``CosineAnnealingLR(optimizer, num_epochs, eta_min=endlr)`` (endlr 0) and
+    calls its ``step()`` at the start of each epoch 1..num_epochs, before the epoch's batches
+    (run_networks.py ``init_optimizers`` / ``train``): epoch k (1-based) runs at the cosine's value
+    after k steps, ``0.5 * lr * (1 + cos(pi * k / num_epochs))``; its last epoch at 0."""
+    if d["schedule"] == "constant":
+        return float(d["lr"])
+    return 0.5 * float(d["lr"]) * (1 + math.cos(math.pi * (epoch + 1) / epochs))
+
+
+def epoch_rows(num_train: int, batch_size: int, sampler: str) -> int:
+    """Rows of one epoch. class_aware: the release's ``epoch_steps = int(len(train) / batch_size)`` full
+    batches (at least one: every training row when the set is smaller than a batch); independent: as many
+    rows as the training set."""
+    if sampler == "class_aware":
+        return (num_train // batch_size) * batch_size or num_train
+    return num_train
+
+
+class BalancedTraining(ClassifierTraining):
+    """lws / crt: the epoch's class-balanced rows (``decoupled.sampler``, stream `shuffle_stream`) in
+    batches of ``decoupled.batch_size`` at the epoch's ``decoupled.schedule`` learning rate.
+
+    `data` is the fixed feature table the rows index (``decoupled.features: stored``), or None with
+    `augmented(epoch, rows) -> (features, labels)` of those rows' freshly augmented images."""
+
+    divergence_settings = "decoupled.lr / decoupled.schedule and finetune.momentum"
+
+    def __init__(self, classifier: nn.Module, data: tuple[torch.Tensor, torch.Tensor] | None,
+                 test: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, *,
+                 d: dict, labels: torch.Tensor, train_counts: list[int], hr: float, seed: int, epochs: int,
+                 progress: dict, augmented: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 shuffle_stream: str = "decoupled.sample"):
+        if (data is None) == (augmented is None):
+            raise ValueError("BalancedTraining needs either stored features or an augmented-features function")
+        super().__init__(classifier, data, test, val, train_counts=train_counts, hr=hr, seed=seed, epochs=epochs,
+                         batch_size=d["batch_size"], lr=d["lr"], progress=progress, shuffle_stream=shuffle_stream)
+        self.d, self.labels, self.augmented = d, labels.cpu(), augmented
+        self.rows = epoch_rows(len(self.labels), d["batch_size"], d["sampler"])
+        self.order = torch.empty(0, dtype=torch.long)
+        self.features_s = 0.0
+
+    def picks(self, unit: int) -> torch.Tensor:
+        """The training indices of epoch `unit`, in batch order (a function of (seed, unit))."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.shuffle_stream, unit))
+        if self.d["sampler"] == "class_aware":
+            return fresh_class_aware_indices(self.labels, self.rows, self.d["samples_per_class"], generator)
+        return class_balanced_indices(self.labels, len(self.train_counts), self.rows, generator)
+
+    def begin(self, unit: int) -> None:
+        t0 = time.perf_counter()
+        picks = self.picks(unit)
+        if self.augmented is not None:
+            X, y = self.augmented(unit, picks)
+            self.data = (X.clone(), y.clone())  # out of inference mode: the steps keep them for backward
+            self.order = torch.arange(len(picks), device=X.device)
+        else:
+            self.order = picks.to(self.data[0].device)
+        self.features_s = time.perf_counter() - t0
+        super().begin(unit)
 
     def batches(self, unit: int) -> list[torch.Tensor]:
-        X, y = self.data
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.shuffle_stream, unit))
-        picks = class_balanced_indices(y, len(self.train_counts), X.shape[0], generator).to(X.device)
-        return list(picks.split(self.batch_size))
+        return list(self.order.split(self.batch_size))
+
+    def lr(self, unit: int, batch: int, batches: int) -> float:
+        return epoch_lr(self.d, unit, self.total)
+
+    def unit_stats(self, unit: int, seconds: float) -> dict:
+        self.progress["total_steps"] += -(-len(self.order) // self.batch_size)
+        return {"lr": epoch_lr(self.d, unit, self.total), "iteration": self.progress["total_steps"],
+                "features_s": self.features_s}
 
 
 def run(inputs: PhaseIIIInputs, method: Method) -> dict:
@@ -106,6 +211,11 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
                         f"backbone's classifier is a cosine one, whose rows are normalised in every forward pass "
                         f"({'tau-normalisation would change nothing' if method.id == 'tau_norm' else 'scales cannot be folded into it'}). "
                         f"Use la_posthoc or crt on this backbone.")
+    if method.id == "la_posthoc" and getattr(model.fc, "bias", None) is None:
+        raise UserError(f"{method.label} folds -tau * log(prior) into the classifier's bias, but the "
+                        f"{inputs.arm.backbone.label} backbone's classifier has none (the LDAM-DRW release's NormedLinear, "
+                        f"whose margins a bias could undo). Use crt on this backbone, or compare with the "
+                        f"{inputs.arm.backbone.label} row itself, which is already trained for the class prior.")
     if cfg["phase"] == "test":
         return inputs.test_model_checkpoint()
     run_mode, logger = inputs.open_run()
@@ -118,7 +228,8 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     if method.id in ("la_posthoc", "tau_norm"):
         return _choose_tau(inputs, method, source, logger, started)
 
-    seed_everything(cfg["seed"])
+    epochs, seed = decoupled_epochs(d, method.id), cfg["seed"]
+    seed_everything(seed)
     if method.id == "crt":
         classifier: nn.Module = fresh_like(model.fc)  # re-initialised, of the backbone's kind
         params = list(classifier.parameters())
@@ -152,18 +263,38 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
         progress["total_steps"] = state.get("total_steps", 0)
 
     start, recorder = inputs.start_recording(run_mode, logger, payload, restore=restore, optimizer=optimizer,
-                                             step_name="epoch", total_steps=d["epochs"])
-    logger.info(f"{method.label}: frozen {model.arch} backbone, pooled features of phase II's store, "
-                f"{'re-initialised classifier' if method.id == 'crt' else 'phase I classifier with learned class scales'}, "
-                f"class-balanced batches of {d['batch_size']}, {cfg['finetune']['optimizer']} lr {d['lr']}, "
-                f"{d['epochs']} epochs; device {inputs.device}")
-    task = BalancedTraining(classifier, source.train(cfg["seed"], 0), source.test, source.val,
-                            train_counts=train_counts, hr=inputs.hr, seed=cfg["seed"], epochs=d["epochs"],
-                            batch_size=d["batch_size"], lr=d["lr"], progress=progress, shuffle_stream="decoupled.sample")
+                                             step_name="epoch", total_steps=epochs)
+    augmented = None
+    if d["features"] == "augmented":
+        train_set = bundle.train.with_augment(True)  # the dataset's training augmentation, as phase III online
+
+        def augmented(epoch: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Pooled features of the epoch's rows, each its own augmented image (eval-mode backbone)."""
+            return pooled_features(model, train_set.subset(rows), cfg["eval"]["batch_size"], inputs.device,
+                                   # the epoch's augmentation: position 1 below its sampling seed
+                                   seed=stream_seed(seed, "decoupled.sample", epoch, 1),
+                                   num_workers=cfg["finetune"]["num_workers"], accel=inputs.accel)
+
+    task = BalancedTraining(classifier, source.train(seed, 0) if augmented is None else None, source.test, source.val,
+                            d=d, labels=bundle.train.targets, train_counts=train_counts, hr=inputs.hr, seed=seed,
+                            epochs=epochs, progress=progress, augmented=augmented)
+    f = cfg["finetune"]
+    per_visit = f" ({d['samples_per_class']} rows per class visit)" if d["sampler"] == "class_aware" else ""
+    logger.info(f"{method.label}: frozen {model.arch} backbone (eval mode), "
+                f"{'re-initialised classifier' if method.id == 'crt' else 'phase I classifier with learned class scales'}; "
+                f"{'pooled features of freshly augmented images every epoch' if augmented else 'stored pooled features of the un-augmented images'}; "
+                f"{d['sampler']} batches of {d['batch_size']}{per_visit}, "
+                f"{task.rows} rows an epoch; {f['optimizer']} lr {d['lr']} {d['schedule']}, momentum {f['momentum']}, "
+                f"weight decay {f['weight_decay']}; {epochs} epochs; device {inputs.device}")
+    if d["schedule"] == "cosine" and epochs == 1:
+        logger.warning(f"{method.label}: one epoch of the release's cosine schedule runs at lr 0 (its scheduler "
+                       f"steps before the epoch): the classifier does not train. Set decoupled.epochs > 1 or "
+                       f"decoupled.schedule=constant.")
     fit(task, optimizer, recorder, start=start, started=started)
-    return recorder.finish(**inputs.records(), epochs=d["epochs"], iterations=progress["total_steps"],
+    return recorder.finish(**inputs.records(), epochs=epochs, iterations=progress["total_steps"],
                            batch_size=d["batch_size"], train_samples=len(bundle.train),
-                           samples_seen=d["epochs"] * len(bundle.train))
+                           samples_seen=epochs * task.rows, lr=d["lr"], schedule=d["schedule"],
+                           sampler=d["sampler"], features=d["features"])
 
 
 def _choose_tau(inputs: PhaseIIIInputs, method: Method, source: FeatureSource, logger, started: float) -> dict:

@@ -24,13 +24,14 @@ Both evaluate after every epoch on the test set's pooled features (offline: phas
 so their rows compare with every other phase III run.
 
 Choices (where the release or docs/METHOD.md leave room):
-- classifier: a **fresh** classifier of the backbone's kind seeded by `seed` (`tailcalib.init:
-  fresh`, the default): `nn.Linear` on a CE backbone, the cosine classifier (same scale) on a
-  CosineCE / CBD backbone, as the release trains its CosineDotProduct classifier there.  The phase I fc was trained on raw pooled features; after L2-normalisation
-  and Tukey's transform its inputs live elsewhere (different scale, and for lambda != 1 a different
-  geometry), so it is not a natural starting point.  `tailcalib.init: phase_i` copies it anyway
-  (useful as an ablation; the authors' release re-loads its cosine classifier, whose scale
-  invariance makes that copy meaningful there).
+- classifier: a copy of the phase I classifier (`tailcalib.init: phase_i`, the default), as the
+  release, which loads the CosineCE / CBD run's CosineDotProduct classifier (`pretrain: True`,
+  experiments 1.2 / 2.2 / 2.4 of `libs/utils/experiments_maker.py`) and fine-tunes it; a cosine
+  classifier is scale invariant, so the copy means the same on L2-normalised features.  On a CE
+  backbone (an arm of this project, not of the release) the linear fc was trained on raw pooled
+  features and now sees unit-norm (Tukey-transformed) ones: it is a start, not a good classifier.
+  `tailcalib.init: fresh` (this project's earlier default) builds a new classifier of the backbone's
+  kind seeded by `seed`: `nn.Linear` on CE, the cosine classifier (same scale) on CosineCE / CBD.
 - as the release's training code: the calibrated covariance gets `tailcalib.ridge` (1e-4) on its
   diagonal, and real + generated rows (and test rows) are L2-normalised again after Tukey's
   transform (`tailcalib.renormalize: true`); both are options, false / 0 giving the earlier variant.
@@ -39,15 +40,15 @@ Choices (where the release or docs/METHOD.md leave room):
   usually one of them); `others` excludes the sample's own class (the library's default).  On the
   smoke and Fashion-MNIST-LT stores `all` gave +2..5 top1 and steadier epochs: with `others` and
   few classes, 3 of the 4 averaged vectors of a calibrated mean belong to other classes.
-- optimiser: `finetune.optimizer/momentum/nesterov/weight_decay`, constant lr `tailcalib.lr`
-  (null = `finetune.lr`); the release uses SGD lr 0.01 without a schedule.
+- optimiser: `finetune.optimizer/nesterov/weight_decay`, momentum `tailcalib.momentum`, constant lr
+  `tailcalib.lr` (null = `finetune.lr`); the release uses SGD lr 0.01, weight decay 5e-4, no
+  schedule, and momentum 0.7 at imbalance 100 (0.0 at 50, 0.9 at 10: `run_all_CIFAR100-LT.sh` --cv3).
 - seeds: generation, augmentation and shuffling of epoch `e` derive from `(seed, e)`, so a run
   resumed from `last.pt` (epoch granularity) replays exactly what a straight run does.
 - `best_model.pt` is the selected epoch (as every run here): the best validation mean class accuracy
   with a validation split, else the final epoch; `results.json`'s top-level metrics are the test
-  numbers of that epoch.  `history` starts at epoch 1 (a fresh classifier
-  has nothing to evaluate at epoch 0); the phase I classifier on the same test features is in
-  `phase_i_reference`.  Also recorded: `generated_per_class` (list by class), `generated_total`,
+  numbers of that epoch.  `history` starts at epoch 1; the phase I classifier on the same test
+  features is in `phase_i_reference`.  Also recorded: `generated_per_class` (list by class), `generated_total`,
   `balanced_to` (the head count), `iterations` (SGD steps), `selected_iteration`, `lr`,
   `classifier_init`, `neighbours`, `feature_transform`.  Per epoch, `generate_s` is the time to
   (online: extract features and) generate.
@@ -106,9 +107,10 @@ def apply_feature_transform(pooled: torch.Tensor, transform: dict) -> torch.Tens
 
 
 def classifier_spec(fc: nn.Module) -> dict:
-    """What rebuilds a feature classifier: its kind (``linear`` | ``cosine``) and, for cosine, its scale."""
+    """What rebuilds a feature classifier: its kind (``linear`` | ``cosine`` | ``normed``) and, for the cosine
+    forms, its scale."""
     if isinstance(fc, CosineClassifier):
-        return {"kind": "cosine", "scale": fc.scale_value(), "learn_scale": isinstance(fc.raw_scale, nn.Parameter)}
+        return {"kind": fc.kind, "scale": fc.scale_value(), "learn_scale": isinstance(fc.raw_scale, nn.Parameter)}
     return {"kind": "linear"}
 
 
@@ -230,7 +232,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     fc = fresh_like(model.fc)
     if tc["init"] == "phase_i":
         fc.load_state_dict(model.fc.state_dict())
-    optimizer = build_optimizer(fc.parameters(), {**f, "lr": lr})
+    optimizer = build_optimizer(fc.parameters(), {**f, "lr": lr, "momentum": tc["momentum"]})
 
     balanced_to = max(train_counts)
     expected = [balanced_to - n for n in train_counts]  # what the library adds per class (extra = 0)
@@ -256,7 +258,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     logger.info(f"{method.mode} {method.generator}: frozen {model.arch} backbone, pooled features (D={model.feature_dim}) "
                 f"-> L2-normalise -> Tukey lambda {tc['tukey']}; calibration k {tc['k']} ({tc['neighbours']} class means), "
                 f"alpha {tc['alpha']}, covariance ridge {tc['ridge']}, re-normalised {tc['renormalize']}; every class filled to the head count {balanced_to} (generated per class "
-                f"{expected}); {tc['init']} {classifier_spec(fc)['kind']} classifier, {f['optimizer']} lr {lr} momentum {f['momentum']} weight "
+                f"{expected}); {tc['init']} {classifier_spec(fc)['kind']} classifier, {f['optimizer']} lr {lr} momentum {tc['momentum']} weight "
                 f"decay {f['weight_decay']}, {tc['epochs']} epochs of batch {tc['batch_size']}; device {inputs.device}. "
                 f"finetune.iterations/nt/na/eval_every/unfreeze do not apply to {method.generator}.")
 
@@ -279,7 +281,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
         selected_iteration=None if selected_epoch is None else selected_epoch * steps_per_epoch,
         train_samples=len(bundle.train), samples_seen=tc["epochs"] * balanced_to * num_classes,
         generated_per_class=expected, generated_total=sum(expected),
-        balanced_to=balanced_to, classifier_init=tc["init"], neighbours=tc["neighbours"], lr=lr,
+        balanced_to=balanced_to, classifier_init=tc["init"], neighbours=tc["neighbours"], lr=lr, momentum=tc["momentum"],
         feature_transform=transform, phase_i_reference=phase_i_ref)
 
 
@@ -327,7 +329,7 @@ class FeatureTraining(ClassifierTraining):
     """TailCalib's side of the loop: per epoch (re)generate (offline: once), then seeded shuffled
     minibatches of real + generated transformed features through the linear classifier."""
 
-    divergence_settings = "tailcalib.lr (null: finetune.lr), finetune.momentum and tailcalib.alpha / tukey"
+    divergence_settings = "tailcalib.lr (null: finetune.lr), tailcalib.momentum and tailcalib.alpha / tukey"
 
     def __init__(self, inputs: PhaseIIIInputs, source: FeatureSource, fc: nn.Linear, transform: dict,
                  expected: list[int], lr: float, progress: dict):

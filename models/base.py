@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLASSIFIERS = ("linear", "cosine")  # model.classifier
+# model.classifier: linear = nn.Linear; cosine = the TailCalibX release's CosineDotProduct_Classifier (CosineCE,
+# CBD); normed = the LDAM-DRW release's NormedLinear (ldam_drw)
+CLASSIFIERS = ("linear", "cosine", "normed")
+# the dim of the [classes, features] weight that F.normalize runs along, per form of CosineClassifier
+WEIGHT_NORM_DIMS = {"feature": 0, "class": 1}
 
 
 def inverse_softplus(value: float) -> float:
@@ -16,26 +20,61 @@ def inverse_softplus(value: float) -> float:
 
 
 class CosineClassifier(nn.Module):
-    """``logits = s * cos(f, w_c) + b_c``: rows of the weight and the feature L2-normalised, one scale
-    ``s`` for all classes (the CosineCE classifier of the TailCalibX / CBD releases, whose scale is
-    ``softplus`` of a learned parameter; with ``learn_scale=False`` it stays fixed, as LDAM's s = 30).
+    """``logits = s * normalize(f) @ normalize(W).T (+ b)`` for a ``[classes, features]`` weight ``W``, one
+    scale ``s = softplus(raw_scale)`` for all classes (learned, or fixed with ``learn_scale=False``).
 
-    Weight and bias start as ``nn.Linear``'s. Because the feature is normalised, the logit is not
-    linear in the feature map: Grad-CAM takes the autograd path (``fsa.gradcam``'s ``auto`` does)."""
+    Two forms, each its release's (``build_classifier``):
 
-    def __init__(self, in_features: int, out_features: int, scale: float = 10.0, learn_scale: bool = True):
+    - ``weight_norm="feature"``, with bias (``model.classifier: cosine``): the TailCalibX release's
+      ``CosineDotProduct_Classifier`` (libs/models/CosineDotProductClassifier.py): ``softplus(scale) *
+      mm(x, F.normalize(fc.weight.T, dim=1)) + fc.bias`` with ``x`` L2-normalised per row before it
+      (libs/core/core_base.py ``batch_forward``). ``fc.weight.T`` is ``[features, classes]`` and ``dim=1``
+      runs over the classes: every *feature's column* of ``W`` has unit norm, not every class's row, so
+      the class vectors keep unequal norms. Weight and bias start as ``nn.Linear``'s, the scale at 10.
+    - ``weight_norm="class"``, no bias (``model.classifier: normed``): the LDAM-DRW release's
+      ``NormedLinear`` (models/resnet_cifar.py): ``F.normalize(x, dim=1).mm(F.normalize(W', dim=0))`` for
+      ``W'`` of shape ``[features, classes]`` = ``W.T``, i.e. every class's row of ``W`` has unit norm: a
+      cosine. Its weight starts as ``uniform_(-1, 1)`` then each class vector rescaled to norm 1. The
+      release multiplies by ``s = 30`` in its loss; here the logits carry the fixed ``s`` (the argmax is
+      the same; softmax scores are those the loss was trained on).
+
+    The form is saved (buffer ``weight_norm_dim``) and checked on loading, so a state of the other form,
+    or one saved before the forms followed their releases (per-class rows with a bias for both), fails
+    with a one-line reason instead of loading into numbers it was not trained for.
+
+    Because the feature is normalised, the logit is not linear in the feature map: Grad-CAM takes the
+    autograd path (``fsa.gradcam``'s ``auto`` does)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 10.0, learn_scale: bool = True, *,
+                 weight_norm: str = "feature", bias: bool = True):
         super().__init__()
         if scale <= 0:
             raise ValueError(f"cosine classifier scale must be > 0, got {scale}")
+        if weight_norm not in WEIGHT_NORM_DIMS:
+            raise ValueError(f"weight_norm must be one of {', '.join(WEIGHT_NORM_DIMS)}, got {weight_norm!r}")
         self.in_features, self.out_features = in_features, out_features
-        reference = nn.Linear(in_features, out_features)  # nn.Linear's initialisation
+        self.weight_norm, self.norm_dim = weight_norm, WEIGHT_NORM_DIMS[weight_norm]
+        reference = nn.Linear(in_features, out_features, bias=bias)  # nn.Linear's initialisation
+        if weight_norm == "class":  # NormedLinear: uniform(-1, 1), every class vector rescaled to unit norm
+            with torch.no_grad():
+                reference.weight.uniform_(-1, 1)
+                reference.weight.copy_(F.normalize(reference.weight, dim=1))
         self.weight = nn.Parameter(reference.weight.detach().clone())
-        self.bias = nn.Parameter(reference.bias.detach().clone())
+        if bias:
+            self.bias = nn.Parameter(reference.bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
         raw = torch.tensor(inverse_softplus(scale))
         if learn_scale:
             self.raw_scale = nn.Parameter(raw)
         else:
             self.register_buffer("raw_scale", raw)
+        self.register_buffer("weight_norm_dim", torch.tensor(self.norm_dim, dtype=torch.long))
+
+    @property
+    def kind(self) -> str:
+        """Its ``model.classifier`` value."""
+        return "cosine" if self.weight_norm == "feature" else "normed"
 
     @property
     def scale(self) -> torch.Tensor:
@@ -44,32 +83,69 @@ class CosineClassifier(nn.Module):
     def scale_value(self) -> float:
         return float(self.scale.detach())
 
+    def normalized_weight(self) -> torch.Tensor:
+        """``W`` normalised along ``weight_norm_dim``: [classes, features]."""
+        return F.normalize(self.weight, dim=self.norm_dim)
+
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
-        """cos(f, w_c) for every row f and class c: [N, C]."""
-        return F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).t()
+        """The unscaled, bias-free logits ``normalize(f) @ normalize(W).T``: [N, C] (for ``class``, cos(f, w_c))."""
+        return F.normalize(features, dim=1) @ self.normalized_weight().t()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.cosine(features) + self.bias
+        logits = self.scale * self.cosine(features)
+        return logits if self.bias is None else logits + self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # one-line reasons: utils.checkpoint.load_model_state shows the first line of a load error
+        if strict:
+            key, form = prefix + "weight_norm_dim", f"the {self.kind} classifier ({_FORMS[self.weight_norm]})"
+            if self.bias is None and prefix + "bias" in state_dict:
+                raise RuntimeError(
+                    f"the saved classifier has a bias ({prefix}bias), {form} has none (a bias can absorb the class "
+                    f"prior and undo LDAM's margins); the run predates the release's classifier: train it again "
+                    f"(--overwrite)")
+            if key not in state_dict:
+                raise RuntimeError(
+                    f"the saved cosine classifier predates the release forms (it normalised each class's weight row "
+                    f"and had a bias); {form} differs: train the run again (--overwrite)")
+            saved = int(state_dict[key])
+            if saved != self.norm_dim:
+                other = {0: "cosine", 1: "normed"}.get(saved, f"weight_norm_dim={saved}")
+                raise RuntimeError(
+                    f"the saved classifier is a {other} one, this model's is {form}: build the model with the run's "
+                    f"own model.classifier")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale_value():.4g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale_value():.4g}, "
+                f"weight_norm={self.weight_norm}, bias={self.bias is not None}")
+
+
+_FORMS = {"feature": "the TailCalibX release's CosineDotProduct_Classifier: each feature's weight column normalised "
+                     "over the classes, with a bias",
+          "class": "the LDAM-DRW release's NormedLinear: each class's weight row normalised, no bias"}
 
 
 def build_classifier(kind: str, in_features: int, out_features: int, *, scale: float = 10.0,
                      learn_scale: bool = True) -> nn.Module:
-    """A fresh classifier of ``model.classifier`` kind ``kind``."""
+    """A fresh classifier of ``model.classifier`` kind ``kind`` (see :class:`CosineClassifier`)."""
     if kind == "linear":
         return nn.Linear(in_features, out_features)
     if kind == "cosine":
-        return CosineClassifier(in_features, out_features, scale, learn_scale)
+        return CosineClassifier(in_features, out_features, scale, learn_scale, weight_norm="feature", bias=True)
+    if kind == "normed":
+        return CosineClassifier(in_features, out_features, scale, learn_scale, weight_norm="class", bias=False)
     raise ValueError(f"unknown classifier {kind!r}; available: {', '.join(CLASSIFIERS)}")
 
 
 def fresh_like(fc: nn.Module) -> nn.Module:
-    """A newly initialised classifier of the same kind and shape as ``fc`` (cRT, TailCalib's fresh head)."""
+    """A newly initialised classifier of the same kind, form and shape as ``fc`` (cRT, TailCalib's fresh head)."""
     if isinstance(fc, CosineClassifier):
         return CosineClassifier(fc.in_features, fc.out_features, fc.scale_value(),
-                                isinstance(fc.raw_scale, nn.Parameter)).to(fc.weight.device)
+                                isinstance(fc.raw_scale, nn.Parameter), weight_norm=fc.weight_norm,
+                                bias=fc.bias is not None).to(fc.weight.device)
     return nn.Linear(fc.in_features, fc.out_features).to(fc.weight.device)
 
 

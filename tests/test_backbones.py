@@ -13,6 +13,7 @@ from engine.pipeline import plan_steps, route_opts
 from fsa.distillation import DistillStudent, TeacherEnsemble, cbd_loss
 from fsa.gradcam import CamExtractor
 from models import CosineClassifier, build_model, fresh_like
+from models.base import build_classifier
 from tests.helpers import run_main_in_process
 from utils.errors import UserError
 from utils.run_dir import RunPaths
@@ -24,22 +25,15 @@ COSINE = "model.classifier=cosine"
 # ------------------------------------------------------------------------------------------------
 # Cosine classifier
 # ------------------------------------------------------------------------------------------------
-def test_cosine_classifier_by_hand():
-    fc = CosineClassifier(2, 2, scale=10.0)
-    with torch.no_grad():
-        fc.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
-        fc.bias.copy_(torch.tensor([0.5, -1.0]))
-    f = torch.tensor([[1.0, 0.0], [6.0, 8.0]])
-    # cos([1,0], [3,4]) = 0.6, cos([1,0], [0,2]) = 0; cos([6,8], [3,4]) = 1, cos([6,8], [0,2]) = 0.8
-    expected = 10.0 * torch.tensor([[0.6, 0.0], [1.0, 0.8]]) + torch.tensor([0.5, -1.0])
-    torch.testing.assert_close(fc(f), expected)
-    assert math.isclose(fc.scale_value(), 10.0, rel_tol=1e-6)
-    assert isinstance(fc.raw_scale, torch.nn.Parameter)
-    fixed = CosineClassifier(2, 2, scale=30.0, learn_scale=False)
+def test_fixed_scale_heads_are_rebuilt_fresh_of_the_same_form():
+    # the forms themselves are checked by hand against their releases in tests/test_models.py
+    fixed = build_classifier("normed", 2, 2, scale=30.0, learn_scale=False)
     assert "raw_scale" not in dict(fixed.named_parameters()) and math.isclose(fixed.scale_value(), 30.0, rel_tol=1e-6)
-    again = fresh_like(fixed)  # cRT / TailCalib: a fresh head of the same kind and scale
-    assert isinstance(again, CosineClassifier) and math.isclose(again.scale_value(), 30.0, rel_tol=1e-6)
-    assert "raw_scale" not in dict(again.named_parameters())
+    again = fresh_like(fixed)  # cRT / TailCalib on LDAM-DRW: a fresh head of the same form and scale
+    assert isinstance(again, CosineClassifier) and again.kind == "normed" and again.bias is None
+    assert math.isclose(again.scale_value(), 30.0, rel_tol=1e-6) and "raw_scale" not in dict(again.named_parameters())
+    learned = fresh_like(build_classifier("cosine", 2, 2))
+    assert learned.kind == "cosine" and isinstance(learned.raw_scale, torch.nn.Parameter) and learned.bias is not None
 
 
 def test_grad_cam_of_a_cosine_head_takes_the_autograd_path_and_matches_it():
@@ -74,7 +68,9 @@ def test_cbd_loss_by_hand():
 
 def test_teachers_are_frozen_and_their_features_normalised():
     torch.manual_seed(0)
-    teachers = TeacherEnsemble([build_model("resnet8", 4, 3, classifier="cosine") for _ in range(2)])
+    # distill.teacher_bn: running (the release's teachers normalise with batch statistics: tests/test_cbd.py)
+    teachers = TeacherEnsemble([build_model("resnet8", 4, 3, classifier="cosine") for _ in range(2)],
+                               batch_statistics=False)
     before = [p.clone() for p in teachers.parameters()]
     student = DistillStudent(build_model("resnet8", 4, 3, classifier="cosine"), teachers.feature_dim)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(teachers.parameters()), lr=0.5)
@@ -221,6 +217,23 @@ def test_rescaling_methods_refuse_a_cosine_backbone(cosine_run):
                                     "backbone=cosine_ce", cwd=cosine_run)
     assert code == 2 and "cosine" in err and "la_posthoc or crt" in err
     assert not (cosine_run / "checkpoints/phase_iii_offline-lws-on-cosine_ce").exists()
+
+
+def test_post_hoc_adjustment_refuses_ldams_bias_free_head_and_tailcalib_runs_on_it(tmp_path):
+    ldam = ["train.loss=ldam_drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false"]
+    _run("phase_i_train_or_test.py", *SMOKE, "--opts", *ldam, "train.epochs=2", cwd=tmp_path)
+    _run("phase_ii_extract_feature.py", *SMOKE, "--opts", "backbone=ldam_drw", cwd=tmp_path)
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", *SMOKE, "--opts",
+                                    "finetune.generator=la_posthoc", "backbone=ldam_drw", cwd=tmp_path)
+    assert code == 2 and "has none" in err and "NormedLinear" in err
+    assert not (tmp_path / "checkpoints/phase_iii_offline-la_posthoc-on-ldam_drw").exists()
+    # TailCalib's checkpoint of a bias-free head is evaluated again under phase: test
+    tailcalib = ["finetune.generator=tailcalib", "backbone=ldam_drw", "tailcalib.epochs=1"]
+    _run("phase_iii_offline_train_or_test.py", *SMOKE, "--opts", *tailcalib, cwd=tmp_path)
+    folder = tmp_path / "checkpoints/phase_iii_offline-tailcalib-on-ldam_drw/smoke/default"
+    trained = json.loads((folder / "results.json").read_text())["top1"]
+    _run("phase_iii_offline_train_or_test.py", *SMOKE, "--opts", *tailcalib, "phase=test", cwd=tmp_path)
+    assert json.loads((folder / "test_results.json").read_text())["top1"] == pytest.approx(trained)
 
 
 def test_cbd_needs_its_teachers_then_distils_from_them(cosine_run):

@@ -55,7 +55,12 @@ def test_phase_iii_feature_and_decoupled_methods():
     cfg = phase_iii_cfg("tailcalib.epochs=5")
     assert cost.phase_iii_work(METHODS.get("tailcalibx"), cfg, sizes).forwarded == 5 * 1000 + 60
     assert cost.phase_iii_work(METHODS.get("tailcalib"), cfg, sizes).forwarded == 10
-    assert cost.phase_iii_work(METHODS.get("crt"), cfg, sizes).forwarded == 10
+    assert cost.phase_iii_work(METHODS.get("la_posthoc"), cfg, sizes).forwarded == 10
+    # cRT at the release's settings: 10 epochs of 1000 // 512 = 1 batch of 512 fresh augmented rows, then val
+    assert cost.phase_iii_work(METHODS.get("crt"), cfg, sizes).forwarded == 10 * 512 + 10
+    assert cost.phase_iii_work(METHODS.get("lws"), cfg, sizes).forwarded == 5 * 512 + 10
+    stored = phase_iii_cfg("decoupled.features=stored")
+    assert cost.phase_iii_work(METHODS.get("crt"), stored, sizes).forwarded == 10
 
 
 def test_seconds_and_their_text():

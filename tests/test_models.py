@@ -1,11 +1,15 @@
 """Tests for models/: the LTModel interface over every architecture."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from models import LTModel, available_models, build_model
+from models import LTModel, available_models, build_classifier, build_model, fresh_like
+from utils.checkpoint import load_model_state
 from utils.errors import UserError
 
 CIFAR_SMALL = ["resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]  # resnet8: the smoke model
@@ -143,3 +147,112 @@ def test_unknown_arch_raises_user_error() -> None:
 def test_bad_num_classes_raises_user_error() -> None:
     with pytest.raises(UserError):
         build_model("resnet20", num_classes=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cosine classifiers at their releases' forms (models.base.CosineClassifier)
+# ------------------------------------------------------------------------------------------------
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.log1p(np.exp(x))
+
+
+def tailcalibx_release_logits(x: np.ndarray, fc_weight: np.ndarray, fc_bias: np.ndarray, scale_raw: float) -> np.ndarray:
+    """rahulvigneswaran/TailCalibX, transcribed in numpy: libs/core/core_base.py batch_forward
+    (features = F.normalize(features, p=2, dim=1)), then libs/models/CosineDotProductClassifier.py
+    (softplus(self.scale) * mm(x, F.normalize(self.fc.weight.T, dim=1)) + self.fc.bias), fc.weight [C, D]."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    wt = fc_weight.T  # [D, C]
+    wt = wt / np.linalg.norm(wt, axis=1, keepdims=True)  # dim=1 of [D, C]: each feature's row over the classes
+    return _softplus(scale_raw) * (x @ wt) + fc_bias
+
+
+def ldam_release_normed_linear(x: np.ndarray, weight_in_out: np.ndarray) -> np.ndarray:
+    """kaidic/LDAM-DRW models/resnet_cifar.py NormedLinear, transcribed in numpy: weight [in, out],
+    F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0)) -- cos only, s = 30 is applied in the loss."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    w = weight_in_out / np.linalg.norm(weight_in_out, axis=0, keepdims=True)  # dim=0: each class's column
+    return x @ w
+
+
+def test_cosine_classifier_is_the_tailcalibx_release_form_by_hand() -> None:
+    fc = build_classifier("cosine", 2, 3)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[3.0, 0.0], [4.0, 0.0], [0.0, 2.0]]))  # [classes, features]
+        fc.bias.copy_(torch.tensor([0.5, -1.0, 0.0]))
+    f = torch.tensor([[1.0, 0.0], [6.0, 8.0]])
+    # each feature's column over the 3 classes has unit norm: (3, 4, 0) / 5 and (0, 0, 2) / 2, so the normalised
+    # weight is [[0.6, 0], [0.8, 0], [0, 1]]; f / |f| = (1, 0) and (0.6, 0.8)
+    cos_like = torch.tensor([[0.6, 0.8, 0.0], [0.36, 0.48, 0.8]])
+    expected = 10.0 * cos_like + torch.tensor([0.5, -1.0, 0.0])
+    torch.testing.assert_close(fc(f), expected)
+    # (a row-wise cosine would give cos(f1, w_0) = cos(f1, w_1) = 1 instead)
+    release = tailcalibx_release_logits(f.numpy().astype(np.float64), fc.weight.detach().numpy().astype(np.float64),
+                                        fc.bias.detach().numpy().astype(np.float64), float(fc.raw_scale.detach()))
+    np.testing.assert_allclose(fc(f).detach().numpy(), release, rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_classifier_matches_the_tailcalibx_release_on_random_data() -> None:
+    fc = build_classifier("cosine", 5, 4)
+    with torch.no_grad():
+        fc.raw_scale.fill_(2.5)  # any learned value: the logits use softplus of it, as the release
+    x = torch.randn(6, 5).abs()  # pooled post-ReLU features
+    release = tailcalibx_release_logits(x.double().numpy(), fc.weight.detach().double().numpy(),
+                                        fc.bias.detach().double().numpy(), 2.5)
+    np.testing.assert_allclose(fc(x).detach().double().numpy(), release, rtol=1e-5, atol=1e-5)
+
+
+def test_cosine_classifier_parameters_and_init_follow_the_release() -> None:
+    fc = build_classifier("cosine", 16, 3)
+    assert set(dict(fc.named_parameters())) == {"weight", "bias", "raw_scale"}  # scale learned, bias learned
+    # the release: scale = nn.Parameter(10.0) used through softplus, i.e. softplus(10) = 10.0000454 at the start;
+    # model.scale is the softplus'd value, 10 (a relative difference of 4.5e-6)
+    assert math.isclose(fc.scale_value(), 10.0, rel_tol=1e-6)
+    assert math.isclose(fc.scale_value(), float(_softplus(np.float64(10.0))), rel_tol=1e-5)
+    bound = 1 / math.sqrt(16)  # nn.Linear(feat_dim, num_classes)'s initialisation of weight and bias
+    assert fc.weight.abs().max() <= bound and fc.bias.abs().max() <= bound and fc.bias.abs().max() > 0
+
+
+def test_normed_classifier_is_ldam_normed_linear_without_bias() -> None:
+    fc = build_classifier("normed", 2, 3, scale=30.0, learn_scale=False)
+    assert fc.bias is None and set(dict(fc.named_parameters())) == {"weight"}  # no bias, no learned scale
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]]))  # [classes, features]
+    f = torch.tensor([[1.0, 0.0], [6.0, 8.0]])
+    # cos with the class rows (0.6, 0.8), (0, 1), (1, 0)
+    expected = 30.0 * torch.tensor([[0.6, 0.0, 1.0], [1.0, 0.8, 0.6]])
+    torch.testing.assert_close(fc(f), expected)
+    # the release's NormedLinear keeps its weight as [in, out] and normalises along dim 0: our weight transposed
+    release = 30.0 * ldam_release_normed_linear(f.double().numpy(), fc.weight.detach().double().numpy().T)
+    np.testing.assert_allclose(fc(f).detach().numpy(), release, rtol=1e-6, atol=1e-5)
+    x = torch.randn(5, 2)
+    release = 30.0 * ldam_release_normed_linear(x.double().numpy(), fc.weight.detach().double().numpy().T)
+    np.testing.assert_allclose(fc(x).detach().numpy(), release, rtol=1e-5, atol=1e-5)
+
+
+def test_normed_classifier_init_is_the_releases_unit_columns() -> None:
+    # the release: weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5) on [in, out]: every class vector has norm 1
+    fc = build_classifier("normed", 64, 10, scale=30.0, learn_scale=False)
+    torch.testing.assert_close(fc.weight.norm(dim=1), torch.ones(10))
+    assert math.isclose(fc.scale_value(), 30.0, rel_tol=1e-6)
+    model = build_model("resnet8", 10, classifier="normed", scale=30.0, learn_scale=False)
+    assert model.fc.bias is None and "fc.bias" not in model.state_dict()
+    again = fresh_like(model.fc)  # cRT / TailCalib's fresh head keeps the form
+    assert again.bias is None and again.weight_norm == "class" and math.isclose(again.scale_value(), 30.0, rel_tol=1e-6)
+
+
+def test_a_classifier_state_of_another_form_fails_to_load_with_a_reason(tmp_path) -> None:
+    ldam = build_model("resnet8", 3, classifier="normed", scale=30.0, learn_scale=False)
+    state = ldam.state_dict()
+    build_model("resnet8", 3, classifier="normed", scale=30.0, learn_scale=False).load_state_dict(state)  # same form
+    # an old LDAM-DRW run: a cosine classifier with a bias, before the form was saved
+    old = {k: v for k, v in state.items() if k != "fc.weight_norm_dim"}
+    old["fc.bias"] = torch.zeros(3)
+    with pytest.raises(UserError, match=r"^Weights in .* has a bias \(fc\.bias\).*NormedLinear.*--overwrite\)$"):
+        load_model_state(ldam, old, tmp_path / "best_model.pt")
+    # an old CosineCE run (row-wise cosine): same keys, but no saved form
+    cosine = build_model("resnet8", 3, classifier="cosine")
+    old = {k: v for k, v in cosine.state_dict().items() if k != "fc.weight_norm_dim"}
+    with pytest.raises(UserError, match="predates the release forms.*CosineDotProduct_Classifier"):
+        load_model_state(cosine, old, tmp_path / "best_model.pt")
+    with pytest.raises(UserError, match="the saved classifier is a normed one"):  # (its bias is missing too)
+        load_model_state(cosine, state, tmp_path / "best_model.pt")

@@ -21,10 +21,10 @@ from tests.helpers import run_main_in_process, run_script, script_command, scrip
 OFFLINE, ONLINE = "phase_iii_offline_train_or_test.py", "phase_iii_online_train_or_test.py"
 BASE = ["--config", "smoke", "--device", "cpu"]
 # The smoke set balances to only 8 x 100 features: the release's lr 0.01 / batch 128 would take far more epochs
-# than a test can afford to fit a fresh classifier on unit-norm features. Plain SGD (no momentum) keeps the
+# than a test can afford to fit the classifier on unit-norm features. Plain SGD (no momentum) keeps the
 # classifier on the weak features of a 3-epoch backbone from oscillating between epochs.
 # float32 (accel.amp=none): the tests recompute features and predictions in float32 as their oracle
-COMMON = ["tailcalib.batch_size=16", "tailcalib.lr=0.1", "finetune.momentum=0.0", "accel.amp=none"]
+COMMON = ["tailcalib.batch_size=16", "tailcalib.lr=0.1", "tailcalib.momentum=0.0", "accel.amp=none"]
 BATCH = 16
 OFF_OPTS = ["--opts", "finetune.generator=tailcalib", "tailcalib.epochs=15", *COMMON]
 ON_OPTS = ["--opts", "finetune.generator=tailcalibx", "tailcalib.epochs=3", *COMMON]
@@ -168,6 +168,37 @@ def test_tailcalib_lifts_the_tail_of_an_under_trained_model(cwd):
     assert offline["top1"] > offline["phase_i_reference"]["top1"]
 
 
+@pytest.mark.parametrize("script, generator", [(OFFLINE, "tailcalib"), (ONLINE, "tailcalibx")])
+def test_the_classifier_starts_as_phase_i_s_and_trains_with_the_release_s_momentum(cwd, tmp_path, monkeypatch,
+                                                                                  script, generator):
+    """Release defaults (experiments 1.2 / 2.2 / 2.4 of TailCalibX's experiments_maker.py): the classifier is the
+    backbone run's own (pretrain: True), bit for bit when its optimiser is built, and SGD momentum is 0.7 (--cv3 at
+    imbalance 100 in run_all_CIFAR100-LT.sh), whatever finetune.momentum says."""
+    import engine.phase_iii_features as features
+
+    seen = {}
+    real = features.build_optimizer
+
+    def spy(params, cfg):
+        params = list(params)
+        seen["params"] = [p.detach().clone() for p in params]
+        seen["optimizer"] = real(params, cfg)
+        return seen["optimizer"]
+
+    monkeypatch.setattr(features, "build_optimizer", spy)
+    work = _copy_phases_i_ii(cwd, tmp_path)
+    code, stderr = run_main_in_process(script, *BASE, "--opts", f"finetune.generator={generator}", "tailcalib.epochs=1",
+                                       "finetune.momentum=0.3", "accel.amp=none", cwd=work)
+    assert code == 0, stderr
+    phase_i = torch.load(work / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)["model"]
+    assert [p.shape for p in seen["params"]] == [phase_i["fc.weight"].shape, phase_i["fc.bias"].shape]
+    assert torch.equal(seen["params"][0], phase_i["fc.weight"]) and torch.equal(seen["params"][1], phase_i["fc.bias"])
+    group = seen["optimizer"].param_groups[0]
+    assert isinstance(seen["optimizer"], torch.optim.SGD) and group["momentum"] == 0.7
+    results = _json(work / (OFF_DIR if script == OFFLINE else ON_DIR) / "results.json")
+    assert results["classifier_init"] == "phase_i" and results["momentum"] == 0.7
+
+
 @pytest.mark.parametrize("script, generator, right", [(ONLINE, "tailcalib", OFFLINE), (OFFLINE, "tailcalibx", ONLINE)])
 def test_wrong_mode_is_a_user_error_naming_the_right_script(tmp_path, script, generator, right):
     code, stderr = run_main_in_process(script, *BASE, "--opts", f"finetune.generator={generator}", cwd=tmp_path)
@@ -220,3 +251,26 @@ def test_killed_run_resumes_to_the_straight_run(cwd, tmp_path):
            [{k: v for k, v in h.items() if k not in strip} for h in straight["history"]]
     assert resumed["per_class"] == straight["per_class"]
     assert resumed["checkpoint_selection"] == straight["checkpoint_selection"]
+
+
+def test_a_bias_free_normed_head_round_trips_through_the_feature_checkpoint(tmp_path):
+    """TailCalib on an LDAM-DRW backbone: its head (normed, no bias, fixed s = 30) is saved and rebuilt."""
+    from engine.artifacts import read_feature_classifier_checkpoint
+    from engine.phase_iii_features import classifier_spec, feature_logits
+    from models.base import build_classifier
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    fc = build_classifier("normed", 6, 3, scale=30.0, learn_scale=False)
+    z = torch.randn(4, 6).abs()
+    transform = {"tukey": 1.0, "eps": 1e-6, "normalize": False}
+    path = tmp_path / "best_model.pt"
+    from engine.artifacts import FEATURE_CLASSIFIER_KIND
+
+    save_checkpoint(path, {"kind": FEATURE_CLASSIFIER_KIND, "fc": fc.state_dict(), "classifier": classifier_spec(fc),
+                           "feature_transform": transform, "arch": "resnet8", "num_classes": 3, "in_channels": 1})
+    payload = read_feature_classifier_checkpoint(path, "test", "tailcalib")
+    assert payload["classifier"]["kind"] == "normed"
+    from engine.phase_iii_features import apply_feature_transform
+
+    torch.testing.assert_close(feature_logits(payload, z), fc(apply_feature_transform(z, transform)))

@@ -224,7 +224,7 @@ def test_plan_is_the_method_table_in_order():
     assert pipeline.step_opts(focal, {"phase_i": ["seed=1"]}) == ["seed=1", "train.loss=focal"]
     ldam = next(s for s in full if s.method and s.method.id == "ldam_drw")
     assert pipeline.step_opts(ldam, {"phase_i": []}) == [
-        "train.loss=ldam_drw", "model.classifier=cosine", "model.scale=30", "model.learn_scale=false"]
+        "train.loss=ldam_drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false"]
     assert pipeline.step_opts(full[0], {"phase_i": ["seed=1"]}) == ["seed=1"]
     with pytest.raises(UserError, match="--suite"):
         pipeline.route_opts(["train.loss=focal"], seeded=False)

@@ -242,10 +242,12 @@ PHASE_I = {
     "dataset": DATASET,
     "model": {
         "arch": F("resnet32"),
-        # linear: nn.Linear; cosine: scale * cos(feature, class weight) + bias (CosineCE of TailCalibX / CBD)
+        # linear: nn.Linear; cosine: the TailCalibX release's CosineDotProduct_Classifier (CosineCE, CBD):
+        # scale * normalize(feature) @ W normalised per feature over the classes + bias; normed: the LDAM-DRW
+        # release's NormedLinear (ldam_drw): scale * cos(feature, class weight), no bias (models.base.CosineClassifier)
         "classifier": F("linear", choices=registry_choices("models.base", "CLASSIFIERS")),
-        "scale": F(10.0, float, gt=0),  # cosine: the scale's initial value (softplus-parametrised, as the releases)
-        "learn_scale": F(True),        # cosine: false keeps the scale fixed (LDAM-DRW: s = 30)
+        "scale": F(10.0, float, gt=0),  # cosine / normed: the scale's initial value (TailCalibX: 10; LDAM: s = 30)
+        "learn_scale": F(True),        # cosine / normed: false keeps the scale fixed (LDAM-DRW: s = 30)
     },
     "train": {
         **OPTIM,
@@ -259,10 +261,15 @@ PHASE_I = {
         "gamma": F(0.1, float, gt=0, le=1),
         "warmup_epochs": F(0.0, float, ge=0),  # at most train.epochs (validate_values)
         "loss": F("ce", choices=registry_choices("engine.losses", "LOSSES")),
+        # focal: -(1 - p_y)^focal_gamma log p_y (softmax), batch mean; 1 = the LDAM-DRW release's focal baseline (and
+        # Cui et al.'s GAMMA=1.0); Lin et al.'s detection setting is 2
         "focal_gamma": F(1.0, float, ge=0),
         "cb_beta": fraction(0.9999),
+        # class_balanced: mean = mean of w_y * CE over the batch (Cui et al.'s release); weighted_mean = sum(w_y CE) /
+        # sum(w_y), PyTorch's weighted CE (the LDAM-DRW release's Reweight; ldam_drw's DRW always averages so)
+        "cb_reduction": F("mean", str, choices=registry_choices("engine.losses", "CB_REDUCTIONS")),
         "la_tau": F(1.0, float, ge=0),  # la_loss: CE on logits + la_tau * log(prior) (1.0 = balanced_softmax)
-        # ldam_drw: margins max_margin * (n_min / n_c)^(1/4) on a cosine classifier of fixed scale (LDAM: s = 30), and
+        # ldam_drw: margins max_margin * (n_min / n_c)^(1/4) on the normed classifier of fixed scale (LDAM: s = 30), and
         # class-balanced weights (cb_beta) from epoch drw_epoch on (null: 80% of the epochs, the release's 160 of 200)
         "ldam_max_margin": F(0.5, float, gt=0),
         "drw_epoch": F(None, int, nullable=True, ge=0),
@@ -270,16 +277,27 @@ PHASE_I = {
         "save_every": count(0, minimum=0),  # 0: no periodic checkpoints
         "eval_every": count(1),
     },
-    # cbd (Iscen et al. 2021): a cosine-classifier student distilled from `teachers` CosineCE runs of the same
-    # config (checkpoints/phase_i-cosine_ce/<config>/<note>-teacher<k>, seed + 1000 k; the pipeline trains them):
-    # loss (1 - alpha) CE + alpha * beta * (1 - cos(projected student feature, concatenated teacher features));
-    # class_balanced_share of every batch drawn class-balanced, the rest instance-balanced
+    # cbd (Iscen et al. 2021) at the TailCalibX release's settings (libs/utils/experiments_maker.py experiment 0.4,
+    # run_all_CIFAR100-LT.sh): a cosine-classifier student distilled from `teachers` CosineCE runs of the same
+    # config (checkpoints/phase_i-cosine_ce/<config>/<note>-teacher<k>, seed + 1000 k; the pipeline trains them);
+    # the release: 1 teacher (CIFAR-100-LT and mini-ImageNet-LT). Loss (1 - alpha) CE + alpha * beta * (1 - cos(student
+    # feature, concatenated teacher features)), the student's feature linearly projected only with > 1 teacher (as the
+    # release). alpha 0.8 / beta 100: the release's CIFAR-100-LT values at imbalance 100 (and 10; beta 200 at 50;
+    # mini-ImageNet-LT: alpha 0.4, beta 100)
     "distill": {
         "enabled": F(False),
-        "teachers": count(3),
-        "alpha": fraction(0.4, open_low=False, open_high=False),
+        "teachers": count(1),
+        "alpha": fraction(0.8, open_low=False, open_high=False),
         "beta": F(100.0, float, ge=0),
+        # class_aware: every batch from the release's ClassAwareSampler, runs of samples_per_class rows of one class
+        # (datasets.loader.fresh_class_aware_indices); mixed: this project's earlier variant, class_balanced_share of
+        # every batch drawn i.i.d. class-balanced, the rest instance-balanced (neither the paper's nor the release's)
+        "sampler": F("class_aware", str, choices=("class_aware", "mixed")),
+        "samples_per_class": count(4),
         "class_balanced_share": fraction(0.5, open_low=False, open_high=False),
+        # the teachers' batch norm while the student trains: batch (the release: its loop puts the frozen teachers in
+        # train mode with the student) or running (eval mode, their stored statistics; this project's earlier choice)
+        "teacher_bn": F("batch", str, choices=("batch", "running")),
     },
     # hr: head = the largest classes holding this share of the training samples, for every phase
     # (phase II's split and phase III's head / tail read it from the phase I run's saved config)
@@ -327,17 +345,32 @@ PHASE_III = {
         "unfreeze": F(False),
         "eval_every": count(400),
         "num_workers": count(0, minimum=0),
+        # map methods (fsa and its control none, online and offline; engine/phase_iii_maps.py): the classifier
+        # they train starts from phase I's fc (phase_i, the paper) or a fresh one of the backbone's kind
+        # (reinit, cRT's recipe; drawn from `seed`, the same for fsa and none)
+        "init": F("phase_i", str, choices=("phase_i", "reinit")),
+        # map methods: finetune.lr throughout (constant, the paper) or cosine from lr to 0 over finetune.iterations
+        "schedule": F("constant", str, choices=("constant", "cosine")),
     },
+    # fsa's fused rows before the classifier sees them (fsa.fusion.match_statistics): none = the paper's rule;
+    # norm = each fused pooled feature rescaled to its class's mean real norm; moments = per dimension to its
+    # class's real mean / std. Real statistics: phase II's store offline, a pass over the training images online.
+    # The control `none` adds real rows, which are left as they are.
+    "fusion": {"match": F("none", str, choices=("none", "norm", "moments"))},
     "tailcalib": {
         "tukey": F(1.0, float, ge=0),  # Tukey's ladder exponent; 0 = log
         "alpha": F(0.0, float, ge=0),
         "k": count(3),
         "epochs": count(10),
         "batch_size": count(256),
-        # TailCalib's own SGD lr; null = finetune.lr (momentum / weight decay always come from finetune)
+        # TailCalib's own SGD lr; null = finetune.lr (optimizer / nesterov / weight decay come from finetune)
         "lr": F(None, float, nullable=True, gt=0),
-        # the linear classifier on the transformed features: a fresh nn.Linear (the default) or phase I's fc
-        "init": F("fresh", str, choices=("fresh", "phase_i")),
+        # TailCalib's own SGD momentum: the release's 0.7 at imbalance 100 (CIFAR-100-LT; mini-ImageNet-LT too); it
+        # sets 0.0 at imbalance 50 and 0.9 at 10 (run_all_CIFAR100-LT.sh --cv3), which those configs must set
+        "momentum": F(0.7, float, ge=0, lt=1),
+        # the classifier on the transformed features: phase_i = a copy of the phase I classifier (the release loads
+        # the CosineCE / CBD run's classifier, pretrain: true), fresh = newly initialised (this project's earlier choice)
+        "init": F("phase_i", str, choices=("phase_i", "fresh")),
         # k nearest class means among all classes (the release: a sample's own class usually is one) or others only
         "neighbours": F("all", str, choices=("all", "others")),
         # as the release's training code: ridge * I added to every calibrated covariance, and real + generated (and
@@ -345,11 +378,24 @@ PHASE_III = {
         "ridge": F(1e-4, float, ge=0),
         "renormalize": F(True),
     },
-    # decoupled classifiers (engine/phase_iii_decoupled.py); momentum / weight decay come from finetune
+    # decoupled classifiers (engine/phase_iii_decoupled.py); momentum / weight decay come from finetune.
+    # lws / crt default to the classifier-balancing release (config/ImageNet_LT/cls_crt.yaml, cls_lws.yaml):
+    # SGD lr 0.2 cosine to 0 per epoch, batch 512, class-aware batches of 4 per class, augmented images
+    # through the frozen backbone
     "decoupled": {
-        "epochs": count(10),        # lws / crt
+        "epochs": F(None, int, nullable=True, ge=1),  # null: the release's per method, crt 10, lws 5
         "batch_size": count(512),
-        "lr": F(0.1, float, gt=0),  # constant
+        "lr": F(0.2, float, gt=0),
+        # cosine: the release's CosineAnnealingLR(T_max=epochs, eta_min=0) stepped before each epoch;
+        # constant: lr throughout
+        "schedule": F("cosine", str, choices=("cosine", "constant")),
+        # class_aware: the release's ClassAwareSampler; independent: every row a uniform class, then a
+        # uniform sample of it, an epoch of as many rows as the training set
+        "sampler": F("class_aware", str, choices=("class_aware", "independent")),
+        "samples_per_class": count(4),  # class_aware: consecutive rows per class visit
+        # augmented: every epoch, pooled features of freshly augmented images of the epoch's rows;
+        # stored: phase II's pooled features of the un-augmented images (seconds, no backbone pass)
+        "features": F("augmented", str, choices=("augmented", "stored")),
         # la_posthoc / tau_norm: tau is the grid value with the best validation mean class accuracy, or the
         # fixed tau without a validation split
         "tau": F(1.0, float, ge=0),
@@ -394,10 +440,10 @@ def validate_values(cfg: dict, phase: str) -> None:
                  f"train.warmup_epochs ({t['warmup_epochs']:g}) must be at most train.epochs ({t['epochs']}): a run "
                  f"still warming up at its end never reaches its learning rate.")
         if t["loss"] == "ldam_drw":
-            _require(cfg["model"]["classifier"] == "cosine" and not cfg["model"]["learn_scale"],
-                     "train.loss=ldam_drw puts its margins on cosine logits of a fixed scale, as the LDAM paper (s = 30): "
-                     "set model.classifier=cosine model.scale=30 model.learn_scale=false (the ldam_drw method of the "
-                     "pipeline's --suite full does).")
+            _require(cfg["model"]["classifier"] == "normed" and not cfg["model"]["learn_scale"],
+                     "train.loss=ldam_drw puts its margins on the bias-free cosine logits of a fixed scale of the release's "
+                     "NormedLinear (s = 30): set model.classifier=normed model.scale=30 model.learn_scale=false (the "
+                     "ldam_drw method of the pipeline's --suite full does).")
         _require(not cfg["distill"]["enabled"] or cfg["model"]["classifier"] == "cosine",
                  "distill.enabled trains the CBD student, a cosine classifier: set model.classifier=cosine too.")
     if "accel" in cfg:
