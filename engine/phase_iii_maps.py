@@ -15,6 +15,13 @@ takes every W-th of its tail and head rows; the trainable part is wrapped in
 DistributedDataParallel and the loss is scaled so that the averaged gradient is that of the whole
 batch. `finetune.nt` / `na` therefore describe the global batch, whatever the number of processes.
 
+The classifier starts from phase I's ``fc`` or, with ``finetune.init: reinit``, from a fresh one of the
+backbone's kind (:func:`fresh_classifier`); its learning rate is ``finetune.lr`` throughout or, with
+``finetune.schedule: cosine``, :func:`finetune_lr`'s cosine to 0 over the iterations. With ``fusion.match``
+the generated rows pass through the generator's ``match`` (:func:`fsa.fusion.match_statistics`) before the
+classifier sees them, towards real per-class statistics from :func:`real_statistics`. Every run records
+per-class statistics of the pooled real and generated rows it trained on (:class:`RowStatistics`).
+
 Before training, :func:`check_batch_memory` compares a conservative estimate of one batch's memory
 (:func:`batch_bytes`) with what the device has available (:func:`available_memory`), so that a batch
 too large for the machine is refused with the settings to lower instead of growing until it is killed.
@@ -37,13 +44,14 @@ from engine.artifacts import checkpoint_payload
 from engine.loops import EvalSets, StepResult, TrainingTask, fit, ordered_map
 from engine.methods import Method
 from engine.metrics import classification_report
-from engine.optim import build_optimizer
+from engine.optim import build_optimizer, lr_at
 from engine.phase_iii import PhaseIIIInputs
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.feature_store import FeatureStore, format_bytes
+from fsa.fusion import ClassStatistics, PooledMoments, class_statistics
 from fsa.generators import GeneratorContext, MapGenerator
 from fsa.gradcam import CamExtractor, eval_mode
-from models import LTModel
+from models import LTModel, fresh_like
 from utils.checkpoint import apply_weights
 from utils.errors import UserError
 from utils import distributed
@@ -64,7 +72,11 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     p2 = inputs.p2
     composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
     generator = method.load_implementation()(GeneratorContext(
-        labels=bundle.train.targets, confusing=p2.confusing, composer=composer, na=f["na"], ts=p2.ts, tg=p2.tg))
+        labels=bundle.train.targets, confusing=p2.confusing, composer=composer, na=f["na"], ts=p2.ts, tg=p2.tg,
+        match=cfg["fusion"]["match"]))
+    if generator.matches and type(model).pool is not LTModel.pool:
+        raise UserError(f"fusion.match={cfg['fusion']['match']} rescales feature maps so that their spatial mean takes "
+                        f"the real statistics, but {type(model).__name__} pools otherwise: use fusion.match=none.")
     # offline maps come from the store, so the last stage could not learn anything there
     unfreeze = f["unfreeze"] and method.mode == "online"
     check_batch_memory(inputs, unfreeze)  # before the run folder is touched
@@ -72,23 +84,142 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     if run_mode == "finished":
         return read_results(inputs.paths.results) or {}
 
+    # before a resume restores last.pt: the fresh classifier is replaced by the saved one like any weights,
+    # and the real statistics are those of the phase I backbone
+    if f["init"] == "reinit":
+        model.fc = fresh_classifier(model, cfg["seed"])
+    if generator.matches:
+        generator.ctx.targets = real_statistics(inputs)
+    stats = RowStatistics(bundle.num_classes, model.feature_dim, inputs.device, generator.matches)
     trainable = _set_trainable(model, unfreeze)
     optimizer = build_optimizer(trainable, f)
     # fp16 autocast gradients reach the unfrozen last stage through the online maps: scale them
     scaler = inputs.accel.grad_scaler() if unfreeze else None
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
+
+    def payload(**extra) -> dict:
+        if "optimizer" in extra:  # last.pt, which --resume continues from: the statistics booked so far too
+            extra["feature_statistics"] = stats.state()
+        return checkpoint_payload(model, cfg, bundle, inputs.paths.phase, **extra)
+
+    def restore(state: dict, path: Path) -> None:
+        apply_weights(model, state, path)
+        stats.load(state.get("feature_statistics"), state.get("iteration", 0))
+
     start, recorder = inputs.start_recording(
-        run_mode, logger, lambda **extra: checkpoint_payload(model, cfg, bundle, inputs.paths.phase, **extra),
-        restore=lambda state, path: apply_weights(model, state, path), optimizer=optimizer, scaler=scaler,
+        run_mode, logger, payload, restore=restore, optimizer=optimizer, scaler=scaler,
         step_name="iteration", total_steps=f["iterations"])
     logger.info(f"{method.mode} fine-tuning, {method.label} (generator {method.generator}), tail classes {p2.tail}, "
                 f"head classes {p2.head}, batch {2 * f['nt'] * (1 + f['na'])} (nt {f['nt']}, na {f['na']}), trainable "
                 f"{sum(p.numel() for p in trainable)} parameters, device {inputs.device}, {ctx.world_size} process(es); "
+                f"classifier {f['init']}, lr {f['lr']:g} {f['schedule']}, fusion.match {cfg['fusion']['match']}"
+                f"{'' if generator.matches or cfg['fusion']['match'] == 'none' else ' (not applied: real rows)'}; "
                 f"{inputs.accel.describe()}")
-    task = MapTraining(inputs, generator, composer, unfreeze, start)
+    task = MapTraining(inputs, generator, composer, unfreeze, start, stats)
     fit(task, optimizer, recorder, start=start, scaler=scaler)
     return recorder.finish(**inputs.records(), iterations=f["iterations"], train_samples=len(bundle.train),
-                           samples_seen=f["iterations"] * batch_size(f["nt"], f["na"]))
+                           samples_seen=f["iterations"] * batch_size(f["nt"], f["na"]),
+                           finetune={"init": f["init"], "schedule": f["schedule"], "lr": f["lr"]},
+                           fusion={"match": cfg["fusion"]["match"], "applied": generator.matches},
+                           feature_statistics=stats.summary(f["iterations"], generator.ctx.targets))
+
+
+def finetune_lr(iteration: int, f: dict) -> float:
+    """The learning rate of iteration ``iteration`` (0-based) of a map method, for the ``finetune`` section
+    ``f``: ``lr`` throughout (``schedule: constant``) or ``lr * (1 + cos(pi * iteration / iterations)) / 2``
+    (``cosine``: lr at 0, lr / 2 halfway, 0 at ``iterations``) -- :func:`engine.optim.lr_at`'s cosine with the
+    iteration as its epoch and no warm-up. A pure function of the iteration, so a resumed run continues it."""
+    return lr_at(float(iteration), {"lr": f["lr"], "schedule": f["schedule"], "warmup_epochs": 0,
+                                    "epochs": f["iterations"]})
+
+
+def fresh_classifier(model: LTModel, seed: int) -> torch.nn.Module:
+    """``finetune.init: reinit``: a newly initialised classifier of the backbone's kind and shape
+    (:func:`models.fresh_like`), drawn from torch's CPU generator seeded with ``seed`` inside a forked RNG
+    state (the run's other draws are untouched), so that fsa and its control none start from the same one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fresh_like(model.fc)
+
+
+def real_statistics(inputs: PhaseIIIInputs) -> ClassStatistics:
+    """The real per-class statistics ``fusion.match`` rescales generated rows to, on the run's device: those
+    of the pooled features of the phase I backbone (eval mode) on the training images, computed once before
+    training (deterministic; a resumed run computes the same).
+
+    offline -- phase II's store: the stored pooled features of every stored view (view 0 = the un-augmented
+               image, views 1.. its augmented draws): exactly the rows offline training draws its real maps from.
+    online  -- one forward pass over the un-augmented training images (what the store's view 0 holds). Online
+               training sees augmented images, whose population has no finite list; the un-augmented images
+               are its deterministic centre. With finetune.unfreeze the targets stay those of phase I's last stage."""
+    model, bundle, num_classes = inputs.model, inputs.bundle, inputs.bundle.num_classes
+    if inputs.method.mode == "offline":
+        moments = PooledMoments(num_classes, model.feature_dim)
+        for view in range(inputs.store.views):
+            moments.add(inputs.store.pooled(view), inputs.store.labels)
+        return moments.statistics().to(inputs.device)
+    accel = inputs.accel
+
+    def pooled(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict:
+        with accel.autocast():
+            return {"pooled": model.pool(model.features(accel.inputs(x))).float(), "label": y, "index": idx}
+
+    with torch.no_grad(), eval_mode(model):
+        rows = ordered_map(pooled, bundle.train.with_augment(False), inputs.cfg["eval"]["batch_size"], inputs.device,
+                           desc="real statistics")
+    return class_statistics(rows["pooled"], rows["label"], num_classes)
+
+
+class RowStatistics:
+    """Per-class statistics of the pooled features (``model.pool``) of the rows every phase III map run trains
+    on, accumulated on the device over its iterations (:class:`fsa.fusion.PooledMoments`, no per-sample loop):
+    ``real`` = the batch's real tail and head rows; ``generated`` = the generator's rows as the classifier sees
+    them (for the control none: its extra real tail rows); with fusion.match also ``generated_before_match``.
+
+    Each process adds its own rows; at every booking (:meth:`book`) the processes' sums are added up into the
+    booked totals, which ``last.pt`` carries (:meth:`state` / :meth:`load`), so a resumed run's statistics
+    cover its whole training as a straight run's do. Memory: ``K x (2 + 2D)`` float64 per group on the device
+    and as much on the host (ImageNet-LT, 1000 classes x 512: 8 MB; iNaturalist x ResNet-50: 267 MB)."""
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device, matching: bool):
+        groups = ("real", "generated", *(("generated_before_match",) if matching else ()))
+        self.local = {g: PooledMoments(num_classes, dim, device) for g in groups}
+        self.booked = {g: torch.zeros_like(m.sums, device="cpu") for g, m in self.local.items()}  # (host memory)
+        self.first = 0  # the first iteration the booked sums cover
+
+    def add(self, group: str, pooled: torch.Tensor, labels: torch.Tensor) -> None:
+        if group in self.local:
+            self.local[group].add(pooled, labels)
+
+    def book(self) -> None:
+        """Add every process's sums since the last booking to the booked totals (one all-reduce per group)."""
+        for group, moments in self.local.items():
+            self.booked[group] += distributed.all_reduce_sum(moments.sums).cpu()
+            moments.sums.zero_()
+
+    def state(self) -> dict:
+        return {group: sums.clone() for group, sums in self.booked.items()}
+
+    def load(self, state: dict | None, iteration: int) -> None:
+        """The booked sums of a ``last.pt`` of iteration ``iteration``; one saved without them (before this
+        record existed) leaves the statistics to cover the iterations from ``iteration`` on."""
+        if not state or any(g not in state or state[g].shape != s.shape for g, s in self.booked.items()):
+            self.first = int(iteration)
+            return
+        for group, sums in self.booked.items():
+            sums.copy_(state[group].to(sums.device, sums.dtype))
+
+    def summary(self, iterations: int, targets: ClassStatistics | None) -> dict:
+        """results.json's ``feature_statistics``: per group and class ``rows``, ``norm`` (mean L2 norm) and
+        ``std`` (mean over dimensions of the per-dimension std); null where a class has no row."""
+        out: dict = {"iterations": [self.first, int(iterations)]}
+        for group, sums in self.booked.items():
+            moments = PooledMoments(sums.shape[0], (sums.shape[1] - 2) // 2, sums.device)
+            moments.sums = sums
+            out[group] = moments.statistics().summary()
+        if targets is not None:
+            out["match_targets"] = targets.summary()
+        return out
 
 
 def batch_bytes(rows: int, fmap_shape: Sequence[int], *, image_shape: Sequence[int] | None = None,
@@ -199,7 +330,8 @@ def check_batch_memory(inputs: PhaseIIIInputs, unfreeze: bool) -> None:
 
 class MapTraining(TrainingTask):
     """A map method's side of the loop: one batch per iteration, evaluated (and booked) every
-    ``finetune.eval_every`` iterations, iteration 0 = the phase I model itself."""
+    ``finetune.eval_every`` iterations, iteration 0 = the phase I model itself (with ``finetune.init:
+    reinit``, its backbone and the fresh classifier); the lr of each iteration is :func:`finetune_lr`'s."""
 
     step_name = "iteration"
     divergence_settings = "finetune.lr and finetune.momentum"
@@ -207,9 +339,10 @@ class MapTraining(TrainingTask):
     progress_over_units = True
 
     def __init__(self, inputs: PhaseIIIInputs, generator: MapGenerator, composer: TailHeadComposer, unfreeze: bool,
-                 start: int):
+                 start: int, stats: "RowStatistics | None" = None):
         f, ctx = inputs.cfg["finetune"], distributed.context()
-        self.inputs, self.generator, self.seed, self.lr_value = inputs, generator, inputs.cfg["seed"], f["lr"]
+        self.inputs, self.generator, self.seed, self.finetune = inputs, generator, inputs.cfg["seed"], f
+        self.stats = stats
         self.total, self.eval_every, self.record_every = f["iterations"], f["eval_every"], f["eval_every"]
         self.global_rows, self.world_size = batch_size(f["nt"], f["na"]), ctx.world_size
         model = inputs.model
@@ -236,11 +369,18 @@ class MapTraining(TrainingTask):
     def step(self, batch) -> StepResult:
         plan, rng, extra = batch
         loss, logits, targets = batch_loss(self.inputs.model, self.generator, plan, rng, self.fetch, extra=extra,
-                                           head=self.head, global_rows=self.global_rows, world_size=self.world_size)
+                                           head=self.head, global_rows=self.global_rows, world_size=self.world_size,
+                                           stats=self.stats)
         return StepResult(loss, 1, logits, targets)  # every rank's scaled loss sums to the global batch's
 
+    def lr(self, unit: int, batch: int, batches: int) -> float:
+        return finetune_lr(unit, self.finetune)
+
     def unit_stats(self, unit: int, seconds: float) -> dict:
-        return {"lr": self.lr_value}
+        done = unit + 1
+        if self.stats is not None and (done % self.record_every == 0 or done == self.total):
+            self.stats.book()  # fit books this iteration: last.pt gets the statistics up to it
+        return {"lr": finetune_lr(unit, self.finetune)}
 
     def evaluate(self) -> tuple[dict, dict | None]:
         inp = self.inputs
@@ -399,9 +539,9 @@ class _OfflineMaps:
 
 def batch_loss(model: LTModel, generator: MapGenerator, plan, rng: torch.Generator, fetch, *,
                extra: torch.Tensor | None = None, head: torch.nn.Module | None = None, global_rows: int | None = None,
-               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(loss, logits, targets)` of one batch: real tail, generated, real head rows; cross-entropy on
-    the classifier head.
+               world_size: int = 1, stats: RowStatistics | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(loss, logits, targets)` of one batch: real tail, generated (after the generator's `match`), real head
+    rows; cross-entropy on the classifier head. `stats` (optional) receives the rows' pooled features.
 
     `head` defaults to `model.head`; under torchrun it is the DDP-wrapped head, this rank holds a
     share of the `global_rows` rows, and its loss is the sum over its rows * world_size / global_rows,
@@ -417,8 +557,20 @@ def batch_loss(model: LTModel, generator: MapGenerator, plan, rng: torch.Generat
     tail_cams, extra_cams = cams[:nt], cams[nt:nt + n_extra]
     tail_y, extra_y, head_y = labels[:nt], labels[nt:nt + n_extra], labels[nt + n_extra:]
     generated, generated_y = generator.generate(tail_maps, tail_cams, tail_y, extra_maps, extra_cams, extra_y, rng)
-    logits = (head or model.head)(torch.cat([tail_maps, generated.to(tail_maps.dtype), head_maps]))
-    targets = torch.cat([tail_y, generated_y.to(tail_y.device), head_y])
+    generated_y = generated_y.to(tail_y.device)
+    if getattr(generator, "matches", False):  # (duck-typed generators without `match` add their rows as they are)
+        if stats is not None:
+            with torch.no_grad():
+                stats.add("generated_before_match", model.pool(generated.detach()), generated_y)
+        generated = generator.match(generated, generated_y)
+    rows = torch.cat([tail_maps, generated.to(tail_maps.dtype), head_maps])
+    logits = (head or model.head)(rows)
+    targets = torch.cat([tail_y, generated_y, head_y])
+    if stats is not None:
+        with torch.no_grad():
+            pooled, end = model.pool(rows.detach()), nt + len(generated)  # slices: no device sync
+            stats.add("generated", pooled[nt:end], targets[nt:end])
+            stats.add("real", torch.cat([pooled[:nt], pooled[end:]]), torch.cat([targets[:nt], targets[end:]]))
     if world_size > 1:
         loss = F.cross_entropy(logits, targets, reduction="sum") * (world_size / global_rows)
     else:

@@ -22,7 +22,8 @@ from torch import Tensor
 from fsa.decomposition import split_masks
 from utils.errors import UserError
 
-__all__ = ["FusionInfo", "fuse", "fuse_from_cams", "DonorPool", "sample_donors", "allowed_positions"]
+__all__ = ["FusionInfo", "fuse", "fuse_from_cams", "DonorPool", "sample_donors", "allowed_positions",
+           "MATCH_MODES", "ClassStatistics", "PooledMoments", "class_statistics", "match_statistics"]
 
 # Fallback levels reported in FusionInfo.tail_fallback / donor_fallback.
 MASK, NONZERO, ALL = 0, 1, 2
@@ -241,3 +242,126 @@ def fuse_from_cams(
     if labels.numel() != fused.shape[0]:
         raise ValueError(f"got {labels.numel()} tail labels for {fused.shape[0]} tail maps")
     return fused, labels, info
+
+
+# ---------------------------------------------------------------- matching fused rows to real statistics
+
+# `fusion.match`: none = the paper's rule (fused maps as they come), norm, moments (see match_statistics)
+MATCH_MODES = ("none", "norm", "moments")
+
+
+@dataclass
+class ClassStatistics:
+    """Per-class statistics of pooled features (``K`` classes, ``D`` dimensions), float64.
+
+    ``count [K]`` rows; ``norm [K]`` mean L2 norm of the rows; ``mean [K, D]`` and ``std [K, D]`` the
+    per-dimension mean and population standard deviation (correction 0, so that a matched set of rows
+    reproduces it exactly). Entries of a class without rows are NaN."""
+
+    count: Tensor
+    norm: Tensor
+    mean: Tensor
+    std: Tensor
+
+    def to(self, device: torch.device | str) -> "ClassStatistics":
+        return ClassStatistics(self.count.to(device), self.norm.to(device), self.mean.to(device), self.std.to(device))
+
+    def summary(self) -> dict:
+        """Plain per-class lists for results.json: ``rows``, ``norm`` (mean L2 norm) and ``std`` (the mean over
+        dimensions of the per-dimension std); null where a class has no row."""
+        present = (self.count > 0).tolist()
+
+        def listed(values: Tensor) -> list:
+            return [float(v) if ok else None for v, ok in zip(values.tolist(), present)]
+
+        return {"rows": [int(n) for n in self.count.tolist()], "norm": listed(self.norm),
+                "std": listed(self.std.mean(dim=1) if self.std.shape[1] else self.std.sum(dim=1))}
+
+
+class PooledMoments:
+    """Running per-class sums of pooled feature rows, on their device (no per-sample Python loop):
+    ``sums [K, 2 + 2D]`` float64 = (rows, sum of L2 norms, sum of x, sum of x^2) per class. The sums of
+    two accumulators (or of the ranks of a torchrun job) add up to those of all their rows."""
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu"):
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.sums = torch.zeros(self.num_classes, 2 + 2 * self.dim, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, pooled: Tensor, labels: Tensor) -> "PooledMoments":
+        """Add rows ``pooled [N, D]`` of classes ``labels [N]``."""
+        if pooled.dim() != 2 or pooled.shape[1] != self.dim:
+            raise ValueError(f"pooled rows must be [N, {self.dim}]; got {tuple(pooled.shape)}")
+        x = pooled.detach().to(self.sums.device, torch.float64)
+        rows = torch.cat([torch.ones_like(x[:, :1]), x.norm(dim=1, keepdim=True), x, x * x], dim=1)
+        self.sums.index_add_(0, labels.reshape(-1).to(self.sums.device).long(), rows)
+        return self
+
+    def statistics(self) -> ClassStatistics:
+        n = self.sums[:, 0]
+        d = self.dim
+        per_row = self.sums[:, 1:] / n[:, None]  # NaN where a class has no row
+        mean = per_row[:, 1:1 + d]
+        var = (per_row[:, 1 + d:] - mean * mean).clamp_min(0)
+        return ClassStatistics(n.clone(), per_row[:, 0], mean, var.sqrt())
+
+
+def class_statistics(pooled: Tensor, labels: Tensor, num_classes: int) -> ClassStatistics:
+    """:class:`ClassStatistics` of rows ``pooled [N, D]`` with classes ``labels [N]``."""
+    return PooledMoments(num_classes, pooled.shape[1], pooled.device).add(pooled, labels).statistics()
+
+
+def match_statistics(maps: Tensor, labels: Tensor, target: ClassStatistics, mode: str) -> Tensor:
+    """Generated maps ``[N, C, H, W]`` of classes ``labels [N]``, rescaled so that their pooled features
+    (the spatial mean, ``LTModel.pool``) take the real statistics ``target`` of their class.
+
+    ``none``: ``maps`` itself (the paper's rule).
+
+    ``norm`` (per sample): each map times ``target.norm[y] / ||p||``, ``p`` its pooled feature, so every
+    generated row of class ``y`` has the class's mean real norm. A row whose ``p`` is zero stays as it is.
+
+    ``moments`` (per class, over this batch's generated rows): the rows of class ``y`` are standardised with
+    their own per-dimension mean ``m`` and population std ``s``, then mapped to the real ones, ``p' =
+    target.mean[y] + (p - m) * target.std[y] / s``; done on the map as the per-channel affine ``a * F + b``
+    (``a = target.std / s``, ``b = target.mean - a * m``), which the spatial mean carries to ``p'`` exactly.
+    After it, the generated rows of each class have the real per-dimension mean and std exactly. Why this and
+    not a per-sample affine: a per-dimension std is a property of a set of rows, which one row cannot be
+    rescaled to; the class's generated rows of the batch (at least ``na`` per tail sample) are the smallest
+    such set that needs no state carried between iterations, so a run stays a pure function of (seed,
+    iteration) and resumes exactly. Where ``s`` is 0 (a class with one generated row in the batch, or a
+    dimension constant over its rows) the rows take the class's real mean there. Under torchrun the set is
+    this process's generated rows.
+
+    Classes without real rows in ``target`` (count 0) are left as they are. The factors are computed in
+    float64 from the maps themselves and are differentiated through (like a normalisation layer) when the
+    maps carry gradients (an unfrozen last stage)."""
+    if mode not in MATCH_MODES:
+        raise ValueError(f"unknown fusion.match {mode!r}; available: {', '.join(MATCH_MODES)}")
+    if mode == "none" or maps.shape[0] == 0:
+        return maps
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be [N, C, H, W]; got {tuple(maps.shape)}")
+    # (every division and square root below only sees values where it is defined, so that no NaN reaches
+    # the gradients either)
+    device = maps.device
+    count, t_norm = target.count.to(device), target.norm.to(device).nan_to_num(0.0)
+    t_mean, t_std = target.mean.to(device).nan_to_num(0.0), target.std.to(device).nan_to_num(0.0)
+    y = labels.reshape(-1).to(device).long()
+    known = count[y] > 0                                                     # [N]
+    pooled = maps.to(torch.float64).mean(dim=(2, 3))                         # [N, C]
+    if mode == "norm":
+        sq = (pooled * pooled).sum(dim=1)
+        ok = known & (sq > 0)
+        norm = torch.where(ok, sq, torch.ones_like(sq)).sqrt()
+        scale = torch.where(ok, t_norm[y] / norm, torch.ones_like(norm))
+        return maps * scale.to(maps.dtype)[:, None, None, None]
+    n = torch.zeros_like(count, dtype=torch.float64).index_add_(0, y, torch.ones_like(pooled[:, 0]))
+    m = torch.zeros_like(t_mean).index_add_(0, y, pooled) / n.clamp_min(1)[:, None]       # [K, C]
+    dev = pooled - m[y]
+    var = torch.zeros_like(t_mean).index_add_(0, y, dev * dev) / n.clamp_min(1)[:, None]
+    spread = var > 0
+    a = torch.where(spread, t_std / torch.where(spread, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
+    a, b = a[y], t_mean[y] - a[y] * m[y]                                     # [N, C]
+    a = torch.where(known[:, None], a, torch.ones_like(a))
+    b = torch.where(known[:, None], b, torch.zeros_like(b))
+    return maps * a.to(maps.dtype)[:, :, None, None] + b.to(maps.dtype)[:, :, None, None]

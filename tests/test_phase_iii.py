@@ -167,25 +167,31 @@ def test_offline_never_touches_images(smoke_ii, monkeypatch):
     assert calls and not any(calls), "offline training read augmented training images; only un-augmented test batches allowed"
 
 
-def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch):
-    opts = ["--opts", "finetune.iterations=40", "finetune.eval_every=10"]
+# cRT's recipe (a fresh classifier, cosine lr) with fused rows matched to the real moments: resumes exactly too
+RECIPE = ["finetune.init=reinit", "finetune.schedule=cosine", "fusion.match=moments"]
+
+
+@pytest.mark.parametrize("recipe", [[], RECIPE], ids=["paper", "recipe"])
+def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch, recipe):
+    opts = ["--opts", "finetune.iterations=40", "finetune.eval_every=10", *recipe]
+    straight, crashed = ("straight", "crashed") if not recipe else ("straight-recipe", "crashed-recipe")
 
     def weights(note):
         return torch.load(smoke_ii / f"checkpoints/phase_iii_offline/smoke/{note}/last.pt", weights_only=True)["model"]
 
-    for note in ("straight", "crashed"):
+    for note in (straight, crashed):
         for sub in ("phase_i", "features"):
             src = smoke_ii / ("checkpoints/phase_i/smoke/default" if sub == "phase_i" else "features/smoke/default")
             dst = smoke_ii / ("checkpoints/phase_i/smoke" if sub == "phase_i" else "features/smoke") / note
             shutil.copytree(src, dst, dirs_exist_ok=True)
     # provenance names the phase I checkpoint by path: point each copy at its own phase I copy
-    for note in ("straight", "crashed"):
+    for note in (straight, crashed):
         prov_path = smoke_ii / f"features/smoke/{note}/provenance.json"
         prov = json.loads(prov_path.read_text())
         prov["phase_i_checkpoint"]["path"] = str(smoke_ii / f"checkpoints/phase_i/smoke/{note}/best_model.pt")
         prov_path.write_text(json.dumps(prov))
 
-    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "straight",
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", straight,
                                     *opts, cwd=smoke_ii)
     assert code == 0, err
 
@@ -198,17 +204,87 @@ def test_interrupted_run_resumes_to_identical_weights(smoke_ii, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(phase_iii_maps, "batch_loss", crashing_step)
-    code, _ = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "crashed",
+    code, _ = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", crashed,
                                   *opts, cwd=smoke_ii)
     assert code == 130
-    assert torch.load(smoke_ii / "checkpoints/phase_iii_offline/smoke/crashed/last.pt", weights_only=True)["iteration"] == 20
+    assert torch.load(smoke_ii / f"checkpoints/phase_iii_offline/smoke/{crashed}/last.pt", weights_only=True)["iteration"] == 20
     monkeypatch.setattr(phase_iii_maps, "batch_loss", real_step)
-    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", "crashed",
+    code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note", crashed,
                                     "--resume", *opts, cwd=smoke_ii)
     assert code == 0, err
-    straight, resumed = weights("straight"), weights("crashed")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    whole, resumed = weights(straight), weights(crashed)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    # the recorded feature statistics cover the whole training in both (last.pt carries them)
+    stats = [results(smoke_ii, "phase_iii_offline", note)["feature_statistics"] for note in (straight, crashed)]
+    assert stats[0] == stats[1] and stats[0]["iterations"] == [0, 40]
+
+
+def test_recipe_options_at_their_defaults_change_nothing(smoke_ii):
+    """finetune.init / finetune.schedule / fusion.match stated at their defaults give the run of the config that
+    does not state them, bit for bit (phase I's classifier, constant lr, the paper's fusion); both record them."""
+    def run(*opts):
+        code, err = run_main_in_process("phase_iii_offline_train_or_test.py", "--config", "smoke", "--device", "cpu",
+                                        "--note", "default", "--overwrite", "--opts", "finetune.iterations=20",
+                                        "finetune.eval_every=10", *opts, cwd=smoke_ii)
+        assert code == 0, err
+        folder = smoke_ii / "checkpoints/phase_iii_offline-none/smoke/default"
+        return torch.load(folder / "last.pt", weights_only=True)["model"], results(smoke_ii, "phase_iii_offline-none")
+
+    implicit, implicit_results = run("finetune.generator=none")
+    explicit, explicit_results = run("finetune.generator=none", "finetune.init=phase_i", "finetune.schedule=constant",
+                                     "fusion.match=none")
+    assert all(torch.equal(implicit[k], explicit[k]) for k in implicit)
+    for r in (implicit_results, explicit_results):
+        assert r["finetune"] == {"init": "phase_i", "schedule": "constant", "lr": 0.01}
+        assert r["fusion"] == {"match": "none", "applied": False}
+        assert [h["lr"] for h in r["history"][1:]] == [0.01, 0.01]
+        assert {"real", "generated", "iterations"} <= set(r["feature_statistics"])
+        assert "generated_before_match" not in r["feature_statistics"]
+    assert implicit_results["feature_statistics"] == explicit_results["feature_statistics"]
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_crt_recipe_with_matched_fusion(smoke_ii, monkeypatch, mode):
+    """finetune.init: reinit trains a fresh classifier (not phase I's), finetune.schedule: cosine sets each
+    iteration's lr, fusion.match: norm gives the fused rows their class's real norm; all recorded."""
+    from models import fresh_like
+
+    started = {}
+    real_fit = phase_iii_maps.fit
+
+    def spy_fit(task, optimizer, *args, **kwargs):
+        started["fc"] = {k: v.clone() for k, v in task.inputs.model.fc.state_dict().items()}
+        started["lr"] = []
+        real_step = task.step
+
+        def step(batch):
+            started["lr"].append(optimizer.param_groups[0]["lr"])
+            return real_step(batch)
+
+        task.step = step
+        return real_fit(task, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(phase_iii_maps, "fit", spy_fit)
+    code, err = run_main_in_process(f"phase_iii_{mode}_train_or_test.py", "--config", "smoke", "--device", "cpu", "--note",
+                                    "default", "--overwrite", "--opts", "finetune.iterations=10", "finetune.eval_every=5",
+                                    "finetune.init=reinit", "finetune.schedule=cosine", "fusion.match=norm", cwd=smoke_ii)
+    assert code == 0, err
+    phase_i_fc = torch.load(smoke_ii / "checkpoints/phase_i/smoke/default/best_model.pt", weights_only=True)["model"]
+    assert not torch.equal(started["fc"]["weight"], phase_i_fc["fc.weight"])
+    template = torch.nn.Linear(phase_i_fc["fc.weight"].shape[1], phase_i_fc["fc.weight"].shape[0])
+    torch.manual_seed(0)  # the config's seed
+    expected = fresh_like(template)
+    assert all(torch.equal(started["fc"][k], v) for k, v in expected.state_dict().items())
+    assert started["lr"] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)])
+    r = results(smoke_ii, f"phase_iii_{mode}")
+    assert r["finetune"] == {"init": "reinit", "schedule": "cosine", "lr": 0.01}
+    assert r["fusion"] == {"match": "norm", "applied": True}
+    stats = r["feature_statistics"]
+    for c in r["tail_classes"]:
+        assert stats["generated"]["norm"][c] == pytest.approx(stats["match_targets"]["norm"][c], rel=1e-5)
+        assert stats["generated_before_match"]["rows"][c] == stats["generated"]["rows"][c] > 0
+    assert all(n is None for c, n in enumerate(stats["generated"]["norm"]) if c not in r["tail_classes"])
 
 
 def copy_outputs(src: Path, dst: Path, features: bool = True) -> None:

@@ -1,4 +1,8 @@
-"""Generators that work on CAM-layer feature maps: `fsa` (fusion) and `none` (the cRT control)."""
+"""Generators that work on CAM-layer feature maps: `fsa` (fusion) and `none` (the cRT control).
+
+After `generate`, phase III passes the generated rows through `match` (`fusion.match`): `fsa` rescales its
+fused maps to the real statistics of their class (:func:`fsa.fusion.match_statistics`); `none` adds real
+rows and leaves them as they are, so that the two differ only in the fused rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fsa.batch_composition import TailHeadComposer
-from fsa.fusion import DonorPool, fuse_from_cams, sample_donors
+from fsa.fusion import ClassStatistics, DonorPool, fuse_from_cams, match_statistics, sample_donors
 from utils.errors import UserError
 
 
@@ -21,13 +25,32 @@ class GeneratorContext:
     na: int
     ts: float
     tg: float
+    match: str = "none"  # fusion.match
+    # the real per-class statistics `match` rescales to (set by the runner before training; None: not matching)
+    targets: ClassStatistics | None = None
 
 
 class MapGenerator:
     """A phase III map method's generator (the `implementation` of its engine.methods entry)."""
 
+    fuses = False  # its generated rows are synthetic (fusion.match applies to them) rather than real samples
+
     def __init__(self, ctx: GeneratorContext):
         self.ctx = ctx
+
+    @property
+    def matches(self) -> bool:
+        """Whether `match` rescales this generator's rows (a fusing generator under fusion.match != none)."""
+        return self.fuses and self.ctx.match != "none"
+
+    def match(self, maps: Tensor, labels: Tensor) -> Tensor:
+        """The generated rows the classifier sees: `maps` rescaled to the real statistics of their class
+        (:func:`fsa.fusion.match_statistics`, mode `ctx.match`) when :attr:`matches`, else `maps` itself."""
+        if not self.matches:
+            return maps
+        if self.ctx.targets is None:
+            raise RuntimeError(f"fusion.match={self.ctx.match} needs the real class statistics (ctx.targets) first")
+        return match_statistics(maps, labels, self.ctx.targets, self.ctx.match)
 
     def extra_indices(self, tail_labels: Tensor, generator: torch.Generator) -> Tensor:
         """Training samples whose maps `generate` needs: `Na` per tail sample, row-aligned."""
@@ -42,6 +65,8 @@ class MapGenerator:
 class FusionGenerator(MapGenerator):
     """FSA (docs/METHOD.md 2.6): each tail sample's class-specific vectors fused with the class-generic
     vectors of a donor from one of its confusing classes; the fused map keeps the tail label."""
+
+    fuses = True
 
     def __init__(self, ctx: GeneratorContext):
         super().__init__(ctx)
