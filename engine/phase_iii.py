@@ -29,7 +29,7 @@ from utils.cli import RunSpec
 from utils.config import config_name, load_config
 from utils import distributed
 from utils.errors import UserError
-from utils.run_dir import RunPaths, lock_run
+from utils.run_dir import RunPaths, check_run_name, lock_run
 
 if TYPE_CHECKING:
     from fsa.feature_store import FeatureStore
@@ -65,9 +65,16 @@ class PhaseIIIInputs:
         return self.p2.hr
 
     @property
+    def upstream_note(self) -> str:
+        """The note whose phase I run and phase II outputs this run reads (``--upstream-note``, else its own)."""
+        return upstream_note(self.spec)
+
+    @property
     def command(self) -> str:
-        """The command of this run, with its --opts (what a message tells the user to run again)."""
-        return self.arm.command(self.paths.config, self.paths.note, *self.spec.opts_args)
+        """The command of this run, with its --upstream-note and --opts (what a message tells the user to run
+        again)."""
+        upstream = ["--upstream-note", self.upstream_note] if self.upstream_note != self.paths.note else []
+        return self.arm.command(self.paths.config, self.paths.note, *upstream, *self.spec.opts_args)
 
     def open_run(self):
         """Apply the overwrite / resume rules (:func:`engine.recorder.open_run`), then record in
@@ -77,7 +84,7 @@ class PhaseIIIInputs:
         if mode != "finished" and distributed.context().is_main:
             (self.paths.checkpoint_dir / "sources.yaml").write_text(yaml.safe_dump({
                 "phase_i_checkpoint": str(self.p2.checkpoint), "phase_ii_features": str(self.p2.folder),
-                "mode": self.method.mode}))
+                "upstream_note": self.upstream_note, "mode": self.method.mode}))
         return mode, logger
 
     def start_recording(self, run_mode: str, logger, payload, *, restore, optimizer: torch.optim.Optimizer | None,
@@ -105,10 +112,19 @@ class PhaseIIIInputs:
         return {"method": self.method.id, "arm": self.arm.id, "backbone": self.arm.backbone.id,
                 "mode": self.method.mode, "generator": self.method.generator,
                 "tail_classes": self.p2.tail, "head_classes": self.p2.head,
-                "processes": distributed.context().world_size, "phase_i_checkpoint": str(self.p2.checkpoint),
+                "processes": distributed.context().world_size, "upstream_note": self.upstream_note,
+                "phase_i_checkpoint": str(self.p2.checkpoint),
                 "phase_i_checkpoint_sha256": self.p2.checkpoint_sha256,
                 "phase_i_checkpoint_selection": self.phase_i.selection_of(self.p2.checkpoint),
                 **self.bundle.split_sizes()}
+
+
+def upstream_note(spec: RunSpec) -> str:
+    """The note whose phase I run and phase II outputs a phase III run of ``spec`` reads: ``--upstream-note``
+    (checked as a run name), else the run's own ``--note``."""
+    if spec.upstream_note is None:
+        return spec.note
+    return check_run_name(spec.upstream_note, "--upstream-note")
 
 
 def _resolve_iterations(cfg: dict, train_images: int) -> None:
@@ -131,24 +147,27 @@ def run(spec: RunSpec, mode: str) -> dict:
     backbone = cfg["backbone"]
     arm = METHODS.arm(method.id, backbone)
     paths = RunPaths(arm.folder, name, spec.note)
-    features_dir = phase_ii_paths(name, spec.note, backbone).features_dir
+    # the phase I run and phase II outputs read: the run's own note's, or those of --upstream-note
+    upstream = upstream_note(spec)
+    features_dir = phase_ii_paths(name, upstream, backbone).features_dir
     needed_by = f"phase III ({arm.label})"
+    given = " given as --upstream-note" if upstream != spec.note else ""
     # cheap checks first: a missing phase I or phase II run is named before any device or lock
-    phase_i_paths = RunPaths(arm.backbone.folder, name, spec.note)
+    phase_i_paths = RunPaths(arm.backbone.folder, name, upstream)
     if not (phase_i_paths.checkpoint_dir / "config.yaml").is_file() or not phase_i_paths.best.is_file():
-        raise UserError(f"{needed_by} needs the {arm.backbone.label} phase I run of config '{name}', note '{spec.note}' "
-                        f"({phase_i_paths.checkpoint_dir}), which has no best_model.pt. Run phase I first, then phase "
-                        f"II: {phase_i_command(name, spec.note, backbone=backbone)}")
+        raise UserError(f"{needed_by} needs the {arm.backbone.label} phase I run of config '{name}', note '{upstream}'"
+                        f"{given} ({phase_i_paths.checkpoint_dir}), which has no best_model.pt. Run phase I first, then "
+                        f"phase II: {phase_i_command(name, upstream, backbone=backbone)}")
     if not (features_dir / "results.json").is_file():
-        raise UserError(f"No phase II outputs in {features_dir}. Run phase II first: "
-                        f"{phase_ii_command(name, spec.note, backbone=backbone)}")
+        raise UserError(f"No phase II outputs in {features_dir} (note '{upstream}'{given}). Run phase II first: "
+                        f"{phase_ii_command(name, upstream, backbone=backbone)}")
     device = distributed.setup_device(spec.device)
     lock_run(paths)
     accel = Accel.from_config(cfg["accel"], device)
-    phase_i = open_phase_i_run(name, spec.note, needed_by=needed_by, need_checkpoint=True, backbone=backbone)
+    phase_i = open_phase_i_run(name, upstream, needed_by=needed_by, need_checkpoint=True, backbone=backbone)
     _resolve_iterations(cfg, len(phase_i.bundle.train))
     p2 = read_phase_ii(features_dir, phase_i)
-    store = open_store(features_dir, name, spec.note, backbone) if "phase_ii_store" in method.consumes else None
+    store = open_store(features_dir, name, upstream, backbone) if "phase_ii_store" in method.consumes else None
     model = phase_i.load_model(device, p2.checkpoint)
     accel.prepare_model(model)
     inputs = PhaseIIIInputs(spec, cfg, arm, paths, phase_i, p2, store, model, device, accel,

@@ -26,6 +26,9 @@ class RunSpec:
     resume: bool = False
     overwrite: bool = False
     checkpoint: str | None = None  # phase: test (phase I / III), phase II's phase I checkpoint
+    # phase III: the note whose phase I run and phase II outputs the run reads (None: its own note); sweep.py
+    # trains each grid point's phase III runs on the phase I / II of one base note per seed
+    upstream_note: str | None = None
 
     @property
     def opts_args(self) -> list[str]:
@@ -106,6 +109,15 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     """The arguments of the train-or-test scripts (phase I and III)."""
     parser = phase_parser(description)
     parser.add_argument("--checkpoint", help="phase: test only: checkpoint to evaluate (default: this run's best_model.pt)")
+    return parser
+
+
+def phase_iii_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the phase III scripts: those of `training_parser`, and --upstream-note."""
+    parser = training_parser(description)
+    parser.add_argument("--upstream-note", metavar="NOTE",
+                        help="read the phase I run and phase II outputs of note NOTE instead of this run's own "
+                             "--note (the run itself goes to --note); recorded in results.json as upstream_note")
     return parser
 
 
