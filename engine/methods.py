@@ -88,7 +88,7 @@ class Method:
         if unknown := {k for k, _ in self.settings} - set(SELECTING_KEYS):
             raise ValueError(f"method {self.id}: settings {sorted(unknown)} do not select a phase I method")
         if self.stage == "phase_iii" and (self.mode not in MODES or not self.generator or self.kind == "backbone"):
-            raise ValueError(f"method {self.id}: a phase III method needs a mode, a generator and kind maps|features")
+            raise ValueError(f"method {self.id}: a phase III method needs a mode, a generator and a kind other than backbone")
         if unknown := set(self.consumes) - set(INPUTS):
             raise ValueError(f"method {self.id}: unknown inputs {sorted(unknown)}")
         if unknown := set(self.suites) - set(SUITES):

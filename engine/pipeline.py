@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 
 from datasets.fashion_mnist import ensure_fashion_mnist
@@ -333,39 +334,45 @@ def skip_notes(step: Step, source: str, name: str, note: str, args: list[str], r
 
 
 def _run_step(step: Step, tag: str, sources: dict[str, str], note: str, device: str,
-              opts: dict[str, list[str]], head: tuple[str | None, bool | None], costs: StepCosts | None) -> None:
+              opts: dict[str, list[str]], head: tuple[str | None, bool | None], costs: StepCosts | None, *,
+              upstream: str | None = None, talk: Callable[[str], None] = say) -> None:
+    """Skip, resume or start one step of ``note``'s chain and say so (``talk``); ``upstream``: the note whose
+    phase I / II a phase III step reads (sweep.py's grid points; None: its own)."""
     name = config_name(sources["phase_i"])
     state, where = step_state(step, name, note)
     args = step_opts(step, opts, _seed(sources, opts) if step.teacher else None)
     if state == "finished":
         notes = skip_notes(step, sources[step.config_phase()], name, note, args, Path(where), head)
-        say(f"{tag} skipped (finished: {where}{''.join(f'; {n}' for n in notes)})")
+        talk(f"{tag} skipped (finished: {where}{''.join(f'; {n}' for n in notes)})")
         return
     expected = costs.expected(note, step) if costs is not None else None  # keyed by the chain's note
     note = step.note(note)
     resume = state == "interrupted"
     overwrite = state == "stale" and step.kind != "visualize"
-    with_opts = f" with --opts {shlex.join(args)}" if args else ""
+    reading = f" reading the phase I / II of note {upstream}" if upstream else ""
+    with_opts = f"{reading} with --opts {shlex.join(args)}" if args else reading
     expecting = f" (expected {approx_seconds(expected)})" if expected is not None else ""
     if resume:
-        say(f"{tag} resumed from {where}{with_opts}{expecting.replace('expected', 'expected at most')}")
+        talk(f"{tag} resumed from {where}{with_opts}{expecting.replace('expected', 'expected at most')}")
     elif state == "stale":
-        say(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where}){expecting}")
+        talk(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where}){expecting}")
     else:
-        say(f"{tag} started{with_opts}{expecting}")
+        talk(f"{tag} started{with_opts}{expecting}")
     spec = _spec(step, sources[step.config_phase()], note, device, args, resume=resume, overwrite=overwrite)
+    if upstream:
+        spec = replace(spec, upstream_note=upstream)
     started = time.perf_counter()
     try:
         _call(step, spec)
         distributed.barrier()  # every rank sees the step's finished outputs before the next step's check
     except UserError:
-        say(f"{tag} failed after {time.perf_counter() - started:.1f} s")
+        talk(f"{tag} failed after {time.perf_counter() - started:.1f} s")
         raise
     except KeyboardInterrupt:
-        say(f"{tag} interrupted after {time.perf_counter() - started:.1f} s")
+        talk(f"{tag} interrupted after {time.perf_counter() - started:.1f} s")
         raise
     seconds = time.perf_counter() - started
-    say(f"{tag} finished in {seconds:.1f} s{expecting}")
+    talk(f"{tag} finished in {seconds:.1f} s{expecting}")
     if costs is not None and not resume:
         costs.record(step, seconds)
 

@@ -463,38 +463,6 @@ def _check_configs(sources: dict[str, str], name: str, seeded: list[str], user: 
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
-def _run_one(run: Run, tag: str, plan_: Plan, device: str, head) -> None:
-    """``pipeline._run_step`` for one run, with the phase III run's --upstream-note."""
-    step, name, sources = run.step, plan_.name, plan_.sources
-    state, where = pipeline.step_state(step, name, run.note)
-    seed = pipeline._seed(sources, run.opts) if step.teacher else None
-    args = pipeline.step_opts(step, run.opts, seed)
-    if state == "finished":
-        notes = pipeline.skip_notes(step, sources[step.config_phase()], name, run.note, args, Path(where), head)
-        say(f"{tag} skipped (finished: {where}{''.join(f'; {n}' for n in notes)})")
-        return
-    upstream = f" reading the phase I / II of note {run.upstream}" if run.upstream else ""
-    with_opts = f"{upstream} with --opts {shlex.join(args)}" if args else upstream
-    if state == "interrupted":
-        say(f"{tag} resumed from {where}{with_opts}")
-    elif state == "stale":
-        say(f"{tag} started again from scratch{with_opts} (unfinished, nothing to resume: {where})")
-    else:
-        say(f"{tag} started{with_opts}")
-    spec = pipeline._spec(step, sources[step.config_phase()], step.note(run.note), device, args,
-                          resume=state == "interrupted", overwrite=state == "stale")
-    if run.upstream:
-        spec = replace(spec, upstream_note=run.upstream)
-    started = time.perf_counter()
-    try:
-        pipeline._call(step, spec)
-        distributed.barrier()
-    except (UserError, KeyboardInterrupt):
-        say(f"{tag} stopped after {time.perf_counter() - started:.1f} s")
-        raise
-    say(f"{tag} finished in {time.perf_counter() - started:.1f} s")
-
-
 def _check_existing(plan_: Plan) -> None:
     """``pipeline.check_existing_runs`` note by note: --opts or grid values that an existing run would ignore."""
     by_note: dict[str, list[Run]] = {}
@@ -891,7 +859,8 @@ def run(spec: SweepSpec) -> dict:
     started, head = time.perf_counter(), git_state()
     total = len(plan_.runs)
     for i, one in enumerate(plan_.runs, 1):
-        _run_one(one, f"{plan_.name}/{one.note} {i}/{total} {one.step.label}:", plan_, spec.device, head)
+        pipeline._run_step(one.step, f"{plan_.name}/{one.note} {i}/{total} {one.step.label}:", plan_.sources, one.note,
+                           spec.device, one.opts, head, None, upstream=one.upstream, talk=say)
     if not distributed.context().is_main:
         return {}
     check_sources(plan_)
