@@ -100,6 +100,8 @@ def test_pipeline_prints_each_steps_expected_cost(tmp_path, monkeypatch, capsys)
             time.sleep(3.0)
 
     monkeypatch.setattr(pipeline, "_call", fake_call)
+    # the probe's own numbers depend on the machine's load (test_probe_times_real_batches_of_the_phase_i_model)
+    monkeypatch.setattr(pipeline, "probe_rates", lambda *a, **k: cost.Rates(trained=1e-4, forwarded=1e-5, probe_s=0.1))
 
     monkeypatch.setattr(report, "build_report", lambda name, notes: {})
     pipeline.run(pipeline.PipelineSpec(config="smoke", seeds=(0, 1), device="cpu", opts=("train.epochs=3",)))
@@ -109,7 +111,7 @@ def test_pipeline_prints_each_steps_expected_cost(tmp_path, monkeypatch, capsys)
     assert "[pipeline]   phase III FSA online: 60 iterations of 32 rows of online maps, " in out
     assert "total" in out and "for 22 step(s) of 2 note(s)" in out
     # seed1's steps expect what seed0's took (the fake phase I took 3 s, the probe expects less than 1 s)
-    assert re.search(r"smoke/seed0 1/11 phase I: started with --opts seed=0 train.epochs=3 \(expected (<1|~1|~2) s\)", out)
+    assert "smoke/seed0 1/11 phase I: started with --opts seed=0 train.epochs=3 (expected <1 s)" in out
     assert "smoke/seed1 1/11 phase I: started with --opts seed=1 train.epochs=3 (expected ~3 s)" in out
     assert "smoke/seed1 2/11 phase II: started with --opts seed=1 (expected <1 s)" in out
 
@@ -120,11 +122,13 @@ def test_teacher_steps_have_their_expected_cost(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pipeline, "_call", lambda step, spec: None)
     monkeypatch.setattr(report, "build_report", lambda name, notes: {})
+    monkeypatch.setattr(pipeline, "probe_rates", lambda *a, **k: cost.Rates(trained=1e-2, forwarded=1e-3, probe_s=0.1))
     pipeline.run(pipeline.PipelineSpec(config="smoke", device="cpu", suite="tailcalibx",
                                        opts=("train.epochs=2", "distill.teachers=2")))
     out = capsys.readouterr().out
     for k in (1, 2):
-        assert re.search(rf"phase I CosineCE teacher {k}: started with --opts .* \(expected (<1|~\d+) s\)$", out, re.M), out
+        # 2 epochs x 275 images at 10 ms, and 2 evaluations of 240 test images at 1 ms
+        assert re.search(rf"phase I CosineCE teacher {k}: started with --opts .* \(expected ~6 s\)$", out, re.M), out
 
 
 def test_the_benchmark_reads_finished_lines_with_their_expectation():
