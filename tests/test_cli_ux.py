@@ -255,3 +255,13 @@ def test_a_saved_config_is_read_as_it_ran(tmp_path, fresh_notes, capsys):
     with pytest.raises(UserError, match="reaches past the run"):
         load_config(str(saved), "phase_i")
     assert capsys.readouterr().err == ""
+
+
+def test_suggested_commands_carry_one_opts_group():
+    """argparse keeps only the last --opts group: a method's selecting opts and the run's own are merged."""
+    from utils.cli import script_command
+
+    command = script_command("phase_iii_offline_train_or_test.py", "smoke", "seed0", "--opts", "finetune.generator=crt",
+                             "--opts", "seed=0", "finetune.generator=crt", "--overwrite")
+    assert command.endswith("--note seed0 --opts finetune.generator=crt seed=0 --overwrite")
+    assert command.count("--opts") == 1

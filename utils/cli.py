@@ -150,8 +150,26 @@ def script_command(script: str, config: str, note: str, *extra: str) -> str:
     matching file (the same file, or its sibling DIR/<phase>/NAME.yaml), so that it runs as written;
     an --output-root of this command is repeated."""
     parts = ["python", script, "--config", _config_argument(config_phase(script), config),
-             *([] if note == "default" else ["--note", note]), *output_root_args(), *extra]
+             *([] if note == "default" else ["--note", note]), *output_root_args(), *_one_opts_group(extra)]
     return shlex.join(parts)
+
+
+def _one_opts_group(words: tuple[str, ...]) -> list[str]:
+    """`words` with every ``--opts`` group merged into one where the first stood: argparse keeps only the last
+    group, and a key given twice keeps its last value."""
+    flags: list[str] = []
+    opts: dict[str, str] = {}
+    at, in_opts = None, False
+    for word in words:
+        if word == "--opts":
+            at = len(flags) if at is None else at
+            in_opts = True
+        elif in_opts and not word.startswith("--"):
+            opts[word.split("=", 1)[0]] = word
+        else:
+            in_opts = False
+            flags.append(word)
+    return flags if at is None else [*flags[:at], "--opts", *opts.values(), *flags[at:]]
 
 
 def _config_argument(phase: str, name: str) -> str:
