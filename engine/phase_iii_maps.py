@@ -46,6 +46,7 @@ from engine.methods import Method
 from engine.metrics import classification_report
 from engine.optim import build_optimizer, lr_at
 from engine.phase_iii import PhaseIIIInputs
+from engine.phase_iii_features import pooled_features
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.feature_store import FeatureStore, format_bytes
 from fsa.fusion import ClassStatistics, PooledMoments, class_statistics
@@ -158,16 +159,10 @@ def real_statistics(inputs: PhaseIIIInputs) -> ClassStatistics:
         for view in range(inputs.store.views):
             moments.add(inputs.store.pooled(view), inputs.store.labels)
         return moments.statistics().to(inputs.device)
-    accel = inputs.accel
-
-    def pooled(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict:
-        with accel.autocast():
-            return {"pooled": model.pool(model.features(accel.inputs(x))).float(), "label": y, "index": idx}
-
-    with torch.no_grad(), eval_mode(model):
-        rows = ordered_map(pooled, bundle.train.with_augment(False), inputs.cfg["eval"]["batch_size"], inputs.device,
-                           desc="real statistics")
-    return class_statistics(rows["pooled"], rows["label"], num_classes)
+    with eval_mode(model):
+        pooled, labels = pooled_features(model, bundle.train.with_augment(False), inputs.cfg["eval"]["batch_size"],
+                                         inputs.device, accel=inputs.accel)
+    return class_statistics(pooled, labels, num_classes)
 
 
 class RowStatistics:
