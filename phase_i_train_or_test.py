@@ -6,9 +6,9 @@ from utils.cli import RunSpec, run_cli, training_parser
 
 
 def main() -> None:
-    from engine.methods import METHODS  # the table imports nothing heavy
+    from engine.methods import phase_i_help  # the table imports nothing heavy
 
-    args = training_parser(f"{__doc__}\n{METHODS.phase_i_help()}").parse_args()
+    args = training_parser(f"{__doc__}\n{phase_i_help()}").parse_args()
     from engine import phase_i  # imported after argument parsing so --help stays fast
 
     phase_i.run(RunSpec.from_args(args))

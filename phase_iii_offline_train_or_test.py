@@ -7,9 +7,9 @@ from utils.cli import RunSpec, phase_iii_parser, run_cli
 
 
 def main() -> None:
-    from engine.methods import METHODS  # the table imports nothing heavy
+    from engine.methods import phase_iii_help  # the table imports nothing heavy
 
-    args = phase_iii_parser(f"{__doc__}\n{METHODS.help_text('offline')}").parse_args()
+    args = phase_iii_parser(f"{__doc__}\n{phase_iii_help('offline')}").parse_args()
     from engine import phase_iii  # imported after argument parsing so --help stays fast
 
     phase_iii.run(RunSpec.from_args(args), "offline")

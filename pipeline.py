@@ -28,7 +28,7 @@ from utils.cli import ScriptParser, run_cli
 def resolved_configs(args: argparse.Namespace) -> str:
     """--print-config: the config of each phase as the chain's (first) note gets it, one YAML document per
     phase (``yaml.safe_load_all`` reads them back), headed by a comment naming the phase."""
-    from engine import pipeline
+    from app import pipeline
     from utils.config import CONFIG_PHASES, config_text, load_config
 
     sources = pipeline.config_sources(args.config)
@@ -61,7 +61,7 @@ def main() -> None:
                              "each a phase I run; tailcalibx: the TailCalibX release's seven experiments (CE, CosineCE, "
                              "cRT, CBD and its teachers, TailCalib(X) on CosineCE, TailCalibX on CBD)")
     args = parser.parse_args()
-    from engine import pipeline  # imported after argument parsing so --help stays fast
+    from app import pipeline  # imported after argument parsing so --help stays fast
 
     spec = pipeline.PipelineSpec(config=args.config, note=args.note, seeds=tuple(args.seeds) if args.seeds else None,
                                  opts=tuple(args.opts), device=args.device, suite=args.suite)

@@ -1,6 +1,6 @@
-"""Ablation report of one config: Phase I baseline, cRT control, FSA offline / online, TailCalib(X)
-and any other phase III run side by side, from each run's selected model (best validation score, or
-the final evaluation without a validation split).
+"""Ablation report of one config: a row per method of the method table (engine.methods, METHODS.arms():
+phase I methods, then each phase III method on each backbone) and any other phase III run, side by side,
+from each run's selected model (best validation score, or the final evaluation without a validation split).
 
     python report.py --config smoke
     python report.py --config cifar10-LT_resnet18 --notes seed0 seed1 seed2   # mean ± std over seeds

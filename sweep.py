@@ -33,7 +33,7 @@ from utils.cli import ScriptParser, run_cli
 
 
 def _spec(args: argparse.Namespace):
-    from engine.sweep import SweepSpec
+    from app.sweep import SweepSpec
 
     return SweepSpec(config=args.config, method=args.method, grid=tuple(args.grid),
                      seeds=tuple(args.seeds) if args.seeds else None, control=args.control, against=tuple(args.against),
@@ -41,7 +41,7 @@ def _spec(args: argparse.Namespace):
 
 
 def resolved_configs(args: argparse.Namespace) -> str:
-    from engine import sweep
+    from app import sweep
 
     return sweep.resolved_configs(_spec(args))
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="check the sweep and print its size and expected wall time; run nothing")
     args = parser.parse_args()
-    from engine import sweep  # imported after argument parsing so --help stays fast
+    from app import sweep  # imported after argument parsing so --help stays fast
 
     sweep.run(_spec(args))
 

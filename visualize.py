@@ -54,7 +54,7 @@ def check_sizes(spec: VisualizeSpec) -> None:
 
 def run(spec: VisualizeSpec) -> list:
     check_sizes(spec)
-    from engine.visualize import run as write_visualizations  # heavy imports only after parsing and checking
+    from app.visualize import run as write_visualizations  # heavy imports only after parsing and checking
 
     return write_visualizations(spec)
 

@@ -8,8 +8,8 @@
     confusion_<id>.png    a row's confusion matrix, rows normalised to recall, classes by training count
     curves_<id>.png       a row's training and evaluation curves from each note's ``history``
 
-Rows are :class:`analysis.report.Row` objects (``label``, ``stat(metric)``, ``per_class()``, ``head_size()``,
-``runs``); paired differences :class:`analysis.report.PairedDifference` objects (``caption``, ``metric``, ``n``,
+Rows are :class:`analysis.rows.Row` objects (``label``, ``stat(metric)``, ``per_class()``, ``head_size()``,
+``runs``); paired differences :class:`analysis.stats.PairedDifference` objects (``caption``, ``metric``, ``n``,
 ``mean``, ``interval``).
 """
 from __future__ import annotations

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsa.generators.tailcalib import TailCalib, generate  # noqa: E402
+from fsa.generators.tailcalib_api import generate  # noqa: E402
+from fsa.generators.tailcalib_dropin import TailCalib  # noqa: E402
 
 
 def cifar100_lt_labels(n_max=500, rho=100, C=100):

@@ -63,7 +63,7 @@ elif kind == "small":
         loss = torch.nn.functional.cross_entropy(lin(feats[idx]), labels[idx])
         opt.zero_grad(); loss.backward(); opt.step()
 else:
-    from fsa.generators import tailcalib
+    from fsa.generators import tailcalib_api as tailcalib
     counts = [int(6000 * 0.01 ** (i / 9)) for i in range(10)]
     y = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)]); X = torch.rand(len(y), 64)
     def step():

@@ -1,6 +1,8 @@
 """Long-tailed datasets, imbalance profiles, batched in-memory augmentation and the batch loader.
 
-``build_datasets(cfg, run_dir)`` turns the ``dataset:`` config section into a :class:`DatasetBundle`.
+``build_datasets(cfg, run_dir)`` turns the ``dataset:`` config section into a :class:`DatasetBundle`:
+it looks ``dataset.name`` up in the registry (``DATASETS``, datasets/registry.py), builds that dataset's
+training and test sets, then does what every dataset shares: the long-tailed subset and the validation split.
 """
 
 from __future__ import annotations
@@ -9,24 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# the dataset modules register themselves when imported: this order is the order of the names in
+# DATASETS (error messages, dataset.name's choices in docs/CONFIG.md)
+from datasets import synthetic, fashion_mnist, cifar, file_list  # noqa: F401
 from datasets.base import AUGMENT_POLICIES, InMemoryDataset, LTDataset, augment_policy
-from datasets.file_list import (
-    FileImageDataset,
-    choose_image_size,
-    read_list_dataset,
-    resolve_list_path,
-    scan_image_folder,
-)
+from datasets.file_list import FileImageDataset
 from datasets.imbalance import long_tail_counts, make_long_tail_subset, select_long_tail_indices
 from datasets.loader import BatchLoader, EpochBatches, sequential_batches, shuffled_batches
+from datasets.registry import DATASETS, Augmentation, register_dataset, unregister_dataset
 from datasets.validation import split_validation
 from utils.config import deep_merge
 from utils.errors import UserError
-from utils.schema import DATASET, DATASET_NAMES, defaults
+from utils.schema import DATASET, defaults
 
 __all__ = [
     "AUGMENT_POLICIES",
-    "AVAILABLE_DATASETS",
+    "DATASETS",
+    "Augmentation",
     "DatasetBundle",
     "LTDataset",
     "InMemoryDataset",
@@ -35,13 +36,12 @@ __all__ = [
     "EpochBatches",
     "build_datasets",
     "long_tail_counts",
+    "register_dataset",
     "select_long_tail_indices",
     "sequential_batches",
     "shuffled_batches",
+    "unregister_dataset",
 ]
-
-AVAILABLE_DATASETS = DATASET_NAMES
-FILE_DATASETS = ("list", "image-folder")  # the others are in memory
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _merged(cfg: dict[str, Any]) -> dict[str, Any]:
     return deep_merge(defaults(DATASET), cfg or {})
 
 
-def _long_tail(train: InMemoryDataset, cfg: dict[str, Any], run_dir: Path | None) -> InMemoryDataset:
+def _long_tail(train: LTDataset, cfg: dict[str, Any], run_dir: Path | None) -> LTDataset:
     indices, _ = make_long_tail_subset(
         train.targets.numpy(),
         train.num_classes,
@@ -81,85 +81,31 @@ def _long_tail(train: InMemoryDataset, cfg: dict[str, Any], run_dir: Path | None
     return train.subset(indices)
 
 
-def _augmentation(cfg: dict[str, Any]) -> tuple[bool, str]:
-    """``(whether the training set augments, the policy it augments with)``. none (the old false) switches
-    phase I's augmentation off; phase II's views and phase III online, which augment by design, then use
-    what auto picks, as they always did."""
+def _augmentation(cfg: dict[str, Any]) -> Augmentation:
+    """How the training set augments. none (the old false) switches phase I's augmentation off; phase II's
+    views and phase III online, which augment by design, then use what auto picks, as they always did."""
     policy = augment_policy(cfg["augment"])
-    if policy == "resized_crop" and cfg["name"] not in FILE_DATASETS:
+    file_datasets = [name for name, entry in DATASETS.items() if entry.resized_crop]
+    if policy == "resized_crop" and cfg["name"] not in file_datasets:
         raise UserError(
-            f"dataset.augment=resized_crop is for file datasets ({', '.join(FILE_DATASETS)}); "
+            f"dataset.augment=resized_crop is for file datasets ({', '.join(file_datasets)}); "
             f"{cfg['name']} takes auto (= crop_flip), crop_flip or none"
         )
-    return policy != "none", "auto" if policy == "none" else policy
-
-
-def _file_datasets(
-    image_size: int | None,
-    augmentation: dict[str, Any],
-    num_classes: int,
-    train_samples: list[tuple[str, int]],
-    test_samples: list[tuple[str, int]],
-    class_names: list[str] | None = None,
-) -> tuple[FileImageDataset, FileImageDataset]:
-    """Training and test :class:`FileImageDataset`, read at the size chosen from the first training image."""
-    size = choose_image_size(image_size, train_samples[0][0])
-    return (FileImageDataset(train_samples, num_classes, size, class_names=class_names, **augmentation),
-            FileImageDataset(test_samples, num_classes, size, class_names=class_names,
-                             **{**augmentation, "augment": False}))
+    return Augmentation(augment=policy != "none", flip=bool(cfg["flip"]), policy="auto" if policy == "none" else policy)
 
 
 def build_datasets(cfg: dict[str, Any], run_dir: Path | None = None) -> DatasetBundle:
     """Build the (long-tailed) training set and the balanced test set named by ``cfg['name']``."""
     cfg = _merged(cfg)
     name = cfg["name"]
-    augment, policy = _augmentation(cfg)
-    augmentation = {"augment": augment, "flip": bool(cfg["flip"])}  # in memory, auto is crop_flip: unchanged
+    augmentation = _augmentation(cfg)
     run_dir = Path(run_dir) if run_dir is not None else None
-
-    if name == "synthetic-LT":
-        from datasets.synthetic import SyntheticShapes
-
-        syn = cfg["synthetic"]
-        train = SyntheticShapes.generate(
-            int(syn["num_classes"]), int(syn["train_per_class"]), int(syn["image_size"]), int(syn["seed"]),
-            "train", **augmentation,
-        )
-        test = SyntheticShapes.generate(
-            int(syn["num_classes"]), int(syn["test_per_class"]), int(syn["image_size"]), int(syn["seed"]),
-            "test", mean=train.mean, std=train.std, augment=False,
-        )
+    entry = DATASETS.get(name)
+    if entry is None:
+        raise UserError(f"unknown dataset name {name!r}; available: {', '.join(DATASETS)}")
+    train, test = entry.build(cfg, augmentation)
+    if entry.long_tail:
         train = _long_tail(train, cfg, run_dir)
-    elif name == "fashion-mnist-LT":
-        from datasets.fashion_mnist import load_fashion_mnist
-
-        train, test = load_fashion_mnist(cfg["root"], bool(cfg["download"]), **augmentation)
-        train = _long_tail(train, cfg, run_dir)
-    elif name in ("cifar10-LT", "cifar100-LT"):
-        from datasets.cifar import load_cifar
-
-        train, test = load_cifar(name[:-3], cfg["root"], bool(cfg["download"]), **augmentation)
-        train = _long_tail(train, cfg, run_dir)
-    elif name == "list":
-        root = cfg["root"]
-        for key in ("train_list", "test_list"):
-            if not cfg[key]:
-                raise UserError(f"dataset.{key} is required for dataset name 'list'")
-        num_classes, train_samples, test_samples = read_list_dataset(
-            resolve_list_path(cfg["train_list"], root, "dataset.train_list"),
-            resolve_list_path(cfg["test_list"], root, "dataset.test_list"),
-            root,
-        )
-        train, test = _file_datasets(cfg["image_size"], {**augmentation, "policy": policy}, num_classes,
-                                     train_samples, test_samples)
-    elif name == "image-folder":
-        if cfg["root"] is None:
-            raise UserError("dataset.root is required for dataset name 'image-folder' (folder with train/ and test/)")
-        classes, train_samples, test_samples = scan_image_folder(cfg["root"])
-        train, test = _file_datasets(cfg["image_size"], {**augmentation, "policy": policy}, len(classes),
-                                     train_samples, test_samples, classes)
-    else:
-        raise UserError(f"unknown dataset name {name!r}; available: {', '.join(AVAILABLE_DATASETS)}")
 
     train, val, test = split_validation(train, test, cfg["val"], run_dir)
     in_channels = int(train.in_channels)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from datasets.base import InMemoryDataset
+from datasets.registry import Augmentation, register_dataset
 from utils.errors import UserError
 
-__all__ = ["CIFAR_SPECS", "DEFAULT_ROOT", "read_cifar_pickle", "load_cifar"]
+__all__ = ["CIFAR_SPECS", "DEFAULT_ROOT", "read_cifar_pickle", "load_cifar", "build_cifar"]
 
 DEFAULT_ROOT = "data/cifar"
 
@@ -171,3 +174,12 @@ def load_cifar(
             )
         )
     return out[0], out[1]
+
+
+def build_cifar(kind: str, cfg: dict[str, Any], augmentation: Augmentation) -> tuple[InMemoryDataset, InMemoryDataset]:
+    """Balanced ``(train, test)`` of ``kind`` (cifar10 / cifar100) from ``dataset.root``."""
+    return load_cifar(kind, cfg["root"], bool(cfg["download"]), augmentation.augment, augmentation.flip)
+
+
+register_dataset("cifar10-LT", partial(build_cifar, "cifar10"))
+register_dataset("cifar100-LT", partial(build_cifar, "cifar100"))

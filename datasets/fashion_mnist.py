@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
-import subprocess
-import time
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from datasets.base import InMemoryDataset
+from datasets.registry import Augmentation, register_dataset
 from utils.errors import UserError
 
-__all__ = ["CLASS_NAMES", "DEFAULT_DIRS", "read_idx", "find_fashion_mnist", "load_fashion_mnist", "ensure_fashion_mnist"]
+__all__ = ["CLASS_NAMES", "DEFAULT_DIRS", "read_idx", "find_fashion_mnist", "load_fashion_mnist", "build_fashion_mnist"]
 
 CLASS_NAMES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -143,32 +140,9 @@ def load_fashion_mnist(root: str | Path | None, download: bool, augment: bool, f
     return splits[0], splits[1]
 
 
-def ensure_fashion_mnist(dataset_cfg: dict, say: Callable[[str], None] = print) -> None:
-    """Data step: Fashion-MNIST from Debian's package when its IDX files are nowhere to be found.
+def build_fashion_mnist(cfg: dict[str, Any], augmentation: Augmentation) -> tuple[InMemoryDataset, InMemoryDataset]:
+    """Balanced ``(train, test)`` from ``dataset.root`` or the default folders (see :func:`load_fashion_mnist`)."""
+    return load_fashion_mnist(cfg["root"], bool(cfg["download"]), augmentation.augment, augmentation.flip)
 
-    Uses the dataset's own search (``find_fashion_mnist``). Installs ``dataset-fashion-mnist`` with
-    apt-get only where apt-get exists and we are root; otherwise (or if that fails) the dataset
-    falls back to its torchvision download or its own clear error. `say` prints the progress lines."""
-    if dataset_cfg.get("name") != "fashion-mnist-LT":
-        return
-    root = dataset_cfg.get("root")
-    if find_fashion_mnist(root) is not None:
-        return
-    apt = shutil.which("apt-get")
-    is_root = getattr(os, "geteuid", lambda: -1)() == 0
-    if apt is None or not is_root:
-        why = "apt-get is not available" if apt is None else "not running as root"
-        say(f"data: Fashion-MNIST IDX files not found and {why}; the dataset will try its own download")
-        return
-    say("data: Fashion-MNIST IDX files not found; installing Debian's dataset-fashion-mnist (apt-get)")
-    started = time.perf_counter()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in ([apt, "update"], [apt, "install", "-y", "dataset-fashion-mnist"]):
-        proc = subprocess.run(command, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            say(f"data: '{' '.join(command[1:])}' failed ({tail[0]}); the dataset will try its own download")
-            return
-    found = find_fashion_mnist(root) is not None
-    say(f"data: dataset-fashion-mnist installed in {time.perf_counter() - started:.1f} s"
-        + ("" if found else "; IDX files still not found, the dataset will try its own download"))
+
+register_dataset("fashion-mnist-LT", build_fashion_mnist)

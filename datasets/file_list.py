@@ -23,12 +23,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
 from datasets.base import LTDataset
+from datasets.registry import Augmentation, register_dataset
 from datasets.transforms import random_crop_flip
 from utils.errors import UserError
 
@@ -42,6 +43,8 @@ __all__ = [
     "SMALL_IMAGE_MAX",
     "FileImageDataset",
     "auto_policy",
+    "build_image_folder",
+    "build_list",
     "build_transform",
     "choose_image_size",
     "read_list_dataset",
@@ -403,3 +406,45 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
             f"{test_dir}, or remove the class folder(s) from {train_dir}."
         )
     return classes, train, test
+
+
+def _train_and_test(
+    image_size: int | None,
+    augmentation: Augmentation,
+    num_classes: int,
+    train_samples: list[tuple[str, int]],
+    test_samples: list[tuple[str, int]],
+    class_names: list[str] | None = None,
+) -> tuple[FileImageDataset, FileImageDataset]:
+    """Training and test :class:`FileImageDataset`, read at the size chosen from the first training image."""
+    size = choose_image_size(image_size, train_samples[0][0])
+    common = {"policy": augmentation.policy, "flip": augmentation.flip, "class_names": class_names}
+    return (FileImageDataset(train_samples, num_classes, size, augment=augmentation.augment, **common),
+            FileImageDataset(test_samples, num_classes, size, augment=False, **common))
+
+
+def build_list(cfg: dict[str, Any], augmentation: Augmentation) -> tuple[FileImageDataset, FileImageDataset]:
+    """``(train, test)`` of the list files ``dataset.train_list`` / ``dataset.test_list``, as listed."""
+    root = cfg["root"]
+    for key in ("train_list", "test_list"):
+        if not cfg[key]:
+            raise UserError(f"dataset.{key} is required for dataset name 'list'")
+    num_classes, train_samples, test_samples = read_list_dataset(
+        resolve_list_path(cfg["train_list"], root, "dataset.train_list"),
+        resolve_list_path(cfg["test_list"], root, "dataset.test_list"),
+        root,
+    )
+    return _train_and_test(cfg["image_size"], augmentation, num_classes, train_samples, test_samples)
+
+
+def build_image_folder(cfg: dict[str, Any], augmentation: Augmentation) -> tuple[FileImageDataset, FileImageDataset]:
+    """``(train, test)`` of the class folders under ``dataset.root``, as found."""
+    if cfg["root"] is None:
+        raise UserError("dataset.root is required for dataset name 'image-folder' (folder with train/ and test/)")
+    classes, train_samples, test_samples = scan_image_folder(cfg["root"])
+    return _train_and_test(cfg["image_size"], augmentation, len(classes), train_samples, test_samples, classes)
+
+
+# file datasets are long-tailed as listed (no subset is drawn), and FileImageDataset implements resized_crop too
+register_dataset("list", build_list, long_tail=False, resized_crop=True)
+register_dataset("image-folder", build_image_folder, long_tail=False, resized_crop=True)

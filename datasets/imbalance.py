@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from utils.errors import UserError
-from utils.run_dir import write_json_atomic
+from utils.json_files import write_json_atomic
 
 __all__ = [
     "PROFILES",

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from utils import run_dir
+from utils import run_lock
 from utils.errors import UserError
 from utils.seeding import stream_seed
 
@@ -222,7 +222,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def _detach_worker(worker_id: int, parent: int) -> None:
     """In each DataLoader worker: let go of the parent's run locks, and (Linux) die with the parent, so that a
     `kill -9` of a run frees its lock at once and leaves no orphaned workers."""
-    run_dir.forget_inherited_locks()
+    run_lock.forget_inherited_locks()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -9,7 +9,7 @@ background and colour distributions are the same for every class, so only the sh
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from datasets.base import InMemoryDataset
+from datasets.registry import Augmentation, register_dataset
 from utils.errors import UserError
 
-__all__ = ["SHAPES", "SyntheticShapes", "generate_shapes"]
+__all__ = ["SHAPES", "SyntheticShapes", "build_synthetic", "generate_shapes"]
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar", "diamond", "star", "x", "frame")
 
@@ -190,3 +191,18 @@ def check_synthetic(num_classes: int, per_class: int, image_size: int) -> None:
         raise UserError(f"dataset.synthetic train/test_per_class must be >= 1, got {per_class}")
     if int(image_size) < 16:
         raise UserError(f"dataset.synthetic.image_size must be >= 16, got {image_size}")
+
+
+def build_synthetic(cfg: dict[str, Any], augmentation: Augmentation) -> tuple[SyntheticShapes, SyntheticShapes]:
+    """Balanced ``(train, test)`` of ``dataset.synthetic``; the test set is normalised with the training
+    set's statistics."""
+    syn = cfg["synthetic"]
+    num_classes, image_size, seed = int(syn["num_classes"]), int(syn["image_size"]), int(syn["seed"])
+    train = SyntheticShapes.generate(num_classes, int(syn["train_per_class"]), image_size, seed, "train",
+                                     augment=augmentation.augment, flip=augmentation.flip)
+    test = SyntheticShapes.generate(num_classes, int(syn["test_per_class"]), image_size, seed, "test",
+                                    mean=train.mean, std=train.std, augment=False)
+    return train, test
+
+
+register_dataset("synthetic-LT", build_synthetic)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError
-from utils.run_dir import write_json_atomic
+from utils.json_files import write_json_atomic
 
 VAL_SOURCES = ("none", "train", "test")
 VAL_SPLIT_FILENAME = "val_split.json"

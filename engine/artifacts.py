@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from datasets import DatasetBundle, build_datasets
-from engine.methods import BASELINE, METHODS, Method, phase_ii_folder
+from engine.methods import BASELINE, METHODS, PhaseIMethod
 from fsa.confusion import confusing_table
 from fsa.feature_store import FeatureStore
 from models import LTModel, build_model
@@ -40,7 +40,8 @@ from utils.checkpoint import apply_weights, load_checkpoint
 from utils.cli import script_command
 from utils.config import load_config
 from utils.errors import UserError
-from utils.run_dir import RunPaths, output_root, read_results, write_json_atomic
+from utils.json_files import read_results, write_json_atomic
+from utils.layout import RESULTS_FILE, RunPaths, features_identity, output_root
 
 __all__ = ["PhaseIRun", "open_phase_i_run", "build_phase_i_model", "checkpoint_payload", "phase_i_command",
            "phase_ii_command", "phase_ii_paths", "PhaseIIOutputs", "write_phase_ii", "read_phase_ii", "read_phase_ii_json",
@@ -72,11 +73,11 @@ def build_phase_i_model(cfg: dict, bundle: DatasetBundle, device: torch.device) 
                        learn_scale=m["learn_scale"]).to(device)
 
 
-def checkpoint_payload(model: LTModel, cfg: dict, bundle: DatasetBundle, phase: str, **extra) -> dict:
-    """A backbone + classifier checkpoint: everything a later phase needs to rebuild and check the
-    model; tensors and plain values only."""
+def checkpoint_payload(model: LTModel, cfg: dict, bundle: DatasetBundle, run_name: str, **extra) -> dict:
+    """A backbone + classifier checkpoint of run ``run_name``: everything a later phase needs to rebuild and
+    check the model; tensors and plain values only."""
     return {
-        "phase": phase,
+        "phase": run_name,  # the file format's key (saved checkpoints and results.json keep it)
         "model": model.state_dict(),
         "arch": model.arch,
         "num_classes": model.num_classes,
@@ -150,11 +151,11 @@ class PhaseIRun:
     paths: RunPaths          # phase I paths (checkpoint_dir = the phase I run folder)
     cfg: dict                # its resolved config (config.yaml)
     bundle: DatasetBundle    # built with run_dir = the phase I run, so its train_subset.json is reused
-    method: Method           # the phase I method it trained (the backbone of the phases built on it)
+    method: PhaseIMethod     # the phase I method it trained (the backbone of the phases built on it)
 
     @property
     def config_path(self) -> Path:
-        return self.paths.checkpoint_dir / "config.yaml"
+        return self.paths.config_file
 
     @property
     def hr(self) -> float:
@@ -184,7 +185,7 @@ def open_phase_i_run(config: str, note: str, root: Path | None = None, *, needed
     not exist."""
     method = METHODS.get(backbone)
     paths = RunPaths(method.folder, config, note, output_root() if root is None else Path(root))
-    config_path = paths.checkpoint_dir / "config.yaml"
+    config_path = paths.config_file
     if not config_path.is_file() or (need_checkpoint and not paths.best.is_file()):
         missing = config_path if not config_path.is_file() else paths.best
         raise UserError(
@@ -209,7 +210,7 @@ def phase_ii_command(config: str, note: str, *, overwrite: bool = False, backbon
 def phase_ii_paths(config: str, note: str, backbone: str = BASELINE, root: Path | None = None) -> RunPaths:
     """Phase II's run of (config, note) on phase I method ``backbone`` (features/ or features-<backbone>/)
     under ``root`` (default: the output root)."""
-    return RunPaths(phase_ii_folder(METHODS.get(backbone)), config, note, output_root() if root is None else Path(root))
+    return RunPaths(METHODS.get(backbone).phase_ii_folder, config, note, output_root() if root is None else Path(root))
 
 
 def _none_if_nan(values: list[float]) -> list[float | None]:
@@ -349,7 +350,7 @@ class PhaseIIOutputs:
 
 def read_phase_ii(folder: Path, phase_i: PhaseIRun) -> PhaseIIOutputs:
     """Load phase II's split, thresholds and confusing classes, after checking they match phase I."""
-    if not (folder / "results.json").is_file():
+    if not (folder / RESULTS_FILE).is_file():
         raise UserError(f"No phase II outputs in {folder}. Run phase II first: "
                         f"{phase_ii_command(phase_i.paths.config, phase_i.paths.note, backbone=phase_i.method.id)}")
     prov = read_provenance(folder)
@@ -423,15 +424,14 @@ def make_provenance(*, config: str, note: str, checkpoint_path: Path, phase_i_co
 
 
 def _names(features_dir: Path, provenance: dict | None) -> tuple[str, str, str]:
-    """(config, note, backbone) of a phase II folder, for the commands in messages."""
+    """(config, note, backbone) of a phase II folder, for the commands in messages: from its provenance,
+    else from its place in the layout (a backbone the method table does not know: the baseline)."""
     if provenance and provenance.get("config"):
         return str(provenance["config"]), str(provenance.get("note", "default")), str(provenance.get("backbone", BASELINE))
-    features_dir = Path(features_dir)
-    root = features_dir.parent.parent.name
-    backbone = root.split("-", 1)[1] if root.startswith("features-") else BASELINE
-    if backbone not in {m.id for m in METHODS.stage("phase_i")}:
+    config, note, backbone = features_identity(features_dir, BASELINE)
+    if backbone not in {m.id for m in METHODS.backbones()}:
         backbone = BASELINE
-    return features_dir.parent.name or "NAME", features_dir.name or "default", backbone
+    return config or "NAME", note or "default", backbone
 
 
 def _rerun_phase_ii(features_dir: Path, provenance: dict | None = None) -> str:
@@ -448,7 +448,7 @@ def read_provenance(features_dir: Path | str) -> dict:
         config, note, backbone = _names(features_dir, None)
         raise UserError(
             f"No phase II outputs in {features_dir} ({PROVENANCE_FILE} missing). Run phase II first: "
-            f"{phase_ii_command(config, note, overwrite=(features_dir / 'results.json').is_file(), backbone=backbone)}"
+            f"{phase_ii_command(config, note, overwrite=(features_dir / RESULTS_FILE).is_file(), backbone=backbone)}"
         )
     return read_phase_ii_json(features_dir, PROVENANCE_FILE)
 
@@ -461,7 +461,7 @@ def check_provenance(features_dir: Path | str, phase_i_checkpoint_path: Path | s
     features_dir = Path(features_dir)
     prov = read_provenance(features_dir)
     rerun = _rerun_phase_ii(features_dir, prov)
-    results = read_results(features_dir / "results.json")
+    results = read_results(features_dir / RESULTS_FILE)
     if not (results or {}).get("finished"):
         raise UserError(f"phase II in {features_dir} did not finish (no finished results.json): rerun {rerun}")
     for key, path, what in (("phase_i_checkpoint", phase_i_checkpoint_path, "checkpoint"),

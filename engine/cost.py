@@ -7,7 +7,7 @@ recipe measured they take seconds. A short probe (:func:`probe_rates`) times a f
 phase I model on the run's device, with the run's accel settings and the training set's own loading
 and augmentation, so that seconds = trained x (s per trained image) + forwarded x (s per forwarded
 image). Once a step has run in the pipeline, the same step of a later note is expected to take what
-it took (``engine.pipeline.StepCosts``).
+it took (``app.pipeline.StepCosts``).
 
 The estimate is an order of magnitude for planning (measured on the main job: docs/RESULTS.md), not a
 promise: evaluation of small sets, checkpoint writes and the Python between batches are not counted.
@@ -15,119 +15,24 @@ promise: evaluation of small sets, checkpoint writes and the Python between batc
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fsa.batch_composition import auto_iterations, batch_size
+from engine.workload import Rates, Sizes, Work, phase_i_work, phase_ii_work
 
 PROBE_BATCHES = 2  # timed batches per kind, after one warm-up batch
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """Images per split of the chain's data (``val`` 0 without a validation split)."""
-
-    train: int
-    val: int
-    test: int
-
-    @classmethod
-    def of(cls, bundle) -> "Sizes":
-        return cls(len(bundle.train), 0 if bundle.val is None else len(bundle.val), len(bundle.test))
-
-    @property
-    def evaluated(self) -> int:
-        """Images of one evaluation (validation split and test set)."""
-        return self.val + self.test
-
-
-@dataclass(frozen=True)
-class Work:
-    """Images through the backbone: ``trained`` forward + backward, ``forwarded`` forward only."""
-
-    trained: int = 0
-    forwarded: int = 0
-    what: str = ""
-
-    def seconds(self, rates: "Rates") -> float:
-        return self.trained * rates.trained + self.forwarded * rates.forwarded
-
-
-@dataclass(frozen=True)
-class Rates:
-    """Seconds per image through the backbone on this device (one process's share under torchrun)."""
-
-    trained: float
-    forwarded: float
-    probe_s: float = 0.0
-
-
-def _evaluations(units: int, every: int) -> int:
-    """Evaluations of a loop of ``units`` evaluated every ``every`` units and at its end (engine.loops.fit)."""
-    return units // every + (units % every != 0)
-
-
-def phase_i_work(cfg: dict, sizes: Sizes) -> Work:
-    t = cfg["train"]
-    epochs = t["epochs"]
-    teachers = cfg["distill"]["teachers"] if cfg["distill"]["enabled"] else 0
-    forwarded = _evaluations(epochs, t["eval_every"]) * sizes.evaluated + teachers * epochs * sizes.train
-    what = f"{epochs} epochs x {sizes.train:,} images" + (f", {teachers} teachers' forward passes" if teachers else "")
-    return Work(trained=epochs * sizes.train, forwarded=forwarded, what=what)
-
-
-def phase_ii_work(cfg: dict, sizes: Sizes) -> Work:
-    views = 1 + cfg["store"]["views"] if cfg["store"]["enabled"] else 1
-    trained = sizes.train if cfg["gradcam"]["method"] == "autograd" else 0  # Grad-CAM's backward pass
-    forwarded = views * sizes.train + (sizes.test if cfg["store"]["enabled"] else 0)
-    return Work(trained=trained, forwarded=forwarded, what=f"Grad-CAM over {sizes.train:,} images, {views} view(s)")
-
-
-def phase_iii_work(method, cfg: dict, sizes: Sizes) -> Work:
-    """A phase III method's work (``method``: an :class:`engine.methods.Method`) under its config."""
-    f = cfg["finetune"]
-    if method.kind == "maps":
-        iterations = f["iterations"] or auto_iterations(sizes.train, f["nt"], f["na"])
-        what = f"{iterations:,} iterations of {batch_size(f['nt'], f['na'])} rows"
-        if method.mode == "offline":  # maps from phase II's store; evaluations on cached pooled features
-            return Work(forwarded=sizes.evaluated, what=what + " from the store")
-        images = iterations * batch_size(f["nt"], f["na"])
-        if f["unfreeze"]:  # the last stage trains: every evaluation runs the backbone again
-            return Work(trained=images, forwarded=_evaluations(iterations, f["eval_every"]) * sizes.evaluated, what=what)
-        return Work(forwarded=images + sizes.evaluated, what=what + " of online maps")
-    if method.kind == "features":
-        epochs = cfg["tailcalib"]["epochs"]
-        if method.mode == "offline":
-            return Work(forwarded=sizes.val, what=f"{epochs} epochs on stored features")
-        return Work(forwarded=epochs * sizes.train + sizes.evaluated, what=f"{epochs} epochs of online features")
-    return _decoupled_work(method, cfg["decoupled"], sizes)
-
-
-def _decoupled_work(method, d: dict, sizes: Sizes) -> Work:
-    """Decoupled methods read phase II's pooled store and forward the validation images; the trained ones
-    (cRT, LWS; ``decoupled.features: augmented``) forward every epoch's rows as fresh augmented images."""
-    from engine.phase_iii_decoupled import RELEASE_EPOCHS, decoupled_epochs, epoch_rows
-
-    if method.id not in RELEASE_EPOCHS:  # chosen on stored features, nothing trained
-        return Work(forwarded=sizes.val, what="chosen on stored features")
-    epochs = decoupled_epochs(d, method.id)
-    if d["features"] != "augmented":
-        return Work(forwarded=sizes.val, what=f"{epochs} epochs on stored features")
-    rows = epoch_rows(sizes.train, d["batch_size"], d["sampler"])
-    return Work(forwarded=epochs * rows + sizes.val, what=f"{epochs} epochs of {rows:,} augmented rows")
-
-
 def step_work(step, cfg: dict | None, sizes: Sizes) -> Work:
-    """The work of a pipeline step (:class:`engine.pipeline.Step`) under the config it runs with
+    """The work of a pipeline step (:class:`app.pipeline.Step`) under the config it runs with
     (visualize: None, a few images)."""
     if step.kind == "phase_i":
         return phase_i_work(cfg, sizes)
     if step.kind == "phase_ii":
         return phase_ii_work(cfg, sizes)
     if step.kind == "phase_iii":
-        return phase_iii_work(step.method, cfg, sizes)
+        return step.method.work(cfg, sizes)
     return Work(what="a few images")
 
 

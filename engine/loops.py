@@ -17,7 +17,7 @@ from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
 from engine.metrics import classification_report
 from engine.optim import set_lr
-from fsa.gradcam import eval_mode
+from models.base import eval_mode
 from utils import distributed, threads
 from utils.errors import UserError
 from utils.seeding import stream_seed

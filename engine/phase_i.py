@@ -1,9 +1,9 @@
 """Phase I: train the backbone + classifier on the long-tailed set (or test a checkpoint).
 
-The config's ``train.loss``, ``model.classifier`` and ``distill.enabled`` select the phase I method
-of the method table (``engine.methods``), whose run folder the run writes: ``phase_i`` (CE),
-``phase_i-<method id>`` otherwise. A distilled run (CBD) first opens its teachers, the finished
-runs ``<note>-teacher<k>`` of the teacher method (``fsa.distillation``).
+The config's ``train.loss``, ``train.reweight``, ``model.classifier`` and ``distill.enabled`` select
+the phase I method of the method table (``engine.methods``), whose run folder the run writes:
+``phase_i`` (CE), ``phase_i-<method id>`` otherwise. A distilled run (CBD) first opens its teachers,
+the finished runs ``<note>-teacher<k>`` of the teacher method (``fsa.distillation``).
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from datasets import DatasetBundle, build_datasets
 from datasets.loader import BatchLoader, EpochBatches
 from engine.accel import Accel
 from engine.artifacts import build_phase_i_model, checkpoint_payload, load_backbone, open_phase_i_run
-from engine.methods import METHODS, TEACHER_SEED_STEP, Method
+from engine.methods import METHODS, TEACHER_SEED_STEP, PhaseIMethod
 from engine.loops import EvalSets, StepResult, TrainingTask, evaluate, fit
 from engine.losses import build_loss
 from engine.metrics import summary_line
 from engine.optim import build_optimizer, lr_at
 from engine.recorder import open_run, start_recording, write_test_results
+from engine.reweighting import build_reweighting
 from fsa.distillation import DistillStudent, TeacherEnsemble, cbd_loss
 from models import LTModel, check_arch
 from utils.checkpoint import apply_weights
@@ -31,7 +32,10 @@ from utils.config import config_name, load_config
 from utils import distributed
 from utils.errors import UserError
 from utils.logging import setup_logger, silent_logger
-from utils.run_dir import RunPaths, is_finished, lock_run, read_results
+from utils.json_files import read_results
+from utils.layout import RunPaths
+from utils.run_dir import is_finished
+from utils.run_lock import lock_run
 from utils.seeding import seed_everything, stream_seed
 
 PHASE = "phase_i"
@@ -59,14 +63,14 @@ def teacher_seed(seed: int, k: int) -> int:
     return seed + TEACHER_SEED_STEP * k
 
 
-def teacher_command(config: str, note: str, method: Method, seed: int, k: int) -> str:
+def teacher_command(config: str, note: str, method: PhaseIMethod, seed: int, k: int) -> str:
     """The phase I command that trains teacher ``k`` of the run (config, note) of distilled ``method``."""
     teacher = METHODS.get(method.teacher)
     return script_command("phase_i_train_or_test.py", config, f"{note}-teacher{k}", "--opts",
                           *teacher.selecting_opts(), f"seed={teacher_seed(seed, k)}")
 
 
-def load_teachers(cfg: dict, paths: RunPaths, method: Method, device: torch.device) -> TeacherEnsemble:
+def load_teachers(cfg: dict, paths: RunPaths, method: PhaseIMethod, device: torch.device) -> TeacherEnsemble:
     """The finished teacher runs of a distilled run, checked (same dataset, the teacher seeds), frozen;
     a UserError with the commands of the missing ones."""
     k_total, seed = cfg["distill"]["teachers"], cfg["seed"]
@@ -121,7 +125,9 @@ class BackboneTraining(TrainingTask):
         self.total, self.eval_every, self.save_every = t["epochs"], t["eval_every"], t["save_every"]
         self.rank = ctx.rank
         self.teachers = teachers  # CBD: train_model is then a DistillStudent returning (logits, student feature)
+        self.device = device
         self.criterion = build_loss(t["loss"], bundle.train_counts, **t, scale=cfg["model"]["scale"]).to(device)
+        self.reweighting = build_reweighting(t["reweight"], bundle.train_counts, **t)
         train_set = bundle.train.with_augment(cfg["dataset"]["augment"])
         d = cfg["distill"]
         # CBD's batches: the release's class-aware sampler, or the `mixed` variant; every other method: shuffled
@@ -142,8 +148,8 @@ class BackboneTraining(TrainingTask):
         seed_everything(rank_seed)
         self.augment_rng.manual_seed(rank_seed)
         self.sampler.set_epoch(unit)
-        if hasattr(self.criterion, "set_epoch"):  # LDAM-DRW's weights are a function of the epoch
-            self.criterion.set_epoch(unit)
+        weights = self.reweighting(unit)  # train.reweight's weights of this epoch (DRW: none, then class-balanced)
+        self.criterion.set_class_weights(None if weights is None else weights.to(self.device))
         self.train_model.train()
 
     def batches(self, unit: int) -> BatchLoader:
@@ -174,7 +180,7 @@ class BackboneTraining(TrainingTask):
         return self.eval_sets.evaluate(self.model, self.bundle.train_counts, self.cfg["eval"]["hr"], accel=self.accel)
 
 
-def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, method: Method,
+def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, method: PhaseIMethod,
            teachers: TeacherEnsemble | None, command: str, *, resume: bool, overwrite: bool) -> dict:
     """Train (or resume) the run; `command` is its command line, for the messages that suggest one."""
     mode, logger = open_run(paths, cfg, resume=resume, overwrite=overwrite, command=command)
@@ -200,7 +206,7 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, metho
     def payload(**extra) -> dict:
         projection = {} if teachers is None or trained.projection is None else {
             "projection": trained.projection.state_dict()}
-        return checkpoint_payload(model, cfg, bundle, paths.phase, **projection, **extra)
+        return checkpoint_payload(model, cfg, bundle, paths.run_name, **projection, **extra)
 
     def restore(state: dict, path: Path) -> None:
         apply_weights(model, state, path)
@@ -218,7 +224,7 @@ def _train(cfg: dict, paths: RunPaths, device: torch.device, accel: Accel, metho
     distilled = {} if teachers is None else {"teachers": [str(RunPaths(METHODS.get(method.teacher).folder, paths.config,
                                                                         f"{paths.note}-teacher{k}").best)
                                                          for k in range(1, cfg["distill"]["teachers"] + 1)]}
-    return recorder.finish(method=method.id, loss=t["loss"], classifier=cfg["model"]["classifier"], **distilled,
-                           epochs=t["epochs"], processes=ctx.world_size, train_samples=len(bundle.train),
-                           samples_seen=t["epochs"] * task.sampler.samples_per_epoch(),
-                           **bundle.split_sizes())
+    return recorder.finish(method=method.id, loss=t["loss"], reweight=t["reweight"],
+                           classifier=cfg["model"]["classifier"], **distilled, epochs=t["epochs"],
+                           processes=ctx.world_size, train_samples=len(bundle.train),
+                           samples_seen=t["epochs"] * task.sampler.samples_per_epoch(), **bundle.split_sizes())

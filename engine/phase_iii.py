@@ -3,8 +3,8 @@
 ``finetune.generator`` and the script's mode (online / offline) select the method
 (:data:`engine.methods.METHODS`); this module opens what the method consumes -- the phase I run and
 model, phase II's split / confusing classes and, for offline methods, its feature store -- checks
-them, and hands them to the method's runner (``engine.phase_iii_maps`` for map methods,
-``engine.phase_iii_features`` for feature methods).
+them, and hands them to the method (``method.run(inputs)``: its family's runner, ``engine.phase_iii_maps``,
+``engine.phase_iii_features`` or ``engine.phase_iii_decoupled``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from engine.accel import Accel
 from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_store, phase_i_command, phase_ii_command,
                               phase_ii_paths, read_backbone_checkpoint, read_phase_ii)
 from engine.loops import EvalSets
-from engine.methods import METHODS, MODES, Arm, Method
+from engine.methods import METHODS, MODES, Arm, PhaseIIIMethod
 from engine.recorder import open_run, start_recording, write_test_results
 from fsa.batch_composition import PAPER_ROWS_PER_IMAGE, auto_iterations, batch_size
 from utils.checkpoint import apply_weights
@@ -29,7 +29,8 @@ from utils.cli import RunSpec
 from utils.config import config_name, load_config
 from utils import distributed
 from utils.errors import UserError
-from utils.run_dir import RunPaths, check_run_name, lock_run
+from utils.layout import RunPaths, check_run_name
+from utils.run_lock import lock_run
 
 if TYPE_CHECKING:
     from fsa.feature_store import FeatureStore
@@ -53,7 +54,7 @@ class PhaseIIIInputs:
     eval_sets: EvalSets
 
     @property
-    def method(self) -> Method:
+    def method(self) -> PhaseIIIMethod:
         return self.arm.method
 
     @property
@@ -111,6 +112,7 @@ class PhaseIIIInputs:
         """What every phase III results.json says about the method and its inputs."""
         return {"method": self.method.id, "arm": self.arm.id, "backbone": self.arm.backbone.id,
                 "mode": self.method.mode, "generator": self.method.generator,
+                "method_options": self.method.options(self.cfg),
                 "tail_classes": self.p2.tail, "head_classes": self.p2.head,
                 "processes": distributed.context().world_size, "upstream_note": self.upstream_note,
                 "phase_i_checkpoint": str(self.p2.checkpoint),
@@ -167,9 +169,9 @@ def run(spec: RunSpec, mode: str) -> dict:
     phase_i = open_phase_i_run(name, upstream, needed_by=needed_by, need_checkpoint=True, backbone=backbone)
     _resolve_iterations(cfg, len(phase_i.bundle.train))
     p2 = read_phase_ii(features_dir, phase_i)
-    store = open_store(features_dir, name, upstream, backbone) if "phase_ii_store" in method.consumes else None
+    store = open_store(features_dir, name, upstream, backbone) if method.reads_store else None
     model = phase_i.load_model(device, p2.checkpoint)
     accel.prepare_model(model)
     inputs = PhaseIIIInputs(spec, cfg, arm, paths, phase_i, p2, store, model, device, accel,
                             EvalSets.of(phase_i.bundle, cfg["eval"]["batch_size"], device))
-    return method.runner()(inputs, method)
+    return method.run(inputs)

@@ -19,7 +19,7 @@ lws / crt default to the classifier-balancing release (github.com/facebookresear
 
 - SGD lr ``decoupled.lr`` 0.2, momentum / weight decay from ``finetune`` (0.9 / 5e-4 as the release),
   batch ``decoupled.batch_size`` 512, ``decoupled.epochs`` null = the release's per method (crt 10,
-  lws 5, :data:`RELEASE_EPOCHS`).
+  lws 5: the method's ``release_epochs``, engine/methods/decoupled.py).
 - ``decoupled.schedule: cosine``: the release's ``CosineAnnealingLR(T_max=epochs, eta_min=0)``, stepped
   once at the start of every epoch before its batches, so epoch e (0-based) trains at
   ``0.5 * lr * (1 + cos(pi * (e + 1) / epochs))`` and the last epoch at 0 (:func:`epoch_lr`).
@@ -70,14 +70,15 @@ from torch import nn
 from datasets.loader import class_balanced_indices, fresh_class_aware_indices
 from engine.artifacts import checkpoint_payload
 from engine.loops import fit
-from engine.methods import Method
+from engine.methods.decoupled import DecoupledMethod, PostHocMethod, RetrainMethod
 from engine.optim import build_optimizer
+from engine.workload import epoch_rows
 from engine.phase_iii import PhaseIIIInputs
 from engine.phase_iii_features import ClassifierTraining, FeatureSource, evaluate_features, pooled_features
 from models import CosineClassifier, fresh_like
 from utils.checkpoint import apply_weights
 from utils.errors import UserError
-from utils.run_dir import read_results
+from utils.json_files import read_results
 from utils.seeding import seed_everything, stream_seed
 
 
@@ -95,6 +96,21 @@ def tau_normalized_weight(fc: nn.Linear, tau: float) -> torch.Tensor:
     """tau-normalisation: each class row divided by its L2 norm to the power tau."""
     weight = fc.weight.detach()
     return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12).pow(tau)
+
+
+def logit_adjusted(fc: nn.Module, train_counts: list[int], tau: float) -> nn.Module:
+    """la_posthoc's classifier at `tau`: the phase I classifier (linear or cosine) with its bias lowered."""
+    out = copy.deepcopy(fc)
+    out.bias.data.copy_(adjusted_bias(fc, train_counts, tau))
+    return out
+
+
+def tau_normalized(fc: nn.Module, train_counts: list[int], tau: float) -> nn.Module:
+    """tau_norm's classifier at `tau`: tau-normalised rows, no bias."""
+    out = copy.deepcopy(fc)
+    out.weight.data.copy_(tau_normalized_weight(fc, tau))
+    out.bias.data.zero_()
+    return out
 
 
 class ScaledClassifier(nn.Module):
@@ -115,15 +131,6 @@ class ScaledClassifier(nn.Module):
         return scales[:, None] * self.weight, scales * self.bias
 
 
-# the classifier-balancing release's num_epochs (config/ImageNet_LT/cls_crt.yaml, cls_lws.yaml)
-RELEASE_EPOCHS = {"crt": 10, "lws": 5}
-
-
-def decoupled_epochs(d: dict, method_id: str) -> int:
-    """lws / crt's epochs: ``decoupled.epochs``, or (null) the release's for the method."""
-    return int(d["epochs"]) if d["epochs"] is not None else RELEASE_EPOCHS[method_id]
-
-
 def epoch_lr(d: dict, epoch: int, epochs: int) -> float:
     """The learning rate of (0-based) epoch `epoch` of `epochs` under ``decoupled.schedule``.
 
@@ -134,15 +141,6 @@ def epoch_lr(d: dict, epoch: int, epochs: int) -> float:
     if d["schedule"] == "constant":
         return float(d["lr"])
     return 0.5 * float(d["lr"]) * (1 + math.cos(math.pi * (epoch + 1) / epochs))
-
-
-def epoch_rows(num_train: int, batch_size: int, sampler: str) -> int:
-    """Rows of one epoch. class_aware: the release's ``epoch_steps = int(len(train) / batch_size)`` full
-    batches (at least one: every training row when the set is smaller than a batch); independent: as many
-    rows as the training set."""
-    if sampler == "class_aware":
-        return (num_train // batch_size) * batch_size or num_train
-    return num_train
 
 
 class BalancedTraining(ClassifierTraining):
@@ -199,67 +197,108 @@ class BalancedTraining(ClassifierTraining):
                 "features_s": self.features_s}
 
 
-def run(inputs: PhaseIIIInputs, method: Method) -> dict:
-    """Choose / train decoupled method `method`'s classifier (or, with ``phase: test``, evaluate a checkpoint)."""
-    cfg, model, bundle, paths = inputs.cfg, inputs.model, inputs.bundle, inputs.paths
-    d = cfg["decoupled"]
+class FreshHead:
+    """crt's head: a re-initialised classifier of the backbone's kind; every parameter trains."""
+
+    text = "re-initialised classifier"
+
+    def __init__(self, fc: nn.Module):
+        self.module = fresh_like(fc)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.module.parameters())
+
+    def fold_into(self, fc: nn.Module) -> None:
+        fc.load_state_dict(self.module.state_dict())
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict, fc: nn.Module) -> None:
+        self.module.load_state_dict(fc.state_dict())
+
+
+class ScaledHead:
+    """lws's head: the phase I classifier with a learned scale per class; only the scales train."""
+
+    text = "phase I classifier with learned class scales"
+
+    def __init__(self, fc: nn.Module):
+        self.module = ScaledClassifier(fc)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.module.scales]
+
+    def fold_into(self, fc: nn.Module) -> None:
+        weight, bias = self.module.folded()
+        fc.weight.data.copy_(weight.detach())
+        fc.bias.data.copy_(bias.detach())
+
+    def state(self) -> dict:
+        return {"scales": self.module.scales.detach().cpu().clone()}  # a folded fc cannot be unfolded on --resume
+
+    def restore(self, state: dict, fc: nn.Module) -> None:
+        self.module.scales.data.copy_(state["scales"].to(self.module.scales.device))
+
+
+HEADS = {"fresh": FreshHead, "scaled": ScaledHead}  # engine.methods.decoupled.RetrainMethod.head
+
+
+def _check_backbone(inputs: PhaseIIIInputs, method: DecoupledMethod) -> None:
+    """Refuse a backbone whose classifier lacks what `method` needs (``method.needs``)."""
+    fc, backbone = inputs.model.fc, inputs.arm.backbone.label
+    if "linear_rows" in method.needs and isinstance(fc, CosineClassifier):
+        raise UserError(f"{method.label} rescales the rows of a linear classifier, but the {backbone} backbone's "
+                        f"classifier is a cosine one, whose rows are normalised in every forward pass (a row's norm "
+                        f"or scale changes nothing there). Use la_posthoc or crt on this backbone.")
+    if "bias" in method.needs and getattr(fc, "bias", None) is None:
+        raise UserError(f"{method.label} folds its adjustment into the classifier's bias, but the {backbone} backbone's "
+                        f"classifier has none (the LDAM-DRW release's NormedLinear, whose margins a bias could undo). "
+                        f"Use crt on this backbone, or compare with the {backbone} row itself, which is already "
+                        f"trained for the class prior.")
+
+
+def _open(inputs: PhaseIIIInputs, method: DecoupledMethod) -> tuple | dict:
+    """The frozen backbone checked; ``phase: test`` evaluated, a finished run's results read back (a dict);
+    else ``(logger, feature source, start time)`` of a run to make."""
+    cfg, model, paths = inputs.cfg, inputs.model, inputs.paths
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if method.id in ("tau_norm", "lws") and isinstance(model.fc, CosineClassifier):
-        raise UserError(f"{method.label} rescales the rows of a linear classifier, but the {inputs.arm.backbone.label} "
-                        f"backbone's classifier is a cosine one, whose rows are normalised in every forward pass "
-                        f"({'tau-normalisation would change nothing' if method.id == 'tau_norm' else 'scales cannot be folded into it'}). "
-                        f"Use la_posthoc or crt on this backbone.")
-    if method.id == "la_posthoc" and getattr(model.fc, "bias", None) is None:
-        raise UserError(f"{method.label} folds -tau * log(prior) into the classifier's bias, but the "
-                        f"{inputs.arm.backbone.label} backbone's classifier has none (the LDAM-DRW release's NormedLinear, "
-                        f"whose margins a bias could undo). Use crt on this backbone, or compare with the "
-                        f"{inputs.arm.backbone.label} row itself, which is already trained for the class prior.")
+    _check_backbone(inputs, method)
     if cfg["phase"] == "test":
         return inputs.test_model_checkpoint()
     run_mode, logger = inputs.open_run()
     if run_mode == "finished":
         return read_results(paths.results) or {}
     started = time.perf_counter()
-    source = FeatureSource("offline", model, bundle, inputs.store, inputs.device, cfg["eval"]["batch_size"],
+    source = FeatureSource("offline", model, inputs.bundle, inputs.store, inputs.device, cfg["eval"]["batch_size"],
                            cfg["finetune"]["num_workers"], inputs.accel)
-    train_counts = list(bundle.train_counts)
-    if method.id in ("la_posthoc", "tau_norm"):
-        return _choose_tau(inputs, method, source, logger, started)
+    return run_mode, logger, source, started
 
-    epochs, seed = decoupled_epochs(d, method.id), cfg["seed"]
+
+def run_retrain(inputs: PhaseIIIInputs, method: RetrainMethod) -> dict:
+    """Train retrained method `method`'s head on class-balanced batches (or, with ``phase: test``, evaluate a
+    checkpoint)."""
+    opened = _open(inputs, method)
+    if isinstance(opened, dict):
+        return opened
+    run_mode, logger, source, started = opened
+    cfg, model, bundle, paths = inputs.cfg, inputs.model, inputs.bundle, inputs.paths
+    d = cfg["decoupled"]
+    epochs, seed = method.epochs(cfg), cfg["seed"]
     seed_everything(seed)
-    if method.id == "crt":
-        classifier: nn.Module = fresh_like(model.fc)  # re-initialised, of the backbone's kind
-        params = list(classifier.parameters())
-    else:
-        classifier = ScaledClassifier(model.fc)
-        params = [classifier.scales]
-    optimizer = build_optimizer(params, {**cfg["finetune"], "lr": d["lr"]})
+    head = HEADS[method.head](model.fc)  # drawn after seeding: a fresh head's weights are a function of the seed
+    optimizer = build_optimizer(head.parameters(), {**cfg["finetune"], "lr": d["lr"]})
     progress = {"total_steps": 0}
 
-    def sync_fc() -> None:
-        """The model's fc = the classifier being trained (folded), for the checkpoints."""
-        if method.id == "crt":
-            model.fc.load_state_dict(classifier.state_dict())
-            return
-        weight, bias = classifier.folded()
-        model.fc.weight.data.copy_(weight.detach())
-        model.fc.bias.data.copy_(bias.detach())
-
     def payload(**extra) -> dict:
-        sync_fc()
-        # lws also keeps its scales: a folded fc cannot be unfolded on --resume
-        scales = {"scales": classifier.scales.detach().cpu().clone()} if method.id == "lws" else {}
-        return checkpoint_payload(model, cfg, bundle, paths.phase, **{**progress, **scales, **extra})
+        head.fold_into(model.fc)  # the checkpoint's model is the phase I model with the trained head folded in
+        return checkpoint_payload(model, cfg, bundle, paths.run_name, **{**progress, **head.state(), **extra})
 
     def restore(state: dict, path) -> None:
         apply_weights(model, state, path)
-        if method.id == "crt":
-            classifier.load_state_dict(model.fc.state_dict())
-        else:
-            classifier.scales.data.copy_(state["scales"].to(classifier.scales.device))
+        head.restore(state, model.fc)
         progress["total_steps"] = state.get("total_steps", 0)
 
     start, recorder = inputs.start_recording(run_mode, logger, payload, restore=restore, optimizer=optimizer,
@@ -275,13 +314,12 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
                                    seed=stream_seed(seed, "decoupled.sample", epoch, 1),
                                    num_workers=cfg["finetune"]["num_workers"], accel=inputs.accel)
 
-    task = BalancedTraining(classifier, source.train(seed, 0) if augmented is None else None, source.test, source.val,
-                            d=d, labels=bundle.train.targets, train_counts=train_counts, hr=inputs.hr, seed=seed,
-                            epochs=epochs, progress=progress, augmented=augmented)
+    task = BalancedTraining(head.module, source.train(seed, 0) if augmented is None else None, source.test, source.val,
+                            d=d, labels=bundle.train.targets, train_counts=list(bundle.train_counts), hr=inputs.hr,
+                            seed=seed, epochs=epochs, progress=progress, augmented=augmented)
     f = cfg["finetune"]
     per_visit = f" ({d['samples_per_class']} rows per class visit)" if d["sampler"] == "class_aware" else ""
-    logger.info(f"{method.label}: frozen {model.arch} backbone (eval mode), "
-                f"{'re-initialised classifier' if method.id == 'crt' else 'phase I classifier with learned class scales'}; "
+    logger.info(f"{method.label}: frozen {model.arch} backbone (eval mode), {head.text}; "
                 f"{'pooled features of freshly augmented images every epoch' if augmented else 'stored pooled features of the un-augmented images'}; "
                 f"{d['sampler']} batches of {d['batch_size']}{per_visit}, "
                 f"{task.rows} rows an epoch; {f['optimizer']} lr {d['lr']} {d['schedule']}, momentum {f['momentum']}, "
@@ -297,20 +335,18 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
                            sampler=d["sampler"], features=d["features"])
 
 
-def _choose_tau(inputs: PhaseIIIInputs, method: Method, source: FeatureSource, logger, started: float) -> dict:
-    """la_posthoc / tau_norm: tau from the validation split (or the fixed decoupled.tau), one booking."""
+def run_post_hoc(inputs: PhaseIIIInputs, method: PostHocMethod) -> dict:
+    """Post-hoc method `method`: tau from the validation split (or the fixed decoupled.tau), one booking (or,
+    with ``phase: test``, evaluate a checkpoint)."""
+    opened = _open(inputs, method)
+    if isinstance(opened, dict):
+        return opened
+    _, logger, source, started = opened
     cfg, model, bundle, paths = inputs.cfg, inputs.model, inputs.bundle, inputs.paths
     d, train_counts = cfg["decoupled"], list(bundle.train_counts)
     fc = model.fc
-
     def classifier(tau: float) -> nn.Module:
-        out = copy.deepcopy(fc)  # the phase I classifier, linear or cosine
-        if method.id == "la_posthoc":
-            out.bias.data.copy_(adjusted_bias(fc, train_counts, tau))
-        else:
-            out.weight.data.copy_(tau_normalized_weight(fc, tau))
-            out.bias.data.zero_()
-        return out
+        return method.adjusted(fc, train_counts, tau)
 
     if source.val is not None:
         scores = {tau: evaluate_features(classifier(tau), *source.val, train_counts, inputs.hr)["mean_class_acc"]
@@ -324,7 +360,7 @@ def _choose_tau(inputs: PhaseIIIInputs, method: Method, source: FeatureSource, l
     report = evaluate_features(chosen_fc, *source.test, train_counts, inputs.hr)
     val_report = None if source.val is None else evaluate_features(chosen_fc, *source.val, train_counts, inputs.hr)
     _, recorder = inputs.start_recording("new", logger,
-                                         lambda **extra: checkpoint_payload(model, cfg, bundle, paths.phase, tau=tau,
+                                         lambda **extra: checkpoint_payload(model, cfg, bundle, paths.run_name, tau=tau,
                                                                             **extra),
                                          restore=lambda state, path: None, optimizer=None, step_name="epoch",
                                          total_steps=1)

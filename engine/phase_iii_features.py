@@ -57,7 +57,7 @@ Choices (where the release or docs/METHOD.md leave room):
 state dict; they hold `fc` (`weight [C, D]`, `bias [C]`), `feature_transform` (what to apply to the
 backbone's pooled features before `fc`: `normalize`, `tukey`, `eps`) and `backbone_checkpoint` (the
 phase I checkpoint whose frozen backbone produces those features).  Use :func:`feature_logits` (or
-`fsa.generators.tailcalib.tukey_transform(pooled, tukey, eps=eps, normalize=normalize)` then
+`fsa.generators.tailcalib_api.tukey_transform(pooled, tukey, eps=eps, normalize=normalize)` then
 `F.linear`) to predict.
 """
 from __future__ import annotations
@@ -73,19 +73,19 @@ from engine.accel import NO_ACCEL, Accel
 from engine.artifacts import FEATURE_CLASSIFIER_KIND, read_feature_classifier_checkpoint
 from engine.metrics import SCALAR_KEYS, classification_report
 from engine.loops import StepResult, TrainingTask, fit, ordered_map
-from engine.methods import Method
+from engine.methods.features import TailCalibMethod
 from engine.optim import build_optimizer
 from engine.phase_iii import PhaseIIIInputs
 from engine.recorder import write_test_results
 from fsa.feature_store import FeatureStore
-from fsa.generators.tailcalib import TailCalibGenerator, tukey_transform
+from fsa.generators.tailcalib_api import TailCalibGenerator, tukey_transform
 from models import CosineClassifier, LTModel, build_classifier, fresh_like
 from utils.checkpoint import check_compatible
 from utils.errors import UserError
-from utils.run_dir import read_results
+from utils.json_files import read_results
 from utils.seeding import seed_everything, stream_seed
 
-TUKEY_EPS = 1e-6  # fsa.generators.tailcalib's default; stored in every checkpoint
+TUKEY_EPS = 1e-6  # fsa.generators.tailcalib_api's default; stored in every checkpoint
 
 
 def _transform_spec(tc: dict) -> dict:
@@ -201,7 +201,7 @@ def _check_values(tc: dict) -> None:
         raise UserError(f"tailcalib.lr must be > 0 (or null for finetune.lr), got {tc['lr']}.")
 
 
-def run(inputs: PhaseIIIInputs, method: Method) -> dict:
+def run(inputs: PhaseIIIInputs, method: TailCalibMethod) -> dict:
     """Train (or, with ``phase: test``, evaluate) feature method `method` on `inputs`.
 
     Under torchrun the ranks share the backbone forward passes (online) and then all hold the same
@@ -236,7 +236,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
 
     balanced_to = max(train_counts)
     expected = [balanced_to - n for n in train_counts]  # what the library adds per class (extra = 0)
-    meta = {"phase": paths.phase, "kind": FEATURE_CLASSIFIER_KIND, "generator": method.generator, "mode": method.mode,
+    meta = {"phase": paths.run_name, "kind": FEATURE_CLASSIFIER_KIND, "generator": method.generator, "mode": method.mode,
             "arch": model.arch, "num_classes": num_classes, "in_channels": model.in_channels,
             "feature_dim": model.feature_dim, "dataset": bundle.name, "train_counts": train_counts,
             "backbone_checkpoint": str(inputs.p2.checkpoint), "feature_transform": transform,

@@ -42,7 +42,7 @@ from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
 from engine.artifacts import checkpoint_payload
 from engine.loops import EvalSets, StepResult, TrainingTask, fit, ordered_map
-from engine.methods import Method
+from engine.methods.maps import MapMethod
 from engine.metrics import classification_report
 from engine.optim import build_optimizer, lr_at
 from engine.phase_iii import PhaseIIIInputs
@@ -51,16 +51,17 @@ from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
 from fsa.feature_store import FeatureStore, format_bytes
 from fsa.fusion import ClassStatistics, PooledMoments, class_statistics
 from fsa.generators import GeneratorContext, MapGenerator
-from fsa.gradcam import CamExtractor, eval_mode
+from fsa.gradcam import CamExtractor
 from models import LTModel, fresh_like
+from models.base import eval_mode
 from utils.checkpoint import apply_weights
 from utils.errors import UserError
 from utils import distributed
-from utils.run_dir import read_results
+from utils.json_files import read_results
 from utils.seeding import seed_everything, stream_seed
 
 
-def run(inputs: PhaseIIIInputs, method: Method) -> dict:
+def run(inputs: PhaseIIIInputs, method: MapMethod) -> dict:
     """Train (or, with ``phase: test``, evaluate) map method `method` on `inputs`."""
     cfg, f, model, bundle = inputs.cfg, inputs.cfg["finetune"], inputs.model, inputs.bundle
     ctx = distributed.context()
@@ -72,9 +73,9 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
 
     p2 = inputs.p2
     composer = TailHeadComposer(bundle.train.targets, p2.tail, p2.head, f["nt"], f["na"], cfg["seed"])
-    generator = method.load_implementation()(GeneratorContext(
+    generator = method.generator_class()(GeneratorContext(
         labels=bundle.train.targets, confusing=p2.confusing, composer=composer, na=f["na"], ts=p2.ts, tg=p2.tg,
-        match=cfg["fusion"]["match"]))
+        match=cfg["fusion"]["match"], options=method.options(cfg)))
     if generator.matches and type(model).pool is not LTModel.pool:
         raise UserError(f"fusion.match={cfg['fusion']['match']} rescales feature maps so that their spatial mean takes "
                         f"the real statistics, but {type(model).__name__} pools otherwise: use fusion.match=none.")
@@ -101,7 +102,7 @@ def run(inputs: PhaseIIIInputs, method: Method) -> dict:
     def payload(**extra) -> dict:
         if "optimizer" in extra:  # last.pt, which --resume continues from: the statistics booked so far too
             extra["feature_statistics"] = stats.state()
-        return checkpoint_payload(model, cfg, bundle, inputs.paths.phase, **extra)
+        return checkpoint_payload(model, cfg, bundle, inputs.paths.run_name, **extra)
 
     def restore(state: dict, path: Path) -> None:
         apply_weights(model, state, path)

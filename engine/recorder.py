@@ -15,10 +15,12 @@ from engine.metrics import SCALAR_KEYS, summary_line
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import config_differences, dump_config, read_yaml
 from utils.errors import UserError
+from utils.json_files import write_json_atomic
+from utils.layout import RunPaths
 from utils import distributed
 from utils.logging import log_scalars, open_summary_writer, setup_logger, silent_logger
 from utils.provenance import begin_run, collect
-from utils.run_dir import RunPaths, prepare_run, run_started, write_json_atomic
+from utils.run_dir import prepare_run, run_started
 
 
 SPEED_SETTINGS = "accel."  # may change on --resume (e.g. moving the run to a GPU), except under determinism
@@ -100,7 +102,7 @@ class RunRecorder:
         run_started(self.paths)  # a checkpoint exists: a run replaced by --overwrite is now removed for good
         if periodic:
             save_checkpoint(self.paths.checkpoint_dir / f"model_{self.step_name}_{step:04d}.pt", self.payload(**{self.step_name: step}))
-        write_json_atomic(self.paths.results, {"finished": False, "phase": self.paths.phase, self.step_name: step,
+        write_json_atomic(self.paths.results, {"finished": False, "phase": self.paths.run_name, self.step_name: step,
                                                "history": self.history})
 
     def selection(self) -> dict:
@@ -119,7 +121,7 @@ class RunRecorder:
         chosen = (f"the {self.step_name} of the best validation {SELECTION_METRIC}" if self.selection_by == "val"
                   else f"the final {self.step_name} (no validation split: nothing is selected)")
         results = {
-            "finished": True, "phase": self.paths.phase, "config": self.paths.config, "note": self.paths.note,
+            "finished": True, "phase": self.paths.run_name, "config": self.paths.config, "note": self.paths.note,
             "evaluated": f"best_model.pt: {chosen}", "checkpoint_selection": self.selection(), **report,
             "wall_time_s": self.elapsed, **extra, "provenance": collect(resumed=self.resumed),
             "history": self.history,
@@ -167,7 +169,7 @@ def _open_run(paths: RunPaths, cfg: dict, *, resume: bool, overwrite: bool, comm
     else:
         dump_config(cfg, run_dir / "config.yaml")
     logger = setup_logger(run_dir)
-    logger.info(f"{paths.phase} {mode} run in {run_dir}")
+    logger.info(f"{paths.run_name} {mode} run in {run_dir}")
     return mode, logger
 
 
@@ -185,7 +187,7 @@ def _saved_config(path: Path, command: str) -> dict:
 
 def write_test_results(paths: RunPaths, checkpoint: Path, report: dict) -> dict:
     """`phase: test` output of any phase: the evaluation of `checkpoint`, in `test_results.json` (rank 0 writes)."""
-    out = {"finished": True, "phase": paths.phase, "mode": "test", "checkpoint": str(checkpoint), **report}
+    out = {"finished": True, "phase": paths.run_name, "mode": "test", "checkpoint": str(checkpoint), **report}
     if distributed.context().is_main:
         out["provenance"] = collect()
         write_json_atomic(paths.checkpoint_dir / "test_results.json", out)

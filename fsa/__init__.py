@@ -7,9 +7,9 @@ import-light so that ``fsa.generators`` and ``fsa.feature_store`` load independe
 
 from fsa.class_split import head_tail_split
 from fsa.confusion import ScoreAccumulator, confusing_classes, confusing_table
-from fsa.decomposition import SplitStatistics, split_masks, split_statistics
+from fsa.decomposition import SplitStatistics, split_masks
 from fsa.fusion import DonorPool, FusionInfo, fuse, fuse_from_cams, sample_donors
-from fsa.gradcam import features_and_cams, grad_cam
+from fsa.gradcam import CamExtractor, features_and_cams
 
 __all__ = [
     "head_tail_split",
@@ -18,12 +18,11 @@ __all__ = [
     "confusing_table",
     "SplitStatistics",
     "split_masks",
-    "split_statistics",
     "DonorPool",
     "FusionInfo",
     "fuse",
     "fuse_from_cams",
     "sample_donors",
+    "CamExtractor",
     "features_and_cams",
-    "grad_cam",
 ]

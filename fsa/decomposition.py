@@ -14,7 +14,7 @@ from torch import Tensor
 
 from utils.errors import UserError
 
-__all__ = ["validate_thresholds", "split_masks", "SplitStatistics", "split_statistics"]
+__all__ = ["validate_thresholds", "split_masks", "SplitStatistics"]
 
 
 def validate_thresholds(ts: float, tg: float) -> None:
@@ -86,9 +86,3 @@ class SplitStatistics:
             "count": self._count.clone(),
         }
 
-
-def split_statistics(cam: Tensor, labels: Tensor, num_classes: int, ts: float, tg: float) -> dict[str, Tensor]:
-    """One-shot version of :class:`SplitStatistics` (same return value; NaN for absent classes)."""
-    stats = SplitStatistics(num_classes, ts, tg, device=cam.device)
-    stats.update(cam, labels)
-    return stats.result()

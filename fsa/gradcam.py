@@ -24,52 +24,34 @@ Two ways to get ``a_k``:
 :class:`CamExtractor` resolves the layer and the method once (``"auto"``: closed form at the CAM
 layer of a model whose ``fc`` is an ``nn.Linear``, autograd otherwise) and gives the CAM-layer
 feature maps, CAMs and logits of a batch; a CAM of another layer is resized bilinearly to the
-CAM-layer resolution and re-normalised. :func:`grad_cam` gives the CAMs at the chosen layer's own
-resolution; :func:`features_and_cams` is the closed form alone.
+CAM-layer resolution and re-normalised. :meth:`CamExtractor.layer_cams` gives the CAMs at the chosen
+layer's own resolution; :func:`features_and_cams` is the closed form alone.
 
 CAMs are always computed in eval mode, because BatchNorm in train mode couples the samples of a
 batch (a sample's CAM would depend on its batch-mates); every module's previous mode is restored
-afterwards, also on exceptions.
+afterwards (:func:`models.base.eval_mode`), also on exceptions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.base import eval_mode
 from utils.errors import UserError
 
 __all__ = [
     "CamExtractor",
-    "grad_cam",
     "features_and_cams",
     "cam_from_weights",
     "normalize_cams",
     "available_cam_layers",
-    "eval_mode",
 ]
 
 _METHODS = ("auto", "closed_form", "autograd")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; restore every submodule's own previous ``training`` flag.
-
-    Per-module restoration (rather than ``model.train(prev)``) keeps deliberately frozen
-    submodules (e.g. a BatchNorm kept in eval while the rest trains) as they were.
-    """
-    previous = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in previous:
-            module.training = flag
 
 
 def available_cam_layers(model: nn.Module) -> list[str]:
@@ -336,20 +318,3 @@ class CamExtractor:
             (grad,) = torch.autograd.grad(_target_score(logits, targets), act)
         return _cam_from_gradient(act, grad)
 
-
-def grad_cam(
-    model: nn.Module,
-    x: Tensor,
-    targets: Tensor | None = None,
-    layer: str | None = None,
-    method: str = "auto",
-) -> Tensor:
-    """Grad-CAM maps ``[B, h, w]`` (float32, per-sample min-max normalised to [0, 1]).
-
-    ``targets``: one class per image (normally its ground-truth label); None -> argmax
-    prediction. ``layer``: a name from ``model.named_modules()`` (None -> ``model.cam_layer``);
-    ``h, w`` are that layer's spatial size. ``method``: ``"closed_form"``, ``"autograd"`` or
-    ``"auto"``, resolved as :class:`CamExtractor` does. Runs in eval mode and restores each
-    module's training flag; parameter ``.grad`` is never written.
-    """
-    return CamExtractor(model, layer, method).layer_cams(x, targets)

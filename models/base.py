@@ -1,7 +1,9 @@
 """The common model interface used by training, Grad-CAM and feature synthesis."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,23 @@ def fresh_like(fc: nn.Module) -> nn.Module:
                                 isinstance(fc.raw_scale, nn.Parameter), weight_norm=fc.weight_norm,
                                 bias=fc.bias is not None).to(fc.weight.device)
     return nn.Linear(fc.in_features, fc.out_features).to(fc.weight.device)
+
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode; restore every submodule's own previous ``training`` flag.
+
+    Per-module restoration (rather than ``model.train(prev)``) keeps deliberately frozen
+    submodules (e.g. a BatchNorm kept in eval while the rest trains) as they were.
+    """
+    previous = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in previous:
+            module.training = flag
 
 
 class LTModel(nn.Module):

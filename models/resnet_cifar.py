@@ -1,13 +1,13 @@
 """CIFAR-style ResNets: 3x3 stem, no max-pool, so 28x28 / 32x32 inputs keep enough resolution."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 from torch import nn
 
 from .base import LTModel
 from .blocks import BasicBlock, conv3x3, make_stages
+from .registry import register_model
 
 
 def _stem(in_channels: int, width: int) -> nn.Sequential:
@@ -34,8 +34,7 @@ def cifar_wide_resnet(
     return LTModel(arch, _stem(in_channels, 64), stages, dim, num_classes, in_channels)
 
 
-MODELS: dict[str, Callable[[int, int], LTModel]] = {
-    **{f"resnet{d}": partial(cifar_resnet, d) for d in (8, 20, 32, 44, 56, 110)},
-    "resnet18_cifar": partial(cifar_wide_resnet, "resnet18_cifar", [2, 2, 2, 2]),
-    "resnet34_cifar": partial(cifar_wide_resnet, "resnet34_cifar", [3, 4, 6, 3]),
-}
+for _depth in (8, 20, 32, 44, 56, 110):
+    register_model(f"resnet{_depth}", partial(cifar_resnet, _depth))
+register_model("resnet18_cifar", partial(cifar_wide_resnet, "resnet18_cifar", [2, 2, 2, 2]))
+register_model("resnet34_cifar", partial(cifar_wide_resnet, "resnet34_cifar", [3, 4, 6, 3]))

@@ -1,13 +1,13 @@
 """ImageNet-style ResNets (7x7 stride-2 stem + max-pool); randomly initialised, no downloads."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 from torch import nn
 
 from .base import LTModel
 from .blocks import BasicBlock, Block, Bottleneck, make_stages
+from .registry import register_model
 
 
 def imagenet_resnet(
@@ -30,6 +30,5 @@ _CONFIGS: dict[str, tuple[Block, list[int]]] = {
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
 
-MODELS: dict[str, Callable[[int, int], LTModel]] = {
-    name: partial(imagenet_resnet, name, *cfg) for name, cfg in _CONFIGS.items()
-}
+for _name, (_block, _depths) in _CONFIGS.items():
+    register_model(_name, partial(imagenet_resnet, _name, _block, _depths))

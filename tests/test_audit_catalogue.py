@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from tests.helpers import REPO, copy_phase_i, run_main_in_process, run_script, script_env
-from utils import run_dir
+from utils import run_lock
 from utils.config import load_config, parse_opts
 from utils.errors import UserError
-from utils.run_dir import write_json_atomic
+from utils.json_files import write_json_atomic
+from utils.layout import RunPaths
 from utils.schema import SCHEMAS, schema_fields
 
 PHASE_I = "phase_i_train_or_test.py"
@@ -295,9 +296,9 @@ def test_a_lock_held_for_a_dead_process_says_so():
     proc = subprocess.Popen(["true"])
     proc.wait()  # a pid that has ended
     holder = f"process {proc.pid} on {socket.gethostname()} (since 2026-01-01 00:00:00: x)"
-    assert "has ended" in run_dir._liveness(holder)
-    assert run_dir._liveness(f"process {os.getpid()} on {socket.gethostname()} (since x)") == ", which is running"
-    assert run_dir._liveness("process 1 on some-other-host (since x)") == ""
+    assert "has ended" in run_lock._liveness(holder)
+    assert run_lock._liveness(f"process {os.getpid()} on {socket.gethostname()} (since x)") == ", which is running"
+    assert run_lock._liveness("process 1 on some-other-host (since x)") == ""
 
 
 def test_dataloader_workers_do_not_hold_the_run_lock(tmp_path):
@@ -307,8 +308,8 @@ def test_dataloader_workers_do_not_hold_the_run_lock(tmp_path):
 
     from datasets.loader import _detach_worker
 
-    paths = run_dir.RunPaths("phase_i", "smoke", "default", tmp_path)
-    run_dir.lock_run(paths)
+    paths = RunPaths("phase_i", "smoke", "default", tmp_path)
+    run_lock.lock_run(paths)
     ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:  # the "worker": detach, say so, then outlive the parent's descriptor
@@ -320,7 +321,7 @@ def test_dataloader_workers_do_not_hold_the_run_lock(tmp_path):
             os._exit(0)
     try:
         assert os.read(ready_r, 1) == b"x"
-        held = run_dir._HELD_LOCKS.popitem()[1]
+        held = run_lock._HELD_LOCKS.popitem()[1]
         os.close(held.fd)  # the parent is gone; its lock file stays, as after kill -9
         fd = os.open(paths.lock_file, os.O_RDWR)
         try:
@@ -330,7 +331,7 @@ def test_dataloader_workers_do_not_hold_the_run_lock(tmp_path):
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
-        run_dir.release_locks()
+        run_lock.release_locks()
 
 
 def _suggested(err: str, flag: str) -> list[str]:

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 
 from datasets.loader import EpochBatches
 from engine.methods import METHODS, SUITES
-from engine.pipeline import plan_steps, route_opts
+from app.pipeline import plan_steps, route_opts
 from fsa.distillation import DistillStudent, TeacherEnsemble, cbd_loss
 from fsa.gradcam import CamExtractor
 from models import CosineClassifier, build_model, fresh_like
 from models.base import build_classifier
 from tests.helpers import run_main_in_process
 from utils.errors import UserError
-from utils.run_dir import RunPaths
+from utils.layout import RunPaths
 
 SMOKE = ("--config", "smoke", "--device", "cpu")
 COSINE = "model.classifier=cosine"
@@ -220,7 +220,7 @@ def test_rescaling_methods_refuse_a_cosine_backbone(cosine_run):
 
 
 def test_post_hoc_adjustment_refuses_ldams_bias_free_head_and_tailcalib_runs_on_it(tmp_path):
-    ldam = ["train.loss=ldam_drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false"]
+    ldam = ["train.loss=ldam", "train.reweight=drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false"]
     _run("phase_i_train_or_test.py", *SMOKE, "--opts", *ldam, "train.epochs=2", cwd=tmp_path)
     _run("phase_ii_extract_feature.py", *SMOKE, "--opts", "backbone=ldam_drw", cwd=tmp_path)
     code, err = run_main_in_process("phase_iii_offline_train_or_test.py", *SMOKE, "--opts",

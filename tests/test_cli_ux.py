@@ -11,7 +11,7 @@ from tests.helpers import run_main_in_process
 from utils import config as config_module
 from utils.config import available_configs, config_text, load_config
 from utils.errors import UserError
-from utils.run_dir import OUTPUT_ROOT_ENV, RunPaths, output_root, set_output_root
+from utils.layout import OUTPUT_ROOT_ENV, RunPaths, output_root, set_output_root
 from utils.schema import SCHEMAS
 
 PHASE_I = "phase_i_train_or_test.py"

@@ -11,7 +11,7 @@ from engine import losses, optim
 from utils import schema
 from utils.config import CONFIG_ROOT, apply_schema, available_configs, load_config
 from utils.errors import UserError
-from utils.schema import PHASE_II, PHASE_III, SCHEMAS, defaults
+from utils.schema import PHASE_II, SCHEMAS, defaults
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ def test_absent_phase_ii_iii_config_takes_validated_opts():
     cfg = load_config("no-such-config", "phase_ii", ["confusion.nf=5", "split.ts=0.7"])
     assert cfg == {**defaults(PHASE_II), "confusion": {"nf": 5}, "split": {"ts": 0.7, "tg": 0.2}}
     cfg = load_config("no-such-config", "phase_iii", ["finetune.iterations=7"])
-    assert cfg["finetune"]["iterations"] == 7 and cfg["tailcalib"] == defaults(PHASE_III)["tailcalib"]
+    assert cfg["finetune"]["iterations"] == 7 and cfg["tailcalib"] == defaults(SCHEMAS["phase_iii"])["tailcalib"]
     with pytest.raises(UserError, match="'confusion.nf' must be >= 1"):
         load_config("no-such-config", "phase_ii", ["confusion.nf=0"])
     with pytest.raises(UserError, match="Unknown config key 'finetune.bogus'"):
@@ -114,7 +114,7 @@ def test_utils_config_does_not_import_the_engine():
 # one literal per list / default
 # ------------------------------------------------------------------------------------------------
 def test_dataset_names_policies_and_defaults_come_from_the_schema():
-    assert datasets.AVAILABLE_DATASETS is schema.DATASET_NAMES
+    assert schema.DATASET["name"].allowed() == tuple(datasets.DATASETS)
     assert datasets.AUGMENT_POLICIES is schema.AUGMENT_POLICIES
     assert datasets._merged({}) == defaults(schema.DATASET)
     assert datasets._merged({"synthetic": {"seed": 3}})["synthetic"] == {**defaults(schema.DATASET)["synthetic"], "seed": 3}
@@ -167,7 +167,7 @@ def test_shipped_phase_ii_configs(name, changes):
 ])
 def test_shipped_phase_iii_configs(name, finetune, tailcalib):
     cfg = load_config(name, "phase_iii")
-    expected = defaults(PHASE_III)
+    expected = defaults(SCHEMAS["phase_iii"])
     expected["finetune"].update(finetune)
     expected["tailcalib"].update(tailcalib)
     assert cfg == expected

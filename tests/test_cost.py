@@ -4,7 +4,8 @@ import re
 import pytest
 
 from benchmarks.bench_main_job import step_seconds
-from engine import cost, pipeline
+from app import pipeline
+from engine import cost
 from engine.methods import METHODS
 from utils.config import load_config
 
@@ -38,29 +39,29 @@ def test_phase_iii_online_maps_pass_every_batch_through_the_backbone():
     sizes = cost.Sizes(train=1000, val=10, test=50)
     online, offline = METHODS.get("fsa_online"), METHODS.get("fsa_offline")
     cfg = phase_iii_cfg("finetune.iterations=60", "finetune.nt=4", "finetune.na=3")
-    assert (cost.phase_iii_work(online, cfg, sizes).forwarded, cost.phase_iii_work(online, cfg, sizes).trained) \
+    assert (online.work(cfg, sizes).forwarded, online.work(cfg, sizes).trained) \
         == (60 * 2 * 4 * 4 + 60, 0)
-    assert cost.phase_iii_work(offline, cfg, sizes).forwarded == 60  # cached features: val + test once
+    assert offline.work(cfg, sizes).forwarded == 60  # cached features: val + test once
     # the unfrozen last stage trains, and each evaluation (every 25 iterations and at the end) runs the backbone
-    work = cost.phase_iii_work(online, phase_iii_cfg("finetune.iterations=60", "finetune.nt=4", "finetune.na=3",
+    work = online.work(phase_iii_cfg("finetune.iterations=60", "finetune.nt=4", "finetune.na=3",
                                                      "finetune.unfreeze=true", "finetune.eval_every=25"), sizes)
     assert (work.trained, work.forwarded) == (60 * 32, 3 * 60)
     # iterations: null is the paper's rows per training image
-    auto = cost.phase_iii_work(online, phase_iii_cfg("finetune.iterations=null", "finetune.nt=4", "finetune.na=3"), sizes)
+    auto = online.work(phase_iii_cfg("finetune.iterations=null", "finetune.nt=4", "finetune.na=3"), sizes)
     assert auto.forwarded == round(6400 * 128 / 12406 * 1000 / 32) * 32 + 60
 
 
 def test_phase_iii_feature_and_decoupled_methods():
     sizes = cost.Sizes(train=1000, val=10, test=50)
     cfg = phase_iii_cfg("tailcalib.epochs=5")
-    assert cost.phase_iii_work(METHODS.get("tailcalibx"), cfg, sizes).forwarded == 5 * 1000 + 60
-    assert cost.phase_iii_work(METHODS.get("tailcalib"), cfg, sizes).forwarded == 10
-    assert cost.phase_iii_work(METHODS.get("la_posthoc"), cfg, sizes).forwarded == 10
+    assert METHODS.get("tailcalibx").work(cfg, sizes).forwarded == 5 * 1000 + 60
+    assert METHODS.get("tailcalib").work(cfg, sizes).forwarded == 10
+    assert METHODS.get("la_posthoc").work(cfg, sizes).forwarded == 10
     # cRT at the release's settings: 10 epochs of 1000 // 512 = 1 batch of 512 fresh augmented rows, then val
-    assert cost.phase_iii_work(METHODS.get("crt"), cfg, sizes).forwarded == 10 * 512 + 10
-    assert cost.phase_iii_work(METHODS.get("lws"), cfg, sizes).forwarded == 5 * 512 + 10
+    assert METHODS.get("crt").work(cfg, sizes).forwarded == 10 * 512 + 10
+    assert METHODS.get("lws").work(cfg, sizes).forwarded == 5 * 512 + 10
     stored = phase_iii_cfg("decoupled.features=stored")
-    assert cost.phase_iii_work(METHODS.get("crt"), stored, sizes).forwarded == 10
+    assert METHODS.get("crt").work(stored, sizes).forwarded == 10
 
 
 def test_seconds_and_their_text():

@@ -15,7 +15,7 @@ from PIL import Image
 
 import datasets.fashion_mnist as fm
 from datasets import (
-    AVAILABLE_DATASETS,
+    DATASETS as AVAILABLE_DATASETS,
     BatchLoader,
     InMemoryDataset,
     EpochBatches,

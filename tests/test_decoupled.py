@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from datasets.loader import class_balanced_indices, fresh_class_aware_indices
-from engine.phase_iii_decoupled import (RELEASE_EPOCHS, BalancedTraining, ScaledClassifier, adjusted_bias,
-                                        decoupled_epochs, epoch_lr, epoch_rows, log_prior, tau_normalized_weight)
-from utils.schema import PHASE_III, defaults
+from engine.methods import METHODS
+from engine.phase_iii_decoupled import (BalancedTraining, ScaledClassifier, adjusted_bias, epoch_lr, epoch_rows, log_prior, tau_normalized_weight)
+from utils.schema import SCHEMAS, defaults
 from utils.seeding import stream_seed
 from tests.helpers import copy_phase_i, run_main_in_process, run_script
 
@@ -114,7 +114,7 @@ def test_class_aware_sampler_is_the_release_sampler():
 
 def test_class_aware_epoch_has_batches_of_four_sample_runs_and_balanced_classes():
     labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 9 + [3] * 1)  # num_classes 5: class 4 has no sample
-    d = {**defaults(PHASE_III["decoupled"])}
+    d = {**defaults(SCHEMAS["phase_iii"]["decoupled"])}
     task = BalancedTraining(nn.Linear(2, 5), (torch.zeros(1000, 2), labels), (torch.zeros(1, 2), labels[:1]), None,
                             d={**d, "batch_size": 64}, labels=labels, train_counts=[900, 90, 9, 1, 0], hr=0.9, seed=5,
                             epochs=3, progress={"total_steps": 0})
@@ -141,12 +141,13 @@ def test_class_aware_epoch_has_batches_of_four_sample_runs_and_balanced_classes(
 
 
 def test_release_schedule_lr_epochs_and_defaults():
-    d = defaults(PHASE_III["decoupled"])
+    d = defaults(SCHEMAS["phase_iii"]["decoupled"])
     assert (d["lr"], d["batch_size"], d["schedule"], d["sampler"], d["samples_per_class"], d["features"]) == \
         (0.2, 512, "cosine", "class_aware", 4, "augmented")
-    assert (decoupled_epochs(d, "crt"), decoupled_epochs(d, "lws")) == (10, 5) == (RELEASE_EPOCHS["crt"], RELEASE_EPOCHS["lws"])
-    assert decoupled_epochs({**d, "epochs": 3}, "lws") == 3
-    finetune = defaults(PHASE_III["finetune"])
+    crt, lws = METHODS.get("crt"), METHODS.get("lws")
+    assert (crt.epochs({"decoupled": d}), lws.epochs({"decoupled": d})) == (10, 5)
+    assert lws.epochs({"decoupled": {**d, "epochs": 3}}) == 3
+    finetune = defaults(SCHEMAS["phase_iii"]["finetune"])
     assert (finetune["momentum"], finetune["weight_decay"]) == (0.9, 5e-4)  # the release's SGD
     # hand-computed: epoch e (0-based) of E runs at 0.5 * lr * (1 + cos(pi * (e + 1) / E))
     assert epoch_lr(d, 0, 10) == pytest.approx(0.5 * 0.2 * (1 + math.cos(math.pi / 10)))  # 0.19511
@@ -172,7 +173,7 @@ def test_lws_trains_only_the_scales_and_folds_into_a_linear_classifier():
     lws = ScaledClassifier(fc)
     data = (torch.randn(100, 3, generator=torch.Generator().manual_seed(2)),
             torch.tensor([0] * 60 + [1] * 30 + [2] * 6 + [3] * 4))
-    task = BalancedTraining(lws, data, data, None, d={**defaults(PHASE_III["decoupled"]), "batch_size": 16},
+    task = BalancedTraining(lws, data, data, None, d={**defaults(SCHEMAS["phase_iii"]["decoupled"]), "batch_size": 16},
                             labels=data[1], train_counts=COUNTS, hr=0.9, seed=0, epochs=1,
                             progress={"total_steps": 0})
     assert [p for p in lws.parameters() if p.requires_grad] == [lws.scales]  # the only parameter
@@ -304,7 +305,7 @@ def test_augmented_features_are_those_of_the_epochs_rows():
         calls.append((epoch, rows.clone()))
         return torch.randn(len(rows), 3), labels[rows]
 
-    d = {**defaults(PHASE_III["decoupled"]), "batch_size": 8}
+    d = {**defaults(SCHEMAS["phase_iii"]["decoupled"]), "batch_size": 8}
     task = BalancedTraining(nn.Linear(3, 3), None, (torch.zeros(1, 3), labels[:1]), None, d=d, labels=labels,
                             train_counts=[30, 6, 4], hr=0.9, seed=1, epochs=2, progress={"total_steps": 0},
                             augmented=augmented)

@@ -12,7 +12,8 @@ import pytest
 
 import analysis.report
 from analysis.plots import recall_matrix
-from analysis.report import Row, build_report, report_dir
+from analysis.report import build_report, report_dir
+from analysis.rows import Row
 from tests.test_report import CONFIG, COUNTS, NOTES, write_results
 
 
@@ -213,7 +214,7 @@ def test_ablation_bars_are_the_rows_means_and_stds(tmp_path):
     assert by["Focal loss", "many"]["mean"] == 20.0 + 2.5 + 3 and by["Focal loss", "many"]["std"] is None
     assert by["Focal loss", "top1"]["std"] == pytest.approx(2.0)  # 22.5, 24.5, 26.5
     # one note: bars without error bars
-    single = bar_chart(tmp_path / "one.png", CONFIG, ["seed0"], [Row(r.label, r.phase, runs={"seed0": r.runs["seed0"]})
+    single = bar_chart(tmp_path / "one.png", CONFIG, ["seed0"], [Row(r.label, r.run_name, runs={"seed0": r.runs["seed0"]})
                                                                  for r in rows[:3]], analysis.report.METRICS)
     assert all(d["std"] is None for d in single) and single[0]["mean"] == rows[0].runs["seed0"]["top1"]
 

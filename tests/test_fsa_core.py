@@ -8,7 +8,7 @@ import torch
 
 from fsa.class_split import head_tail_split
 from fsa.confusion import ScoreAccumulator, confusing_classes, confusing_table
-from fsa.decomposition import SplitStatistics, split_masks, split_statistics
+from fsa.decomposition import SplitStatistics, split_masks
 from fsa.fusion import ALL, MASK, NONZERO, DonorPool, fuse, fuse_from_cams, sample_donors
 from utils.errors import UserError
 
@@ -152,7 +152,9 @@ def test_split_statistics():
         [[0.0, 0.0], [0.0, 0.0]],   # class 0: specific 0,   generic 4/4
         [[0.85, 0.3], [0.3, 0.3]],  # class 2: specific 1/4, generic 0
     ])
-    stats = split_statistics(cam, torch.tensor([0, 0, 2]), 3, 0.8, 0.2)
+    whole = SplitStatistics(3, 0.8, 0.2)
+    whole.update(cam, torch.tensor([0, 0, 2]))
+    stats = whole.result()
     torch.testing.assert_close(stats["specific"][[0, 2]], torch.tensor([0.25, 0.25], dtype=torch.float64))
     torch.testing.assert_close(stats["generic"][[0, 2]], torch.tensor([0.625, 0.0], dtype=torch.float64))
     assert math.isnan(stats["specific"][1]) and math.isnan(stats["generic"][1])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsa.gradcam import CamExtractor, features_and_cams, grad_cam, normalize_cams
+from fsa.gradcam import CamExtractor, features_and_cams, normalize_cams
 from utils.errors import UserError
 
 
@@ -86,9 +86,10 @@ def test_batched_equals_per_sample_and_mode_restored(method):
     model.body.bn2.eval()  # a submodule deliberately in eval: must stay so
     x = torch.randn(6, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    batched = grad_cam(model, x, y, method=method)
+    extractor = CamExtractor(model, method=method)
+    batched = extractor.layer_cams(x, y)
     assert model.training and model.body.bn1.training and not model.body.bn2.training
-    single = torch.cat([grad_cam(model, x[i:i + 1], y[i:i + 1], method=method) for i in range(6)])
+    single = torch.cat([extractor.layer_cams(x[i:i + 1], y[i:i + 1]) for i in range(6)])
     assert batched.shape == (6, 4, 4)
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
     assert batched.min() >= 0 and batched.max() <= 1
@@ -99,12 +100,12 @@ def test_closed_form_equals_autograd():
     model = _trained_bn_model(1)
     x = torch.randn(8, 3, 8, 8)
     y = torch.randint(0, 5, (8,))
-    a = grad_cam(model, x, y, method="closed_form")
-    b = grad_cam(model, x, y, method="autograd")
+    a = CamExtractor(model, method="closed_form").layer_cams(x, y)
+    b = CamExtractor(model, method="autograd").layer_cams(x, y)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    torch.testing.assert_close(grad_cam(model, x, y), a, atol=0, rtol=0)  # auto -> closed form
+    torch.testing.assert_close(CamExtractor(model).layer_cams(x, y), a, atol=0, rtol=0)  # auto -> closed form
     # Explicit layer name of the CAM layer also picks the closed form under "auto".
-    torch.testing.assert_close(grad_cam(model, x, y, layer="body"), a, atol=0, rtol=0)
+    torch.testing.assert_close(CamExtractor(model, "body").layer_cams(x, y), a, atol=0, rtol=0)
 
 
 def test_hand_computed_map():
@@ -116,10 +117,11 @@ def test_hand_computed_map():
     # class 1: F1 = [[2,0],[0,6]] -> /6
     expected1 = torch.tensor([[[1.0 / 3.0, 0.0], [0.0, 1.0]]])
     for method in ("closed_form", "autograd"):
-        torch.testing.assert_close(grad_cam(model, fmap, torch.tensor([0]), method=method), expected0)
-        torch.testing.assert_close(grad_cam(model, fmap, torch.tensor([1]), method=method), expected1)
+        extractor = CamExtractor(model, method=method)
+        torch.testing.assert_close(extractor.layer_cams(fmap, torch.tensor([0])), expected0)
+        torch.testing.assert_close(extractor.layer_cams(fmap, torch.tensor([1])), expected1)
     # targets=None -> argmax: logits = [mean(F0)-mean(F1), mean(F1)] = [0.5, 2] -> class 1
-    torch.testing.assert_close(grad_cam(model, fmap), expected1)
+    torch.testing.assert_close(CamExtractor(model).layer_cams(fmap), expected1)
     _, cam, logits = features_and_cams(model, fmap, torch.tensor([0]))
     torch.testing.assert_close(cam, expected0)
     torch.testing.assert_close(logits, torch.tensor([[0.5, 2.0]]))
@@ -130,10 +132,10 @@ def test_constant_map_gives_zeros_not_nan():
     zero_w = IdentityNet([[0.0, 0.0], [-1.0, -1.0]])  # class 0: all 0; class 1: all negative
     for method in ("closed_form", "autograd"):
         for cls in (0, 1):
-            cam = grad_cam(zero_w, fmap, torch.tensor([cls]), method=method)
+            cam = CamExtractor(zero_w, method=method).layer_cams(fmap, torch.tensor([cls]))
             assert torch.equal(cam, torch.zeros(1, 2, 2))
     const = torch.full((2, 2, 3, 3), 0.7)
-    cam = grad_cam(IdentityNet([[1.0, 0.5]]), const, torch.tensor([0, 0]))
+    cam = CamExtractor(IdentityNet([[1.0, 0.5]])).layer_cams(const, torch.tensor([0, 0]))
     assert torch.equal(cam, torch.zeros(2, 3, 3))
     assert not torch.isnan(normalize_cams(torch.zeros(3, 4, 4))).any()
 
@@ -141,15 +143,11 @@ def test_constant_map_gives_zeros_not_nan():
 def test_unknown_layer_lists_names():
     model = TinyNet()
     with pytest.raises(UserError) as err:
-        grad_cam(model, torch.randn(2, 3, 8, 8), layer="layer9")
+        CamExtractor(model, "layer9")
     msg = str(err.value)
     assert "layer9" in msg and "body" in msg and "body.conv1" in msg and "fc" in msg
-    with pytest.raises(UserError):
-        grad_cam(model, torch.randn(2, 3, 8, 8), method="fast")
-    with pytest.raises(UserError):  # closed form only at the CAM layer
-        grad_cam(model, torch.randn(2, 3, 8, 8), layer="body.conv1", method="closed_form")
-    with pytest.raises(UserError):  # not a spatial layer
-        grad_cam(model, torch.randn(2, 3, 8, 8), layer="fc", method="autograd")
+    with pytest.raises(UserError, match="spatial layer"):
+        CamExtractor(model, "fc", "autograd").layer_cams(torch.randn(2, 3, 8, 8))
 
 
 @pytest.mark.parametrize("layer", ["body.conv1", "body.bn1"])
@@ -157,7 +155,7 @@ def test_autograd_on_earlier_layer(layer):
     model = _trained_bn_model(2)
     x = torch.randn(3, 3, 8, 8)
     y = torch.tensor([1, 2, 3])
-    cam = grad_cam(model, x, y, layer=layer)
+    cam = CamExtractor(model, layer).layer_cams(x, y)
     assert cam.shape == (3, 8, 8)
     assert torch.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
     # bn1 feeds an in-place ReLU: the captured activation must still be the pre-ReLU output.
@@ -194,8 +192,8 @@ def test_autograd_on_earlier_layer(layer):
 def test_no_side_effects_on_parameters_and_hooks():
     model = _trained_bn_model(3)
     x = torch.randn(4, 3, 8, 8)
-    grad_cam(model, x, torch.tensor([0, 1, 2, 3]), method="autograd")
-    grad_cam(model, x, layer="body.conv2", method="autograd")
+    CamExtractor(model, method="autograd").layer_cams(x, torch.tensor([0, 1, 2, 3]))
+    CamExtractor(model, "body.conv2", "autograd").layer_cams(x)
     features_and_cams(model, x)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
@@ -203,9 +201,9 @@ def test_no_side_effects_on_parameters_and_hooks():
     # Frozen parameters: autograd still works and nothing is left changed.
     for p in model.parameters():
         p.requires_grad_(False)
-    cam = grad_cam(model, x, torch.tensor([0, 1, 2, 3]), method="autograd")
-    torch.testing.assert_close(cam, grad_cam(model, x, torch.tensor([0, 1, 2, 3]), method="closed_form"),
-                               atol=1e-5, rtol=0)
+    targets = torch.tensor([0, 1, 2, 3])
+    cam = CamExtractor(model, method="autograd").layer_cams(x, targets)
+    torch.testing.assert_close(cam, CamExtractor(model, method="closed_form").layer_cams(x, targets), atol=1e-5, rtol=0)
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
@@ -214,14 +212,15 @@ def test_mode_restored_on_exception_and_inside_no_grad():
     x = torch.randn(2, 3, 8, 8)
     for method in ("closed_form", "autograd"):
         with pytest.raises(UserError):
-            grad_cam(model, x, torch.tensor([0, 99]), method=method)  # label out of range
+            CamExtractor(model, method=method).layer_cams(x, torch.tensor([0, 99]))  # label out of range
         assert model.training and model.body.bn1.training
+    autograd = CamExtractor(model, method="autograd")
     with torch.no_grad():
-        a = grad_cam(model, x, torch.tensor([0, 1]), method="autograd")
+        a = autograd.layer_cams(x, torch.tensor([0, 1]))
     with torch.inference_mode():
-        b = grad_cam(model, x.clone(), torch.tensor([0, 1]), method="autograd")
+        b = autograd.layer_cams(x.clone(), torch.tensor([0, 1]))
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, grad_cam(model, x, torch.tensor([0, 1])), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, CamExtractor(model).layer_cams(x, torch.tensor([0, 1])), atol=1e-5, rtol=0)
 
 
 def test_features_and_cams_one_pass():
@@ -236,7 +235,7 @@ def test_features_and_cams_one_pass():
     with torch.no_grad():
         torch.testing.assert_close(fmap, model.features(x))
         torch.testing.assert_close(logits, model(x))
-    torch.testing.assert_close(cam, grad_cam(model, x, y, method="autograd"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cam, CamExtractor(model, method="autograd").layer_cams(x, y), atol=1e-5, rtol=0)
     fmap_g, _, logits_g = features_and_cams(model, x, y, with_grad=True)
     assert fmap_g.requires_grad and logits_g.requires_grad
 
@@ -272,18 +271,18 @@ def test_extractor_closed_form_equals_autograd_at_the_cam_layer():
     model = _trained_bn_model(6)
     x = torch.randn(7, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 4, 0, 1])
-    f1, c1, l1 = CamExtractor(model, method="closed_form")(x, y)
-    f2, c2, l2 = CamExtractor(model, method="autograd")(x, y)
+    closed_form, autograd = CamExtractor(model, method="closed_form"), CamExtractor(model, method="autograd")
+    f1, c1, l1 = closed_form(x, y)
+    f2, c2, l2 = autograd(x, y)
     assert model.training and model.body.bn1.training
     assert f1.shape == (7, 8, 4, 4) and c1.shape == (7, 4, 4) and l1.shape == (7, 5)
     assert torch.equal(f1, f2) and not f2.requires_grad and not l2.requires_grad
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(c1, c2, atol=1e-5, rtol=0)
-    # grad_cam is the same machinery: identical maps at the layer's own resolution
-    assert torch.equal(grad_cam(model, x, y, method="closed_form"), c1)
-    assert torch.equal(grad_cam(model, x, y, method="autograd"), c2)
+    # at the CAM layer, layer_cams gives the very maps of a call (the layer's own resolution)
+    assert torch.equal(closed_form.layer_cams(x, y), c1)
+    assert torch.equal(autograd.layer_cams(x, y), c2)
     # targets=None -> the predicted class
-    autograd = CamExtractor(model, method="autograd")
     assert torch.equal(autograd(x)[1], autograd(x, l1.argmax(1))[1])
     assert all(p.grad is None for p in model.parameters())
 
@@ -314,7 +313,7 @@ def test_extractor_resizes_other_layers_to_the_cam_layer(layer):
     fmap, cam, logits = ex(x, y)
     assert model.training
     own = ex.layer_cams(x, y)
-    assert own.shape == (5, 8, 8) and torch.equal(own, grad_cam(model, x, y, layer=layer))
+    assert own.shape == (5, 8, 8)
     assert cam.shape == (5, 4, 4) and fmap.shape == (5, 8, 4, 4)
     assert torch.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
     resized = F.interpolate(own[:, None], size=(4, 4), mode="bilinear", align_corners=False)

@@ -1,13 +1,14 @@
-"""The package layering of docs/ARCHITECTURE.md, read from the module-level imports (no imports run):
-scripts -> analysis -> engine -> fsa / models / datasets -> utils, and no import cycle."""
+"""The package layering of docs/ARCHITECTURE.md, read from the imports (no imports run): scripts -> app ->
+analysis -> engine -> fsa / models / datasets -> utils, counting the imports inside functions too (a
+deferred import still ties the packages together); no import cycle between modules nor between packages."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("utils", "datasets", "models", "fsa", "engine", "analysis")
-# what each package may import at module level (besides itself)
+PACKAGES = ("utils", "datasets", "models", "fsa", "engine", "analysis", "app")
+# what each package may import (besides itself)
 ALLOWED = {
     "utils": set(),
     "models": {"utils"},
@@ -15,6 +16,7 @@ ALLOWED = {
     "fsa": {"utils", "models", "datasets"},
     "engine": {"utils", "models", "datasets", "fsa"},
     "analysis": {"utils", "engine"},
+    "app": {"utils", "models", "datasets", "fsa", "engine", "analysis"},
 }
 
 
@@ -23,63 +25,103 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def top_level_imports(path: Path, *, inside_functions: bool = False) -> set[str]:
-    """Project modules imported at module level (not under TYPE_CHECKING), and with `inside_functions`
-    also those imported inside functions (deferred imports still tie the modules together)."""
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except those under an `if TYPE_CHECKING:` (annotations only, never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def imported_modules(path: Path, *, inside_functions: bool = True) -> set[str]:
+    """Project modules `path` imports when it runs: at module level, and with `inside_functions` also inside
+    functions and classes (not under TYPE_CHECKING)."""
     found = set()
     tree = ast.parse(path.read_text())
-    for node in (ast.walk(tree) if inside_functions else tree.body):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        for sub in ([node] if isinstance(node, (ast.Import, ast.ImportFrom)) else []):
-            names = [a.name for a in sub.names] if isinstance(sub, ast.Import) else [sub.module or ""]
-            if isinstance(sub, ast.ImportFrom) and sub.module in PACKAGES:  # from utils import distributed
-                names += [f"{sub.module}.{a.name}" for a in sub.names]
+    for node in (_runtime_nodes(tree) if inside_functions else tree.body):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and node.module in PACKAGES:  # from utils import distributed
+                names += [f"{node.module}.{a.name}" for a in node.names]
             found |= {n for n in names if n.split(".")[0] in PACKAGES}
     return found
 
 
-def project_modules(*, inside_functions: bool = False) -> dict[str, set[str]]:
+def project_modules(*, inside_functions: bool = True) -> dict[str, set[str]]:
     modules = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        graph[name] = {m for m in top_level_imports(path, inside_functions=inside_functions)
+        graph[name] = {m for m in imported_modules(path, inside_functions=inside_functions)
                        if m in modules and m != name}
     return graph
 
 
+def package_graph(modules: dict[str, set[str]]) -> dict[str, set[str]]:
+    """package -> the other packages its modules import."""
+    graph = {package: set() for package in PACKAGES}
+    for name, deps in modules.items():
+        graph[name.split(".")[0]] |= {d.split(".")[0] for d in deps} - {name.split(".")[0]}
+    return graph
+
+
 def test_packages_import_only_the_layers_below_them():
+    """Module-level imports and those inside functions alike."""
     wrong = [f"{name} imports {dep}" for name, deps in project_modules().items() for dep in deps
              if dep.split(".")[0] != name.split(".")[0] and dep.split(".")[0] not in ALLOWED[name.split(".")[0]]]
     assert not wrong, wrong
 
 
-def test_no_import_cycle():
-    """No cycle, counting the imports inside functions too (a deferred import only hides a cycle)."""
-    graph = project_modules(inside_functions=True)
+def test_engine_imports_neither_the_report_nor_the_app():
+    graph = package_graph(project_modules())
+    assert not graph["engine"] & {"analysis", "app"} and not graph["analysis"] & {"app"}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}  # 1 visiting, 2 done
 
-    def visit(node: str, trail: list[str]) -> None:
+    def visit(node: str, trail: list[str]) -> list[str] | None:
         if state.get(node) == 1:
-            pytest.fail("import cycle: " + " -> ".join(trail[trail.index(node):] + [node]))
+            return trail[trail.index(node):] + [node]
         if state.get(node) == 2:
-            return
+            return None
         state[node] = 1
         for dep in sorted(graph[node]):
-            visit(dep, trail + [node])
+            if cycle := visit(dep, trail + [node]):
+                return cycle
         state[node] = 2
+        return None
 
-    for node in sorted(graph):
-        visit(node, [])
+    return next((c for node in sorted(graph) if (c := visit(node, []))), None)
+
+
+def test_no_import_cycle():
+    """No cycle of modules, counting the imports inside functions too (a deferred import only hides a cycle),
+    and none of packages (a package circle that no single pair of modules shows)."""
+    modules = project_modules()
+    for graph in (modules, package_graph(modules)):
+        if cycle := _find_cycle(graph):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
 
 
 def test_the_checker_sees_a_cycle(monkeypatch):
     """The cycle check is not vacuous: the old engine.phase_iii <-> phase_iii_features pair is caught."""
-    graph = project_modules(inside_functions=True)
+    graph = project_modules()
     graph["engine.phase_iii"] = graph["engine.phase_iii"] | {"engine.phase_iii_features"}
     monkeypatch.setitem(globals(), "project_modules", lambda **_: graph)
     with pytest.raises(pytest.fail.Exception, match="import cycle"):
         test_no_import_cycle()
+
+
+def test_the_checkers_see_a_deferred_import_and_a_package_circle(tmp_path):
+    """An import inside a function counts, one under TYPE_CHECKING does not, and a circle of packages is a
+    cycle even when no two modules import each other."""
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from analysis.rows import Row\n"
+                      "def f():\n    from analysis import report\n")
+    assert imported_modules(source) == {"analysis", "analysis.report"}
+    assert _find_cycle(package_graph({"engine.a": {"analysis.b"}, "analysis.b": {"engine.c"}, "engine.c": set()}))
 
 
 def test_every_output_folder_is_ignored_by_git():
@@ -88,12 +130,12 @@ def test_every_output_folder_is_ignored_by_git():
     import shutil
     import subprocess
 
-    from engine.methods import METHODS, phase_ii_folder
-    from utils.run_dir import RunPaths
+    from engine.methods import METHODS
+    from utils.layout import RunPaths
 
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    phases = {arm.folder for arm in METHODS.arms()} | {phase_ii_folder(m) for m in METHODS.stage("phase_i")}
+    phases = {arm.folder for arm in METHODS.arms()} | {m.phase_ii_folder for m in METHODS.backbones()}
     paths = {str(folder.relative_to(ROOT) / "x") for phase in phases
              for folder in RunPaths(phase, "cfg", "note", ROOT).folders}
     paths |= {"reports/cfg/ablation.md", "visualizations/cfg/note/x.png"}

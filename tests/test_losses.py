@@ -1,4 +1,5 @@
-"""Phase I losses against hand-computed values, and their phase I methods (own run folders)."""
+"""Phase I losses and re-weighting schedules against hand-computed values, and their phase I methods (own run
+folders)."""
 import json
 import math
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import LOSSES, build_loss, class_balanced_weights, drw_start, ldam_margins
+from engine.losses import LOSSES, build_loss, class_balanced_weights, ldam_margins
+from engine.reweighting import build_reweighting, drw_start
 from models import build_classifier
 from utils.config import load_config
 from engine.methods import METHODS
@@ -43,15 +45,18 @@ def _phase_i_cfg(*opts: str) -> dict:
 
 
 def test_every_loss_is_a_phase_i_method_with_its_own_folder():
-    assert {dict(m.settings).get("train.loss", "ce") for m in METHODS.stage("phase_i")} == set(LOSSES)
+    assert {dict(m.settings).get("train.loss", "ce") for m in METHODS.backbones()} == set(LOSSES)
     assert METHODS.phase_i(_phase_i_cfg()).folder == "phase_i"
     for loss in set(LOSSES) - {"ce"}:
-        method = next(m for m in METHODS.stage("phase_i") if dict(m.settings).get("train.loss") == loss)
+        method = next(m for m in METHODS.backbones() if dict(m.settings).get("train.loss") == loss)
         assert METHODS.phase_i(_phase_i_cfg(*method.selecting_opts())) is method  # its own opts select it
-        assert method.folder == f"phase_i-{loss}" and method.group == "losses" and method.versus_baseline
+        # its own folder, named after the loss (ldam: ldam_drw, the loss with train.reweight=drw)
+        assert method.folder == f"phase_i-{method.id}" and method.id.startswith(loss)
+        assert method.group == "losses" and method.versus_baseline
         assert f"--opts train.loss={loss}" in method.command("smoke", "default")
     # a combination no method trains names the methods and their settings
-    with pytest.raises(UserError, match="No phase I method .* trains train.loss=focal, model.classifier=cosine"):
+    with pytest.raises(UserError,
+                       match="No phase I method .* trains train.loss=focal, train.reweight=none, model.classifier=cosine"):
         METHODS.phase_i(_phase_i_cfg("train.loss=focal", "model.classifier=cosine"))
 
 
@@ -60,32 +65,39 @@ def test_ldam_margins_and_deferred_weights_by_hand():
     margins = ldam_margins(counts, 0.5)
     # n^-1/4 = 0.3162, 0.5, 1 -> scaled so that the rarest class gets 0.5
     torch.testing.assert_close(margins, torch.tensor([0.5 * 100 ** -0.25, 0.5 * 16 ** -0.25, 0.5]))
-    loss = build_loss("ldam_drw", counts, scale=30.0, ldam_max_margin=0.5, drw_epoch=3, cb_beta=0.99)
+    loss = build_loss("ldam", counts, scale=30.0, ldam_max_margin=0.5)
+    drw = build_reweighting("drw", counts, drw_epoch=3, cb_beta=0.99)
     logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 0])
     shifted = logits.clone()
     shifted[torch.arange(5), target] -= 30.0 * margins[target]  # s * m_y off the true class's logit only
-    loss.set_epoch(2)  # before drw_epoch: unweighted
+    loss.set_class_weights(drw(2))  # before drw_epoch: unweighted
     torch.testing.assert_close(loss(logits, target), F.cross_entropy(shifted, target))
-    loss.set_epoch(3)  # from drw_epoch on: the effective-number weights
+    loss.set_class_weights(drw(3))  # from drw_epoch on: the effective-number weights
     weights = class_balanced_weights(counts, 0.99)
     torch.testing.assert_close(loss(logits, target), F.cross_entropy(shifted, target, weight=weights))
 
 
 def test_ldam_default_drw_epoch_is_80_percent_of_the_epochs():
     assert drw_start({"drw_epoch": None, "epochs": 200}) == 160 and drw_start({"drw_epoch": 7, "epochs": 200}) == 7
-    assert build_loss("ldam_drw", [5, 1], epochs=10).drw_epoch == 8
+    drw = build_reweighting("drw", [5, 1], epochs=10)  # drw_epoch null: from epoch 8 of 10 on
+    assert drw(7) is None and torch.equal(drw(8), class_balanced_weights([5, 1], 0.9999))
 
 
 def test_ldam_needs_the_fixed_scale_normed_classifier():
     with pytest.raises(UserError, match="model.classifier=normed model.scale=30 model.learn_scale=false"):
-        _phase_i_cfg("train.loss=ldam_drw")
+        _phase_i_cfg("train.loss=ldam")
     with pytest.raises(UserError, match="model.classifier=normed"):  # the biased cosine of CosineCE does not do
-        _phase_i_cfg("train.loss=ldam_drw", "model.classifier=cosine", "model.scale=30", "model.learn_scale=false")
+        _phase_i_cfg("train.loss=ldam", "model.classifier=cosine", "model.scale=30", "model.learn_scale=false")
     ldam = METHODS.get("ldam_drw")
     cfg = _phase_i_cfg(*ldam.selecting_opts())
     assert METHODS.phase_i(cfg) is ldam and cfg["model"]["classifier"] == "normed"
     assert cfg["model"]["scale"] == 30.0 and cfg["model"]["learn_scale"] is False
+    assert (cfg["train"]["loss"], cfg["train"]["reweight"]) == ("ldam", "drw")
     assert METHODS.phase_i(_phase_i_cfg("model.classifier=cosine")).id == "cosine_ce"
+    # the loss's old name, which held the re-weighting too, names the new spelling
+    with pytest.raises(UserError,
+                       match="train.loss=ldam_drw was renamed: LDAM-DRW is train.loss=ldam train.reweight=drw"):
+        _phase_i_cfg("train.loss=ldam_drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,11 +197,12 @@ def test_ldam_drw_on_the_normed_classifier_matches_the_release():
     x, w = features.numpy(), fc.weight.detach().numpy().T
     cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0, keepdims=True))
     np.testing.assert_allclose(logits.numpy(), s * cos, rtol=1e-12)
-    loss = build_loss("ldam_drw", counts, scale=s, ldam_max_margin=max_m, drw_epoch=160, cb_beta=0.9999)
-    loss.set_epoch(159)  # the release: idx = epoch // 160 -> betas[0] = 0 -> all-one weights
+    loss = build_loss("ldam", counts, scale=s, ldam_max_margin=max_m)
+    deferred = build_reweighting("drw", counts, drw_epoch=160, cb_beta=0.9999)
+    loss.set_class_weights(deferred(159))  # the release: idx = epoch // 160 -> betas[0] = 0 -> all-one weights
     assert math.isclose(float(loss(logits, target)), release_ldam(cos, target.numpy(), counts, max_m, s, None),
                         rel_tol=1e-6)  # (margins are float32)
-    loss.set_epoch(160)  # betas[1] = 0.9999, weighted CE averaged by the batch's sum of weights
+    loss.set_class_weights(deferred(160))  # betas[1] = 0.9999, weighted CE averaged by the batch's sum of weights
     drw = release_cb_weights(counts, 0.9999)
     assert math.isclose(float(loss(logits, target)), release_ldam(cos, target.numpy(), counts, max_m, s, drw),
                         rel_tol=1e-6)
@@ -197,7 +210,7 @@ def test_ldam_drw_on_the_normed_classifier_matches_the_release():
     one = torch.tensor([[0.2, 0.1, 0.9]], dtype=torch.float64) * s
     shifted = [6.0, 3.0, 27.0 - 15.0]
     by_hand = -(shifted[2] - math.log(sum(math.exp(v) for v in shifted)))
-    loss.set_epoch(0)
+    loss.set_class_weights(deferred(0))
     assert math.isclose(float(loss(one, torch.tensor([2]))), by_hand, rel_tol=1e-9)
 
 

@@ -171,7 +171,7 @@ def _scaled_run(folder: Path, total: int, *, stop_before: int | None = None, res
     from engine.loops import StepResult, TrainingTask, fit
     from engine.metrics import SCALAR_KEYS
     from engine.recorder import start_recording
-    from utils.run_dir import RunPaths
+    from utils.layout import RunPaths
 
     class Task(TrainingTask):
         step_name = "epoch"

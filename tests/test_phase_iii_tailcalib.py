@@ -73,7 +73,7 @@ def _test_features_offline(cwd: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _predict(ckpt: dict, pooled: torch.Tensor) -> torch.Tensor:
     """Independent of the runner: the library's transform, then the stored linear layer."""
-    from fsa.generators.tailcalib import tukey_transform
+    from fsa.generators.tailcalib_api import tukey_transform
 
     t = ckpt["feature_transform"]
     z = tukey_transform(pooled, t["tukey"], eps=t["eps"], normalize=t["normalize"])

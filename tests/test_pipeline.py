@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import pipeline
+from app import pipeline
 from engine.methods import METHODS
 from tests.helpers import run_main_in_process, run_script
 from utils.cli import RunSpec
@@ -214,9 +214,9 @@ def test_plan_is_the_method_table_in_order():
     assert [s.method.id for s in steps if s.kind != "phase_ii" and s.method] == [m.id for m in METHODS if "fsa" in m.suites]
     full = pipeline.plan_steps("full")
     # the chain on the CE backbone first (with LWS and cRT), then the other phase I methods (CBD: tailcalibx only)
-    variants = [m.id for m in METHODS.stage("phase_i") if m.id not in ("ce", "cbd")]
+    variants = [m.id for m in METHODS.backbones() if m.id not in ("ce", "cbd")]
     assert [s.method.id for s in full if s.kind != "phase_ii" and s.method] == [
-        "ce", *(m.id for m in METHODS.stage("phase_iii")), *variants]
+        "ce", *(m.id for m in METHODS.phase_iii_methods()), *variants]
     assert variants == ["focal", "class_balanced", "balanced_softmax", "la_loss", "ldam_drw", "cosine_ce"]
     assert [s.kind for s in full].count("phase_ii") == 1  # full trains no phase III arm off CE
     focal = next(s for s in full if s.method and s.method.id == "focal")
@@ -224,7 +224,7 @@ def test_plan_is_the_method_table_in_order():
     assert pipeline.step_opts(focal, {"phase_i": ["seed=1"]}) == ["seed=1", "train.loss=focal"]
     ldam = next(s for s in full if s.method and s.method.id == "ldam_drw")
     assert pipeline.step_opts(ldam, {"phase_i": []}) == [
-        "train.loss=ldam_drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false"]
+        "train.loss=ldam", "train.reweight=drw", "model.classifier=normed", "model.scale=30", "model.learn_scale=false"]
     assert pipeline.step_opts(full[0], {"phase_i": ["seed=1"]}) == ["seed=1"]
     with pytest.raises(UserError, match="--suite"):
         pipeline.route_opts(["train.loss=focal"], seeded=False)
@@ -273,7 +273,7 @@ def test_visualize_is_done_only_with_a_complete_record(tmp_path, monkeypatch):
 
 
 def test_data_step_only_for_missing_fashion_mnist(monkeypatch, capsys):
-    import datasets.fashion_mnist as fm
+    import app.data_install as fm
 
     calls = []
     monkeypatch.setattr(fm.subprocess, "run", lambda *a, **k: calls.append(a))

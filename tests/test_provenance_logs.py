@@ -13,13 +13,13 @@ from tqdm import tqdm
 from engine import loops
 from engine.loops import PlainProgress, progress_display
 from engine.methods import METHODS
-from engine.pipeline import Step, skip_notes, step_opts
+from app.pipeline import Step, skip_notes, step_opts
 from engine.recorder import open_run, saved_config_differences
 from tests.helpers import REPO, script_command, script_env
 from utils import device, provenance
 from utils.config import dump_config, load_config
 from utils.errors import UserError
-from utils.run_dir import RunPaths
+from utils.layout import RunPaths
 
 PIPED_OPTS = ("train.epochs=1", "dataset.synthetic.train_per_class=20", "dataset.synthetic.test_per_class=6")
 PROVENANCE_KEYS = {"git_commit", "git_dirty", "command", "python", "torch", "torchvision", "cuda", "cudnn", "device",

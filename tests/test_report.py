@@ -212,7 +212,7 @@ def test_paired_differences_and_t_intervals_against_a_hand_computation(tmp_path)
 
 
 def test_t_critical_values():
-    from analysis.report import t_critical_95
+    from analysis.stats import t_critical_95
 
     assert t_critical_95(1) == pytest.approx(12.7062, abs=1e-4)
     assert t_critical_95(30) == pytest.approx(2.0423, abs=1e-4)
@@ -382,6 +382,29 @@ def test_a_recorded_checkpoint_path_that_moved_is_checked_as_phase_iii_does(tmp_
     build_report(CONFIG, ["default"], tmp_path, echo=False)
 
 
+def test_phase_iii_runs_of_an_upstream_note_are_checked_against_that_notes_phase_i(tmp_path):
+    """A sweep point's phase III runs (``--upstream-note``) read the phase I / II of the base note: the check
+    follows the recorded ``upstream_note``, so they pair until that phase I run changes, and the fix reruns
+    them with the same --upstream-note."""
+    checkpoint = write_chain(tmp_path, "seed0")
+    for phase in ("phase_iii_offline", "phase_iii_offline-none"):
+        base = json.loads((tmp_path / "checkpoints" / phase / CONFIG / "seed0/results.json").read_text())
+        point = write_results(tmp_path, phase, "point1", top1=71.0)
+        point.write_text(json.dumps({**json.loads(point.read_text()), "upstream_note": "seed0",
+                                     "phase_i_checkpoint": base["phase_i_checkpoint"],
+                                     "phase_i_checkpoint_sha256": base["phase_i_checkpoint_sha256"]}))
+    build_report(CONFIG, ["point1"], tmp_path, echo=False)  # no phase I / II of its own: read those of seed0
+    checkpoint.write_bytes(b"phase I weights, retrained")
+    with pytest.raises(UserError) as error:
+        build_report(CONFIG, ["point1"], tmp_path, echo=False)
+    message = str(error.value)
+    assert message.startswith("2 phase III run(s) no longer pair")
+    assert ("Note 'point1' (its phase III runs read the phase I / II of note 'seed0'), phase I checkpoint "
+            f"{checkpoint.resolve()}: phase II outputs were made from a different phase I checkpoint") in message
+    assert (f"python phase_iii_offline_train_or_test.py --config {CONFIG} --note point1 --upstream-note seed0 "
+            f"--overwrite.") in message
+
+
 def test_runs_with_other_data_model_or_class_counts_are_refused(fake_runs):
     for note in NOTES:
         write_config(fake_runs, "phase_i", note, seed=int(note[-1]))  # the seed may differ
@@ -440,8 +463,8 @@ def test_each_note_set_has_its_own_report_folder(fake_runs):
 
 
 def test_a_long_note_set_is_a_readable_prefix_and_a_hash():
-    from analysis.report import notes_folder
-    from utils.run_dir import MAX_NAME_LENGTH
+    from utils.layout import notes_folder
+    from utils.layout import MAX_NAME_LENGTH
 
     notes = [f"experiment-with-a-long-name-seed{i}" for i in range(10)]
     name = notes_folder(notes)

@@ -18,8 +18,10 @@ from utils.checkpoint import save_checkpoint
 from utils.cli import script_command as user_command
 from utils.errors import UserError
 from utils import run_dir
-from utils.run_dir import (RunPaths, check_run_name, lock_run, open_pending, prepare_run, recover_replaced,
-                           release_locks, remove_run_folder, restore_replaced, run_started, write_json_atomic)
+from utils.json_files import write_json_atomic
+from utils.layout import RunPaths, check_run_name
+from utils.run_dir import open_pending, prepare_run, recover_replaced, remove_run_folder, restore_replaced, run_started
+from utils.run_lock import lock_run, release_locks
 
 PHASE_I = "phase_i_train_or_test.py"
 SMOKE = ["--config", "smoke", "--device", "cpu"]
@@ -220,7 +222,7 @@ def test_lock_is_per_run_and_reentrant_in_one_process(tmp_path):
     a, b = RunPaths("phase_i", "c", "a", tmp_path), RunPaths("phase_i", "c", "b", tmp_path)
     lock_run(a)
     lock_run(a)  # the pipeline runs several steps of one run in one process
-    code = ("import sys; from pathlib import Path; from utils.run_dir import RunPaths, lock_run\n"
+    code = ("import sys; from pathlib import Path; from utils.layout import RunPaths; from utils.run_lock import lock_run\n"
             "from utils.errors import UserError\n"
             f"lock_run(RunPaths('phase_i', 'c', 'b', Path({str(tmp_path)!r})))\n"
             f"try:\n    lock_run(RunPaths('phase_i', 'c', 'a', Path({str(tmp_path)!r})))\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import sweep
+from app import sweep
 from tests.helpers import run_main_in_process
 from utils.errors import UserError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fsa.generators.tailcalib as tc
-from fsa.generators.tailcalib import TailCalibGenerator, generate, tukey_transform
+from fsa.generators.tailcalib_api import TailCalibGenerator, generate, tukey_transform
 from utils.errors import UserError
 from tests.helpers import quiet
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import fsa.generators.tailcalib as tc
-from fsa.generators.tailcalib import TailCalib, TailCalibGenerator, generate, tukey_transform
+import fsa.generators.tailcalib_dropin as tc
+from fsa.generators.tailcalib_api import TailCalibGenerator, generate, tukey_transform
+from fsa.generators.tailcalib_dropin import TailCalib
 from utils.errors import UserError
 
 COUNTS = (9, 5, 3, 2)  # labels 0..3, as the release expects

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from utils import distributed, run_dir
+from utils import distributed, layout, run_dir, run_lock
 from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_text, load_config
 from utils.errors import UserError
 
@@ -63,7 +63,7 @@ class VisualizeSpec(RunSpec):
 
 class ScriptParser(argparse.ArgumentParser):
     """The parser of every top-level script. Every script takes --output-root, which becomes the process's
-    output root as the arguments are parsed (`run_dir.set_output_root`), so every path after it follows.
+    output root as the arguments are parsed (`layout.set_output_root`), so every path after it follows.
     A script with a config also takes --print-config: print that resolved config (`print_config` of the
     parsed arguments, YAML) and exit 0 without touching a file, as --help does."""
 
@@ -71,7 +71,7 @@ class ScriptParser(argparse.ArgumentParser):
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.add_argument("--output-root", metavar="DIR",
                           help=f"folder of all outputs (checkpoints/, run_summary/, features*/, visualizations/, "
-                               f"reports/); default ${run_dir.OUTPUT_ROOT_ENV}, else the working directory")
+                               f"reports/); default ${layout.OUTPUT_ROOT_ENV}, else the working directory")
         self._print_config = print_config
         if print_config is not None:
             self.add_argument("--print-config", action="store_true",
@@ -79,8 +79,8 @@ class ScriptParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None) -> argparse.Namespace:  # type: ignore[override]
         parsed = super().parse_args(args, namespace)
-        run_dir.set_output_root(parsed.output_root)
-        run_dir.output_root()  # a bad FSA_LT_OUTPUT_ROOT is named now, before any work
+        layout.set_output_root(parsed.output_root)
+        layout.output_root()  # a bad FSA_LT_OUTPUT_ROOT is named now, before any work
         if self._print_config is not None and parsed.print_config:
             text = self._print_config(parsed)
             if distributed.first_process():  # under torchrun: once
@@ -139,7 +139,7 @@ def _phase_config_text(args: argparse.Namespace) -> str:
 def output_root_args() -> list[str]:
     """`["--output-root", DIR]` when this command's --output-root set the root, for the commands messages
     suggest (a root from FSA_LT_OUTPUT_ROOT or the working directory holds for the next command too)."""
-    given = run_dir.output_root_flag()
+    given = layout.output_root_flag()
     return [] if given is None else ["--output-root", str(given)]
 
 
@@ -223,8 +223,8 @@ def run_cli(main: Callable[[], object]) -> None:
         run_dir.restore_replaced()
         raise
     finally:
-        run_dir.release_locks()
-        run_dir.set_output_root(None)  # the flag is this command's: a caller in the same process starts clean
+        run_lock.release_locks()
+        layout.set_output_root(None)  # the flag is this command's: a caller in the same process starts clean
         distributed.shutdown()
 
 

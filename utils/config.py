@@ -20,7 +20,7 @@ import yaml
 
 from utils.distributed import first_process
 from utils.errors import UserError
-from utils.run_dir import check_run_name
+from utils.layout import check_run_name
 from utils.schema import MOVED_KEYS, SCHEMAS, Field, fit_schedule, validate_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

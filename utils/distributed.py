@@ -8,8 +8,8 @@ every helper here is then a no-op or the identity, so single-process runs take t
 Who does what:
 - rank 0 alone writes run folders, logs, TensorBoard, checkpoints, results (see :func:`on_main`);
 - decisions taken on rank 0 (run mode, errors) are broadcast so every rank takes the same branch;
-- evaluation shards the test set into contiguous, non-overlapping ranges (:func:`shard_range`) and
-  gathers the predictions, so no sample is counted twice (unlike a padded ``DistributedSampler``).
+- evaluation shares the test set's batches among the ranks (:func:`interleaved_batches`) and gathers
+  the predictions, so no sample is counted twice (unlike a padded ``DistributedSampler``).
 """
 from __future__ import annotations
 
@@ -208,14 +208,6 @@ def gather_parts(rows: torch.Tensor) -> list[torch.Tensor] | None:
     if not ctx.is_main:
         return None
     return [p[:n].to(rows.device) for p, n in zip(parts, sizes)]
-
-
-def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
-    """Rank ``rank``'s contiguous share of ``range(n)``; the shares partition it (sizes differ by <= 1)."""
-    ctx = context()
-    rank = ctx.rank if rank is None else rank
-    world_size = ctx.world_size if world_size is None else world_size
-    return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
 def interleaved_batches(n: int, batch_size: int, rank: int | None = None,

@@ -16,6 +16,7 @@ import copy
 import importlib
 import math
 from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 from utils.errors import UserError
@@ -119,6 +120,8 @@ class Field:
             self._check_number(number, path)
         allowed = self.allowed()
         if allowed is not None and value not in allowed:
+            if (path, value) in RENAMED_VALUES:
+                raise UserError(f"{path}={value} was renamed: {RENAMED_VALUES[path, value]}.")
             raise UserError(f"Config key '{path}' must be one of {', '.join(map(str, allowed))}; got {value!r}.")
         return copy.deepcopy(value)
 
@@ -185,15 +188,29 @@ def fraction(default: float, *, open_low: bool = True, open_high: bool = True, *
     return F(default, float, **bounds, **kw)
 
 
-# datasets.AVAILABLE_DATASETS and datasets.AUGMENT_POLICIES are these
-DATASET_NAMES = ("synthetic-LT", "fashion-mnist-LT", "cifar10-LT", "cifar100-LT", "list", "image-folder")
+@dataclass(frozen=True, eq=False)
+class Section:
+    """A phase III method family's own config section (``engine.methods``: a method's ``section``):
+    its fields, what it is for (``--help``), and an optional check of its values that involves more than
+    one field's range (``check(values)`` raises a UserError)."""
+
+    name: str
+    fields: dict
+    doc: str = ""
+    check: Callable[[dict], None] | None = None
+
+    def defaults(self) -> dict:
+        return defaults(self.fields)
+
+
+# datasets.AUGMENT_POLICIES is this
 # `dataset.augment`: auto picks per dataset (in memory: crop_flip; files: by image size), none switches
 # phase I's augmentation off, crop_flip is a zero-padded random crop (CIFAR-style), resized_crop
 # ImageNet's random-resized crop (file datasets only); the old booleans stay valid (true = auto, false = none)
 AUGMENT_POLICIES = ("auto", "none", "crop_flip", "resized_crop")
 
 DATASET = {
-    "name": F("synthetic-LT", str, choices=DATASET_NAMES),
+    "name": F("synthetic-LT", str, choices=registry_choices("datasets", "DATASETS")),
     "root": F(None, str, nullable=True),
     "download": F(True),
     "imbalance": F(100.0, float, ge=1.0),
@@ -241,7 +258,7 @@ PHASE_I = {
     "phase": F("train", choices=("train", "test")),
     "dataset": DATASET,
     "model": {
-        "arch": F("resnet32"),
+        "arch": F("resnet32", choices=registry_choices("models", "MODELS")),
         # linear: nn.Linear; cosine: the TailCalibX release's CosineDotProduct_Classifier (CosineCE, CBD):
         # scale * normalize(feature) @ W normalised per feature over the classes + bias; normed: the LDAM-DRW
         # release's NormedLinear (ldam_drw): scale * cos(feature, class weight), no bias (models.base.CosineClassifier)
@@ -261,16 +278,18 @@ PHASE_I = {
         "gamma": F(0.1, float, gt=0, le=1),
         "warmup_epochs": F(0.0, float, ge=0),  # at most train.epochs (validate_values)
         "loss": F("ce", choices=registry_choices("engine.losses", "LOSSES")),
+        # per-class loss weights by epoch, for any loss (engine.reweighting): none; drw = unweighted, then the
+        # class-balanced weights (cb_beta) from epoch drw_epoch on (null: 80% of the epochs, LDAM-DRW's 160 of 200)
+        "reweight": F("none", choices=registry_choices("engine.reweighting", "REWEIGHTINGS")),
         # focal: -(1 - p_y)^focal_gamma log p_y (softmax), batch mean; 1 = the LDAM-DRW release's focal baseline (and
         # Cui et al.'s GAMMA=1.0); Lin et al.'s detection setting is 2
         "focal_gamma": F(1.0, float, ge=0),
-        "cb_beta": fraction(0.9999),
+        "cb_beta": fraction(0.9999),  # the effective number's beta of class_balanced and of reweight drw
         # class_balanced: mean = mean of w_y * CE over the batch (Cui et al.'s release); weighted_mean = sum(w_y CE) /
-        # sum(w_y), PyTorch's weighted CE (the LDAM-DRW release's Reweight; ldam_drw's DRW always averages so)
+        # sum(w_y), PyTorch's weighted CE (the LDAM-DRW release's Reweight; every re-weighting schedule averages so)
         "cb_reduction": F("mean", str, choices=registry_choices("engine.losses", "CB_REDUCTIONS")),
         "la_tau": F(1.0, float, ge=0),  # la_loss: CE on logits + la_tau * log(prior) (1.0 = balanced_softmax)
-        # ldam_drw: margins max_margin * (n_min / n_c)^(1/4) on the normed classifier of fixed scale (LDAM: s = 30), and
-        # class-balanced weights (cb_beta) from epoch drw_epoch on (null: 80% of the epochs, the release's 160 of 200)
+        # ldam: margins max_margin * (n_min / n_c)^(1/4) on the normed classifier of fixed scale (LDAM: s = 30)
         "ldam_max_margin": F(0.5, float, gt=0),
         "drw_epoch": F(None, int, nullable=True, ge=0),
         "num_workers": count(0, minimum=0),
@@ -352,66 +371,58 @@ PHASE_III = {
         # map methods: finetune.lr throughout (constant, the paper) or cosine from lr to 0 over finetune.iterations
         "schedule": F("constant", str, choices=("constant", "cosine")),
     },
-    # fsa's fused rows before the classifier sees them (fsa.fusion.match_statistics): none = the paper's rule;
-    # norm = each fused pooled feature rescaled to its class's mean real norm; moments = per dimension to its
-    # class's real mean / std. Real statistics: phase II's store offline, a pass over the training images online.
-    # The control `none` adds real rows, which are left as they are.
-    "fusion": {"match": F("none", str, choices=("none", "norm", "moments"))},
-    "tailcalib": {
-        "tukey": F(1.0, float, ge=0),  # Tukey's ladder exponent; 0 = log
-        "alpha": F(0.0, float, ge=0),
-        "k": count(3),
-        "epochs": count(10),
-        "batch_size": count(256),
-        # TailCalib's own SGD lr; null = finetune.lr (optimizer / nesterov / weight decay come from finetune)
-        "lr": F(None, float, nullable=True, gt=0),
-        # TailCalib's own SGD momentum: the release's 0.7 at imbalance 100 (CIFAR-100-LT; mini-ImageNet-LT too); it
-        # sets 0.0 at imbalance 50 and 0.9 at 10 (run_all_CIFAR100-LT.sh --cv3), which those configs must set
-        "momentum": F(0.7, float, ge=0, lt=1),
-        # the classifier on the transformed features: phase_i = a copy of the phase I classifier (the release loads
-        # the CosineCE / CBD run's classifier, pretrain: true), fresh = newly initialised (this project's earlier choice)
-        "init": F("phase_i", str, choices=("phase_i", "fresh")),
-        # k nearest class means among all classes (the release: a sample's own class usually is one) or others only
-        "neighbours": F("all", str, choices=("all", "others")),
-        # as the release's training code: ridge * I added to every calibrated covariance, and real + generated (and
-        # test) rows L2-normalised again after Tukey's transform
-        "ridge": F(1e-4, float, ge=0),
-        "renormalize": F(True),
-    },
-    # decoupled classifiers (engine/phase_iii_decoupled.py); momentum / weight decay come from finetune.
-    # lws / crt default to the classifier-balancing release (config/ImageNet_LT/cls_crt.yaml, cls_lws.yaml):
-    # SGD lr 0.2 cosine to 0 per epoch, batch 512, class-aware batches of 4 per class, augmented images
-    # through the frozen backbone
-    "decoupled": {
-        "epochs": F(None, int, nullable=True, ge=1),  # null: the release's per method, crt 10, lws 5
-        "batch_size": count(512),
-        "lr": F(0.2, float, gt=0),
-        # cosine: the release's CosineAnnealingLR(T_max=epochs, eta_min=0) stepped before each epoch;
-        # constant: lr throughout
-        "schedule": F("cosine", str, choices=("cosine", "constant")),
-        # class_aware: the release's ClassAwareSampler; independent: every row a uniform class, then a
-        # uniform sample of it, an epoch of as many rows as the training set
-        "sampler": F("class_aware", str, choices=("class_aware", "independent")),
-        "samples_per_class": count(4),  # class_aware: consecutive rows per class visit
-        # augmented: every epoch, pooled features of freshly augmented images of the epoch's rows;
-        # stored: phase II's pooled features of the un-augmented images (seconds, no backbone pass)
-        "features": F("augmented", str, choices=("augmented", "stored")),
-        # la_posthoc / tau_norm: tau is the grid value with the best validation mean class accuracy, or the
-        # fixed tau without a validation split
-        "tau": F(1.0, float, ge=0),
-        "tau_grid": F([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], list, item=float, ge=0),  # not empty
-    },
+    # then the phase III methods' own sections (engine.methods: each method's `section`), see phase_schema
     "eval": {"batch_size": count(256)},
     "accel": ACCEL,
 }
 
-SCHEMAS = {"phase_i": PHASE_I, "phase_ii": PHASE_II, "phase_iii": PHASE_III}
+
+
+def phase_schema(phase: str) -> dict:
+    """The schema of ``phase``; phase III's is :data:`PHASE_III` with the phase III methods' own sections
+    (each :class:`Section` once, in method-table order) after ``finetune``. The table is read when asked
+    (as `registry_choices`): utils does not import engine at import time."""
+    if phase != "phase_iii":
+        return _FIXED_SCHEMAS[phase]
+    sections = importlib.import_module("engine.methods").METHODS.sections()
+    schema: dict = {}
+    for key, spec in PHASE_III.items():
+        schema[key] = spec
+        if key == "finetune":
+            schema.update((section.name, section.fields) for section in sections)
+    return schema
+
+
+class _Schemas(Mapping):
+    """phase -> its schema (:func:`phase_schema`), read when looked up."""
+
+    def __getitem__(self, phase: str) -> dict:
+        if phase not in _FIXED_SCHEMAS and phase != "phase_iii":
+            raise KeyError(phase)
+        return phase_schema(phase)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("phase_i", "phase_ii", "phase_iii"))
+
+    def __len__(self) -> int:
+        return 3
+
+
+_FIXED_SCHEMAS = {"phase_i": PHASE_I, "phase_ii": PHASE_II}
+SCHEMAS = _Schemas()
 
 # keys that left a phase's schema: (phase, old dotted key) -> where the setting lives now. A config
 # file or --opts that still sets one gets this message instead of "unknown key". One line per move.
 MOVED_KEYS: dict[tuple[str, str], str] = {
     ("phase_ii", "split.hr"): "head/tail use one share for every phase, the phase I config's eval.hr "
                               "(set it there or with phase I's --opts eval.hr=...)",
+}
+
+# values that left a key's choices: (dotted key, old value) -> how to say it now. A config file or --opts
+# that still sets one gets this message instead of the list of choices. One line per rename.
+RENAMED_VALUES: dict[tuple[str, str], str] = {
+    ("train.loss", "ldam_drw"): "LDAM-DRW is train.loss=ldam train.reweight=drw (its deferred re-weighting is now "
+                                "a schedule of its own, beside the loss)",
 }
 
 
@@ -439,9 +450,9 @@ def validate_values(cfg: dict, phase: str) -> None:
         _require(t["warmup_epochs"] <= t["epochs"],
                  f"train.warmup_epochs ({t['warmup_epochs']:g}) must be at most train.epochs ({t['epochs']}): a run "
                  f"still warming up at its end never reaches its learning rate.")
-        if t["loss"] == "ldam_drw":
+        if t["loss"] == "ldam":
             _require(cfg["model"]["classifier"] == "normed" and not cfg["model"]["learn_scale"],
-                     "train.loss=ldam_drw puts its margins on the bias-free cosine logits of a fixed scale of the release's "
+                     "train.loss=ldam puts its margins on the bias-free cosine logits of a fixed scale of the release's "
                      "NormedLinear (s = 30): set model.classifier=normed model.scale=30 model.learn_scale=false (the "
                      "ldam_drw method of the pipeline's --suite full does).")
         _require(not cfg["distill"]["enabled"] or cfg["model"]["classifier"] == "cosine",
@@ -452,7 +463,9 @@ def validate_values(cfg: dict, phase: str) -> None:
         s = cfg["split"]
         _require(s["tg"] < s["ts"], f"split thresholds need tg < ts, got ts={s['ts']}, tg={s['tg']}.")
     elif phase == "phase_iii":
-        _require(bool(cfg["decoupled"]["tau_grid"]), "decoupled.tau_grid must list at least one tau.")
+        for section in importlib.import_module("engine.methods").METHODS.sections():
+            if section.check is not None:
+                section.check(cfg[section.name])
 
 
 def fit_schedule(cfg: dict, stated: Callable[[str], bool]) -> str | None:

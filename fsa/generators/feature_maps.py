@@ -5,7 +5,7 @@ fused maps to the real statistics of their class (:func:`fsa.fusion.match_statis
 rows and leaves them as they are, so that the two differ only in the fused rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,6 +28,8 @@ class GeneratorContext:
     match: str = "none"  # fusion.match
     # the real per-class statistics `match` rescales to (set by the runner before training; None: not matching)
     targets: ClassStatistics | None = None
+    # the method's own config section (engine.methods: its `section`), e.g. {"match": ...} for fsa
+    options: dict = field(default_factory=dict)
 
 
 class MapGenerator:

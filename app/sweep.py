@@ -7,7 +7,7 @@ Every grid point (the product of the ``--grid`` values, in the order given) runs
 ``sweep-<point>-seedN`` (``NOTE-sweep-<point>-seedN`` with ``--note NOTE``; without ``--seeds`` the note
 ``sweep-<point>``), e.g. ``sweep-lr0.001_iterations200-seed0``: the method's run and its control's
 (``--control``, default the method's paired control ``Method.control``). Each step goes through the
-pipeline's own step logic (``engine.pipeline.step_state`` / ``step_opts`` / ``skip_notes`` / its runners):
+pipeline's own step logic (``app.pipeline.step_state`` / ``step_opts`` / ``skip_notes`` / its runners):
 a finished run is skipped, an interrupted one resumed, a stale one started again; ``--opts`` that an
 existing run of a note would ignore is refused (``pipeline.check_existing_runs``).
 
@@ -43,14 +43,15 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from engine import pipeline
-from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, Method
-from engine.pipeline import Step
+from app import pipeline
+from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, Method, PhaseIMethod
+from app.pipeline import Step
 from utils import distributed
 from utils.config import (CONFIG_PHASES, close_keys, config_name, config_text, did_you_mean, get_dotted, load_config,
                           parse_opts)
 from utils.errors import UserError
-from utils.run_dir import MAX_NAME_LENGTH, RunPaths, check_run_name, load_results, output_root, write_json_atomic
+from utils.json_files import load_results, write_json_atomic
+from utils.layout import MAX_NAME_LENGTH, Layout, RunPaths, check_run_name, output_root
 from utils.schema import schema_keys
 
 __all__ = ["SweepSpec", "GridKey", "parse_grid", "applies", "plan", "select", "build_report", "run", "sweep_folder"]
@@ -62,11 +63,6 @@ UPSTREAM_PHASES = ("phase_i", "phase_ii")
 # config sections that only some phase III methods read: section -> whether a method reads it. A grid key of
 # such a section collapses for the other arms. Only what the code shows for certain: a wrong entry would
 # give an arm one point where the key changes its runs, a missing one only repeats identical runs.
-SECTION_READERS = {
-    "tailcalib": lambda m: m.kind == "features",    # engine/phase_iii_features.py only
-    "decoupled": lambda m: m.kind == "decoupled",   # engine/phase_iii_decoupled.py only
-    "fusion": lambda m: m.kind == "maps" and m.generator != "none",  # fused rows; the control adds real ones
-}
 # keys the sweep (or the pipeline under it) sets itself, or that change the images a point is scored on
 _DATA_KEYS_ALLOWED = ("dataset.augment", "dataset.flip")  # training augmentation only
 
@@ -184,13 +180,14 @@ def parse_grid(items: list[str], sources: dict[str, str], opts: list[str]) -> li
 def applies(method: Method, key: GridKey) -> bool:
     """Whether runs of ``method`` (on the CE backbone) read grid key ``key``: a phase I method reads phase I
     keys only; a phase III method reads every phase I / II key (through its backbone) and the phase III keys
-    of its sections (``SECTION_READERS``)."""
-    if method.stage == "phase_i":
+    shared by all, and of the method sections only its own (``PhaseIIIMethod.reads``): a key of another
+    method's section collapses for it."""
+    if isinstance(method, PhaseIMethod):
         return "phase_i" in key.phases
     if key.upstream:
         return True
-    reader = SECTION_READERS.get(key.key.split(".", 1)[0])
-    return reader is None or reader(method)
+    section = key.key.split(".", 1)[0]
+    return method.reads(section) or section not in {s.name for s in METHODS.sections()}
 
 
 def _reading_methods(key: GridKey) -> str:
@@ -328,7 +325,7 @@ def _arm_steps(arm: Arm, teachers: int) -> list[Step]:
         teacher = METHODS.arm(arm.method.teacher)
         steps += [Step("phase_i", f"phase I {teacher.label} teacher {k}", teacher, teacher=k)
                   for k in range(1, teachers + 1)]
-    return steps + [Step("phase_i", "phase I" if arm.id == BASELINE else f"phase I {arm.label}", arm)]
+    return steps + [Step("phase_i", "phase I" if arm.backbone.is_baseline else f"phase I {arm.label}", arm)]
 
 
 UPSTREAM_STEPS = (Step("phase_i", "phase I", METHODS.arm(BASELINE)), Step("phase_ii", "phase II", METHODS.arm(BASELINE)))
@@ -412,7 +409,7 @@ def _roles(spec: "SweepSpec") -> list[Role]:
         try:
             return METHODS.get(method_id)
         except KeyError:
-            raise UserError(f"{flag} {method_id}: no such method in the method table (engine/methods.py). The ids: "
+            raise UserError(f"{flag} {method_id}: no such method in the method table (engine/methods/). The ids: "
                             f"{', '.join(ids)}.") from None
 
     method = get(spec.method, "--method")
@@ -420,13 +417,14 @@ def _roles(spec: "SweepSpec") -> list[Role]:
     control_id = method.control if spec.control is None else (None if spec.control == "none" else spec.control)
     if control_id is not None:
         control = get(control_id, "--control")
-        if control.id == method.id:
+        if control is method:
             raise UserError(f"--control {control.id} is the swept method itself; name its control, or --control none.")
         roles.append(Role("control", METHODS.arm(control.id)))
     for other in spec.against:
         against = get(other, "--against")
-        if against.id in (r.id for r in roles):
-            raise UserError(f"--against {against.id}: it is already the sweep's {next(r.role for r in roles if r.id == against.id)}.")
+        taken = next((r.role for r in roles if r.arm.method is against), None)
+        if taken:
+            raise UserError(f"--against {against.id}: it is already the sweep's {taken}.")
         roles.append(Role("against", METHODS.arm(against.id)))
     return roles
 
@@ -569,7 +567,8 @@ def _describe(plan_: Plan) -> None:
 def _expected(plan_: Plan, pending: list[Run], device) -> None:
     """Expected wall time of the pending steps (:mod:`engine.cost`: a probe of this device, each step's work)."""
     from datasets import build_datasets
-    from engine.cost import Sizes, approx_seconds, probe_rates, step_work
+    from engine.cost import approx_seconds, probe_rates, step_work
+    from engine.workload import Sizes
 
     phase_i_cfg = load_config(plan_.sources["phase_i"], "phase_i", pending[0].opts["phase_i"])
     bundle = build_datasets(phase_i_cfg["dataset"])
@@ -691,21 +690,18 @@ def sweep_folder(spec: SweepSpec, plan_: Plan) -> str:
 
 
 def report_dir(spec: SweepSpec, plan_: Plan, root: Path | None = None) -> Path:
-    from analysis.report import REPORT_DIR
-
-    root = output_root() if root is None else Path(root)
-    return Path(root) / REPORT_DIR / plan_.name / sweep_folder(spec, plan_)
+    return Layout(output_root() if root is None else Path(root)).reports_dir(plan_.name) / sweep_folder(spec, plan_)
 
 
 def _val_text(values: list[float]) -> str:
-    from analysis.report import Stat
+    from analysis.stats import Stat
 
     stat = Stat(values)
     return f"{stat.mean:.2f}" + (f" ± {stat.std:.2f}" if stat.std is not None else "")
 
 
 def _stat_json(values: dict[str, float]) -> dict:
-    from analysis.report import Stat
+    from analysis.stats import Stat
 
     return {**Stat(list(values.values())).as_dict(), "per_seed": values}
 
@@ -713,7 +709,9 @@ def _stat_json(values: dict[str, float]) -> dict:
 def build_report(spec: SweepSpec, plan_: Plan, root: Path | None = None, *, echo: bool = True) -> dict:
     """Choose each swept arm's point on validation, write sweep.md and sweep.json (test numbers of the chosen
     points only) into :func:`report_dir`, and return the JSON."""
-    from analysis.report import METRICS, Stat, _paired, _paired_markdown, format_value
+    from analysis.render import _paired_markdown, format_value
+    from analysis.rows import METRICS
+    from analysis.stats import Stat, _paired
 
     out = report_dir(spec, plan_, root)
     scored = {arm_runs.role.id: _scores(plan_, arm_runs) for arm_runs in plan_.arms}
@@ -836,7 +834,7 @@ def resolved_configs(spec: SweepSpec) -> str:
 
 def run(spec: SweepSpec) -> dict:
     """Plan the sweep, print its size and expected wall time, run every pending step, then the report."""
-    from datasets.fashion_mnist import ensure_fashion_mnist
+    from app.data_install import ensure_fashion_mnist
     from utils.provenance import git_state
 
     plan_ = plan(spec)

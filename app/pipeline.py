@@ -40,16 +40,19 @@ from pathlib import Path
 from typing import Callable
 
 
-from datasets.fashion_mnist import ensure_fashion_mnist
-from engine.cost import Rates, Sizes, Work, approx_seconds, probe_rates, step_work
-from engine.methods import BASELINE, METHODS, SELECTING_KEYS, Arm, phase_ii_folder
+from app.data_install import ensure_fashion_mnist
+from engine.cost import approx_seconds, probe_rates, step_work
+from engine.workload import Rates, Sizes, Work
+from engine.methods import METHODS, SELECTING_KEYS, Arm, PhaseIIIMethod, PhaseIMethod
 from engine.recorder import SPEED_SETTINGS, saved_config_differences
 from utils import distributed
 from utils.cli import RunSpec, VisualizeSpec
 from utils.config import CONFIG_PHASES, CONFIG_ROOT, config_name, get_dotted, load_config, parse_opts
 from utils.errors import UserError
 from utils.provenance import changes_since, git_state
-from utils.run_dir import RunPaths, is_finished, read_results, seed_notes
+from utils.json_files import read_results
+from utils.layout import RunPaths, seed_notes
+from utils.run_dir import is_finished
 from utils.schema import schema_keys
 
 __all__ = ["Step", "plan_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
@@ -79,7 +82,7 @@ class Step:
     def folder(self) -> str:
         """Run folder name under checkpoints/ (phase II: its phase name, whose outputs are in features*/)."""
         if self.kind == "phase_ii":
-            return phase_ii_folder(self.arm.backbone)
+            return self.arm.backbone.phase_ii_folder
         return self.arm.folder if self.arm is not None else self.kind
 
     def note(self, note: str) -> str:
@@ -96,18 +99,18 @@ def plan_steps(suite: str = "fsa", teachers: int = 3) -> list[Step]:
     ``teachers`` teacher runs), each followed by its phase II and the suite's phase III arms on it
     (phase II always for CE, which visualize reads), then visualize."""
     arms = METHODS.suite(suite)
-    backbones = [a.method for a in arms if a.method.stage == "phase_i"]
+    backbones = [a.method for a in arms if isinstance(a.method, PhaseIMethod)]
     steps: list[Step] = []
     for backbone in backbones:
         if backbone.teacher:
             teacher = METHODS.arm(backbone.teacher)
             steps += [Step("phase_i", f"phase I {teacher.label} teacher {k}", teacher, teacher=k)
                       for k in range(1, teachers + 1)]
-        on_it = [a for a in arms if a.method.stage == "phase_iii" and a.backbone.id == backbone.id]
+        on_it = [a for a in arms if isinstance(a.method, PhaseIIIMethod) and a.backbone is backbone]
         own = METHODS.arm(backbone.id)
-        steps.append(Step("phase_i", "phase I" if backbone.id == BASELINE else f"phase I {backbone.label}", own))
-        if on_it or backbone.id == BASELINE:
-            steps.append(Step("phase_ii", "phase II" if backbone.id == BASELINE else f"phase II on {backbone.label}", own))
+        steps.append(Step("phase_i", "phase I" if backbone.is_baseline else f"phase I {backbone.label}", own))
+        if on_it or backbone.is_baseline:
+            steps.append(Step("phase_ii", "phase II" if backbone.is_baseline else f"phase II on {backbone.label}", own))
         steps += [Step("phase_iii", f"phase III {a.label}", a) for a in on_it]
     return [*steps, Step("visualize", "visualize")]
 
@@ -141,7 +144,7 @@ def config_sources(config: str) -> dict[str, str]:
 
 
 def notes_and_opts(note: str | None, seeds: list[int] | None) -> list[tuple[str, list[str]]]:
-    """``[(note, --opts for the phases)]``: the variant's notes (``utils.run_dir.seed_notes``) with
+    """``[(note, --opts for the phases)]``: the variant's notes (``utils.layout.seed_notes``) with
     ``seed=N`` per seed."""
     notes = seed_notes(note, seeds)
     return list(zip(notes, [[f"seed={s}"] for s in seeds] if seeds else [[]]))
@@ -195,7 +198,7 @@ def step_opts(step: Step, opts: dict[str, list[str]], seed: int | None = None) -
     selects: list[str] = []
     if step.kind in ("phase_i", "phase_iii"):
         selects = step.arm.opts(explicit=True)
-    elif step.kind == "phase_ii" and step.arm.backbone.id != BASELINE:
+    elif step.kind == "phase_ii" and not step.arm.backbone.is_baseline:
         selects = [f"backbone={step.arm.backbone.id}"]
     if step.teacher:
         from engine.phase_i import teacher_seed
@@ -266,7 +269,7 @@ def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
             return "finished", str(folder / "results.json")
         return ("stale" if folder.exists() else "new"), str(folder)
     if step.kind == "visualize":
-        from engine import visualize  # heavy imports, only once a visualize step is looked at
+        from app import visualize  # heavy imports, only once a visualize step is looked at
 
         folder = visualize.output_dir(name, note, VISUALIZE_PHASE)
         if visualize.is_complete(folder):
@@ -303,7 +306,7 @@ def _call(step: Step, spec: RunSpec):
         from engine import phase_iii
 
         return phase_iii.run(spec, step.method.mode)
-    from engine import visualize
+    from app import visualize
 
     return visualize.run(spec)
 
@@ -429,13 +432,13 @@ def _check_configs_choose_nothing(cfgs: dict[str, dict], name: str) -> None:
     """The suite chooses the methods: a config that selects a phase I method other than CE, or a phase
     II / III backbone other than CE, would be silently overridden, so it is refused."""
     chosen = METHODS.phase_i(cfgs["phase_i"])
-    if chosen.id != BASELINE:
+    if not chosen.is_baseline:
         raise UserError(f"the phase I config of '{name}' selects the phase I method {chosen.id} "
                         f"({' '.join(chosen.selecting_opts())}), but the pipeline chooses the phase I methods by --suite "
                         f"(CE first, the others each in its own run). Remove those keys from the config, or train that "
                         f"method alone: {chosen.command(name, 'NOTE')}")
     for phase in ("phase_ii", "phase_iii"):
-        if cfgs[phase]["backbone"] != BASELINE:
+        if not METHODS.get(cfgs[phase]["backbone"]).is_baseline:
             raise UserError(f"the {phase} config of '{name}' sets backbone: {cfgs[phase]['backbone']}, but the pipeline "
                             f"chooses each step's backbone by --suite. Remove the key, or run that phase alone with "
                             f"--opts backbone=....")

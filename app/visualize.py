@@ -14,23 +14,25 @@ import torch
 
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
 from engine.artifacts import check_provenance, explained_classes, open_phase_i_run, phase_ii_paths
-from engine.methods import METHODS
+from engine.methods import BASELINE, METHODS, PhaseIIIMethod
 from fsa.class_split import head_tail_split
-from fsa.gradcam import CamExtractor, eval_mode
+from fsa.gradcam import CamExtractor
+from models.base import eval_mode
 from fsa.visualization import render_grid, to_display_images
 from utils.cli import VisualizeSpec
 from utils.config import config_name, load_config
 from utils import distributed
 from utils.device import resolve_device
 from utils.errors import UserError
+from utils.json_files import read_results, write_json_atomic
+from utils.layout import RESULTS_FILE, VISUALIZE, Layout, RunPaths, check_run_name
 from utils.logging import open_summary_writer, setup_logger
 from utils.provenance import begin_run, collect
-from utils.run_dir import RESULTS_FILE, RunPaths, check_run_name, output_root, read_results, write_json_atomic
 
 
-def output_dir(config: str, note: str, phase: str) -> Path:
-    """Where the PNGs of (config, note) explaining ``phase``'s model go."""
-    return output_root() / "visualizations" / config / note / phase
+def output_dir(config: str, note: str, run_name: str) -> Path:
+    """Where the PNGs of (config, note) explaining run ``run_name``'s model go."""
+    return RunPaths(run_name, config, note).visualization_dir
 
 
 def is_complete(folder: Path) -> bool:
@@ -45,29 +47,26 @@ def is_complete(folder: Path) -> bool:
 
 
 def run_folders(config: str, note: str) -> list[str]:
-    """The run folders ``--phase`` can name for (config, note): ``phase_i`` and every ``phase_iii_*``
-    that holds a ``<config>/<note>/`` run, sorted (``phase_i`` first)."""
-    root = output_root() / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(d.name for d in root.iterdir()
-                  if (d.name == "phase_i" or d.name.startswith(("phase_i-", "phase_iii_"))) and (d / config / note).is_dir())
+    """The run names ``--phase`` can name for (config, note): every phase I and phase III run with a
+    ``<config>/<note>/`` folder, sorted (``phase_i`` first)."""
+    return [run_name for run_name, _ in Layout().runs(config, note)]
 
 
-def explained_checkpoint(phase: str, config: str, note: str) -> tuple[Path, str]:
-    """``(best_model.pt of run folder phase, the command that writes it)``. A UserError lists the run
-    folders that exist when ``phase`` is none of them, and explains TailCalib runs, which hold no backbone."""
+def explained_checkpoint(run_name: str, config: str, note: str) -> tuple[Path, str]:
+    """``(best_model.pt of run run_name, the command that writes it)``. A UserError lists the runs that
+    exist when ``run_name`` is none of them, and explains TailCalib runs, which hold no backbone."""
     existing = run_folders(config, note)
-    if phase not in existing and phase != "phase_i":  # no phase I run: open_phase_i_run names the command
-        raise UserError(f"--phase {phase}: there is no run folder checkpoints/{phase}/{config}/{note}/. Run folders of "
-                        f"config '{config}', note '{note}': {', '.join(existing) or '(none)'}.")
-    best = RunPaths(phase, config, note).best
-    arm = METHODS.by_folder(phase)
+    # without the baseline's phase I run, open_phase_i_run names the command that makes it
+    if run_name not in existing and run_name != METHODS.get(BASELINE).folder:
+        raise UserError(f"--phase {run_name}: there is no run folder checkpoints/{run_name}/{config}/{note}/. Run folders "
+                        f"of config '{config}', note '{note}': {', '.join(existing) or '(none)'}.")
+    best = RunPaths(run_name, config, note).best
+    arm = METHODS.by_folder(run_name)
     if arm is None:
-        return best, f"the run of checkpoints/{phase}"
-    if arm.method.kind == "features":
+        return best, f"the run of checkpoints/{run_name}"
+    if isinstance(arm.method, PhaseIIIMethod) and not arm.method.holds_backbone:  # a phase I run is a backbone
         raise UserError(
-            f"--phase {phase}: a {arm.label} run's checkpoint holds a classifier on transformed pooled "
+            f"--phase {run_name}: a {arm.label} run's checkpoint holds a classifier on transformed pooled "
             f"features of phase I's frozen backbone, not backbone weights, so it has no feature maps of its own to "
             f"explain. Its backbone is phase I's: --phase {arm.backbone.folder} shows that backbone's Grad-CAMs (with "
             f"phase I's classifier).")
@@ -96,19 +95,20 @@ def run(spec: VisualizeSpec) -> list[Path]:
     `spec`'s size flags are in range (visualize.check_sizes checks what users type; the pipeline passes
     the defaults)."""
     name, note = config_name(spec.config), spec.note
+    run_name = spec.phase  # --phase names the run whose model is explained
     cfg = load_config(spec.config, "phase_ii", list(spec.opts))  # ts / tg / layer; defaults without a file
     if spec.checkpoint:
-        check_run_name(spec.phase, "--phase")  # with --checkpoint it only names the output folder
+        check_run_name(run_name, "--phase")  # with --checkpoint it only names the output folder
         ckpt, produced_by = Path(spec.checkpoint), "a phase I run or a phase III fsa / none run (best_model.pt)"
     else:
-        ckpt, produced_by = explained_checkpoint(spec.phase, name, note)
+        ckpt, produced_by = explained_checkpoint(run_name, name, note)
     if not distributed.first_process():  # a handful of images: rank 0 of a torchrun job draws them alone
         return []
     ts, tg = cfg["split"]["ts"], cfg["split"]["tg"]
     logger = setup_logger(None, "fsa_lt.visualize")
     device = resolve_device(spec.device)
     begin_run(cfg)
-    arm = METHODS.by_folder(spec.phase)  # the explained run's backbone: its phase I run and phase II outputs
+    arm = METHODS.by_folder(run_name)  # the explained run's backbone: its phase I run and phase II outputs
     backbone = arm.backbone.id if arm is not None else cfg["backbone"]
     p1 = open_phase_i_run(name, note, needed_by="visualize.py", backbone=backbone)
     bundle = p1.bundle
@@ -124,7 +124,7 @@ def run(spec: VisualizeSpec) -> list[Path]:
         classes, why = list(dict.fromkeys(spec.classes)), "--classes"
     else:
         # the phase I checkpoint behind the explained model: the loaded one, or the one phase III fine-tunes
-        phase_i_checkpoint = ckpt if spec.phase == p1.paths.phase else p1.paths.best
+        phase_i_checkpoint = ckpt if run_name == p1.paths.run_name else p1.paths.best
         classes, why = _default_classes(phase_ii_paths(name, note, backbone).features_dir, bundle, p1.hr,
                                         phase_i_checkpoint, p1.config_path)
     if not classes:
@@ -156,10 +156,11 @@ def run(spec: VisualizeSpec) -> list[Path]:
     images = to_display_images(x, getattr(dataset, "mean", IMAGENET_MEAN), getattr(dataset, "std", IMAGENET_STD))
 
     layer_name = extractor.layer
-    out_dir = output_dir(name, note, spec.phase)
+    out_dir = output_dir(name, note, run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS_FILE).unlink(missing_ok=True)  # an interrupted rerun must not look complete
-    writer = open_summary_writer(RunPaths("visualize", name, note).summary_dir)
+    summary_dir = RunPaths(VISUALIZE, name, note).summary_dir
+    writer = open_summary_writer(summary_dir)
     suffix = "" if layer_name == model.cam_layer else f"_{re.sub(r'[^A-Za-z0-9.-]+', '-', layer_name)}"
     written = []
     start = 0
@@ -175,14 +176,14 @@ def run(spec: VisualizeSpec) -> list[Path]:
             path = out_dir / f"{stem}.png"
             if not cv2.imwrite(str(path), grid):
                 raise UserError(f"could not write {path}.")
-            writer.add_image(f"{spec.phase}/{stem}", grid[..., ::-1].copy(), 0, dataformats="HWC")
+            writer.add_image(f"{run_name}/{stem}", grid[..., ::-1].copy(), 0, dataformats="HWC")
             written.append(path)
     finally:
         writer.close()
     write_json_atomic(out_dir / RESULTS_FILE, {  # written last: it marks a complete run
-        "finished": True, "phase": spec.phase, "config": name, "note": note, "checkpoint": str(ckpt),
+        "finished": True, "phase": run_name, "config": name, "note": note, "checkpoint": str(ckpt),
         "classes": classes, "split": spec.split, "layer": layer_name, "pngs": [p.name for p in written],
         "provenance": collect()})
     logger.info(f"Grad-CAM layer {layer_name}, ts={ts} tg={tg}, checkpoint {ckpt}: wrote {len(written)} PNG(s) "
-                f"to {out_dir} and TensorBoard images to {RunPaths('visualize', name, note).summary_dir}")
+                f"to {out_dir} and TensorBoard images to {summary_dir}")
     return written
