@@ -6,7 +6,7 @@ confusing classes of the tail classes, and the offline feature store.
 Dataset and model come from the phase I run with the same --config and --note
 (checkpoints/phase_i/<config>/<note>/); outputs go to features/<config>/<note>/. With
 --opts backbone=ID they come from phase I method ID's run (checkpoints/phase_i-ID/...) and go to
-features-ID/<config>/<note>/ (ID: a phase I method of engine/methods.py, e.g. cosine_ce, ldam_drw, cbd).
+features-ID/<config>/<note>/ (ID: a phase I method of engine/methods/, e.g. cosine_ce, ldam_drw, cbd).
 """
 from utils.cli import RunSpec, phase_parser, run_cli
 

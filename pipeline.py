@@ -5,7 +5,7 @@
     python pipeline.py --config smoke --note iters100 --opts finetune.iterations=100 --seeds 0 1
 
 For each note: phase I -> phase II -> every phase III method of the --suite in the method table's order
-(engine/methods.py; the default suite fsa: post-hoc logit adjustment, tau-normalised classifier, cRT
+(engine/methods/; the default suite fsa: post-hoc logit adjustment, tau-normalised classifier, cRT
 control and FSA offline, cRT control and FSA online, TailCalib, TailCalibX) -> visualize; then
 report.py over all notes (reports/<config>/<notes>/). The first line the pipeline prints lists the steps. configs/phase_i/NAME.yaml must exist; a missing
 configs/phase_ii or phase_iii/NAME.yaml means that phase's defaults. Finished steps are skipped, never
@@ -28,12 +28,12 @@ from utils.cli import ScriptParser, run_cli
 def resolved_configs(args: argparse.Namespace) -> str:
     """--print-config: the config of each phase as the chain's (first) note gets it, one YAML document per
     phase (``yaml.safe_load_all`` reads them back), headed by a comment naming the phase."""
-    from app import pipeline
+    from app.steps import config_sources, notes_and_opts, route_opts
     from utils.config import CONFIG_PHASES, config_text, load_config
 
-    sources = pipeline.config_sources(args.config)
-    routed = pipeline.route_opts(list(args.opts), seeded=bool(args.seeds))
-    notes = pipeline.notes_and_opts(args.note, args.seeds)
+    sources = config_sources(args.config)
+    routed = route_opts(list(args.opts), seeded=bool(args.seeds))
+    notes = notes_and_opts(args.note, args.seeds)
     note, seeded = notes[0]
     others = " (the other notes differ in seed only)" if len(notes) > 1 else ""
     return "".join(f"--- # {phase} of note {note}{others}\n"

@@ -6,7 +6,7 @@ arm's point chosen by mean validation score over the seeds, reported once on tes
     python sweep.py --config smoke --method fsa_offline --grid finetune.lr=0.005,0.02 --seeds 0 \\
         --opts dataset.val.source=train dataset.val.fraction=0.2
 
---method and --control are method-table ids (engine/methods.py: fsa_offline, control_offline, fsa_online,
+--method and --control are method-table ids (engine/methods/: fsa_offline, control_offline, fsa_online,
 control_online, crt, tailcalib, ...); --control defaults to the method's paired control (FSA: the cRT
 control of its mode), --control none sweeps the method alone. --grid KEY=V1,V2 ... takes keys of any
 phase's config (routed to the phases that have them, as pipeline.py's --opts); the points are the
@@ -33,7 +33,7 @@ from utils.cli import ScriptParser, run_cli
 
 
 def _spec(args: argparse.Namespace):
-    from app.sweep import SweepSpec
+    from app.sweep_plan import SweepSpec
 
     return SweepSpec(config=args.config, method=args.method, grid=tuple(args.grid),
                      seeds=tuple(args.seeds) if args.seeds else None, control=args.control, against=tuple(args.against),

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 from analysis.rows import Row, rerun_command, under_root
-from engine.artifacts import check_provenance, sha256_file
+from engine.phase_ii_outputs import check_provenance, sha256_file
 from engine.methods import METHODS
 from utils.config import config_differences, config_name, read_yaml
 from utils.errors import UserError
@@ -103,7 +103,7 @@ def check_phase_i_sources(config: str, notes: list[str], rows: list[Row], root: 
     """UserError naming the runs and the fix unless every phase III run of the method table still pairs with
     the phase I run it read: that of its note, or of the note it recorded as ``upstream_note`` (made with
     ``--upstream-note``, as a sweep point's runs are). Phase III's own provenance check
-    (``engine.artifacts.check_provenance``) of the phase II outputs it was trained on against the phase I
+    (``engine.phase_ii_outputs.check_provenance``) of the phase II outputs it was trained on against the phase I
     checkpoint it records (``phase_i_checkpoint``) and that phase I run's config.yaml, and the checkpoint's
     content against the sha256 the run recorded (``phase_i_checkpoint_sha256``: catches phase I and phase II
     both re-run after it)."""

@@ -2,7 +2,7 @@
 into rows (``analysis.rows``: a row per arm of the method table, ``engine.methods.METHODS.arms()``, then any
 other phase III folder), refuses runs that do not belong together (``analysis.checks``), takes means, paired
 differences (``analysis.stats``) and training costs (``analysis.costs``), and writes
-``reports/<config>/<notes_folder(notes)>/``: the figures (``analysis.plots``), then ablation.md, ablation.csv
+``reports/<config>/<notes_folder(notes)>/``: the figures (``analysis.plots``, ``analysis.detail_plots``), then ablation.md, ablation.csv
 and report.json (``analysis.render``; report.json last, as it marks a complete report); ``is_up_to_date`` tells
 whether building it again would change anything. ``build_variant_report`` sets variants (each a
 ``pipeline.py --note``) run over the same seeds side by side, in ``reports/<config>/<variants_folder>/``. The
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from analysis.checks import check_phase_i_sources, check_settings_agree, variant_settings_differences
 from analysis.costs import row_cost
-from analysis.plots import bar_chart, confusion_chart, curves_chart, forest_chart, has_curves, per_class_chart
+from analysis.detail_plots import confusion_chart, curves_chart, has_curves, per_class_chart
+from analysis.plots import bar_chart, forest_chart
 from analysis.render import (REPORT_FORMAT, ablation_csv, ablation_markdown, files_text, notes_text, report_json,
                              variants_markdown, variants_report_json)
 from analysis.rows import METRICS, Row, code_versions, collect

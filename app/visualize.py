@@ -13,7 +13,8 @@ import cv2
 import torch
 
 from datasets.file_list import IMAGENET_MEAN, IMAGENET_STD
-from engine.artifacts import check_provenance, explained_classes, open_phase_i_run, phase_ii_paths
+from engine.artifacts import open_phase_i_run
+from engine.phase_ii_outputs import check_provenance, explained_classes, phase_ii_paths
 from engine.methods import BASELINE, METHODS, PhaseIIIMethod
 from fsa.class_split import head_tail_split
 from fsa.gradcam import CamExtractor

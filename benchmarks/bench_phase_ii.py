@@ -3,7 +3,7 @@
 Times, on one device and the same batches (best of `--repeats`, runs interleaved):
 
   forward      plain eval forward `model(x)` under no_grad (batch gathering + normalisation included)
-  phase II     what phase_ii_extract_feature.py does per batch (`engine.phase_ii.extract_view` with a
+  phase II     what phase_ii_extract_feature.py does per batch (`engine.phase_ii_extraction.extract_view` with a
                `fsa.gradcam.CamExtractor`, through `engine.loops.ordered_map`): forward, closed-form
                Grad-CAM of the true class, score-matrix and split-statistics accumulation, float16 store
                write
@@ -36,7 +36,7 @@ from benchmarks.common import dataset_cfg  # noqa: E402
 
 from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader, sequential_batches  # noqa: E402
-from engine.phase_ii import ExtractionTimer, extract_view  # noqa: E402
+from engine.phase_ii_extraction import ExtractionTimer, extract_view  # noqa: E402
 from fsa.confusion import ScoreAccumulator  # noqa: E402
 from fsa.decomposition import SplitStatistics  # noqa: E402
 from fsa.feature_store import FeatureStoreWriter, format_bytes  # noqa: E402

@@ -15,7 +15,7 @@ device, iterations 0..N-1 of the same plan through the shared loop `engine.loops
 
 and prints per-iteration milliseconds, online / forward (target <= 2x) and offline / online. The split,
 the confusing classes and the store come from phase II's pieces run on the same (random-weight) model
-first: `engine.phase_ii.extract_view` with a closed-form `CamExtractor`, a `ScoreAccumulator` and a
+first: `engine.phase_ii_extraction.extract_view` with a closed-form `CamExtractor`, a `ScoreAccumulator` and a
 `FeatureStoreWriter` into a temporary folder (view 0 only, as with the default store.views=0), then
 `head_tail_split(hr=0.9)` and
 `confusing_classes(nf=3)` (timing does not depend on the weights).
@@ -45,7 +45,7 @@ from datasets import build_datasets  # noqa: E402
 from datasets.loader import BatchLoader  # noqa: E402
 from engine.loops import StepResult, TrainingTask, fit  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.phase_ii import extract_view  # noqa: E402
+from engine.phase_ii_extraction import extract_view  # noqa: E402
 from engine.phase_iii_maps import IterationDraws, _OfflineMaps, _OnlineMaps, _set_trainable, batch_loss  # noqa: E402
 from fsa.batch_composition import TailHeadComposer  # noqa: E402
 from fsa.class_split import head_tail_split  # noqa: E402

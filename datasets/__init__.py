@@ -22,7 +22,8 @@ from datasets.registry import DATASETS, Augmentation, register_dataset, unregist
 from datasets.validation import split_validation
 from utils.config import deep_merge
 from utils.errors import UserError
-from utils.schema import DATASET, defaults
+from utils.fields import defaults
+from utils.schema import DATASET
 
 __all__ = [
     "AUGMENT_POLICIES",

@@ -25,7 +25,7 @@ PROBE_BATCHES = 2  # timed batches per kind, after one warm-up batch
 
 
 def step_work(step, cfg: dict | None, sizes: Sizes) -> Work:
-    """The work of a pipeline step (:class:`app.pipeline.Step`) under the config it runs with
+    """The work of a pipeline step (:class:`app.steps.Step`) under the config it runs with
     (visualize: None, a few images)."""
     if step.kind == "phase_i":
         return phase_i_work(cfg, sizes)

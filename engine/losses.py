@@ -165,7 +165,8 @@ LOSSES: dict[str, Callable[[list[int], dict], ClassWeightedLoss]] = {
 def train_options(**options) -> dict:
     """The phase I `train` section's defaults (and `scale`, of `model`) overridden by `options`: what a
     loss or re-weighting factory reads when built outside a run."""
-    from utils.schema import PHASE_I, defaults
+    from utils.fields import defaults
+    from utils.schema import PHASE_I
 
     return {**defaults(PHASE_I["train"]), "scale": defaults(PHASE_I["model"])["scale"], **options}
 

@@ -18,8 +18,8 @@ import yaml
 
 from datasets import DatasetBundle
 from engine.accel import Accel
-from engine.artifacts import (PhaseIIOutputs, PhaseIRun, open_phase_i_run, open_store, phase_i_command, phase_ii_command,
-                              phase_ii_paths, read_backbone_checkpoint, read_phase_ii)
+from engine.artifacts import PhaseIRun, open_phase_i_run, phase_i_command, read_backbone_checkpoint
+from engine.phase_ii_outputs import PhaseIIOutputs, open_store, phase_ii_command, phase_ii_paths, read_phase_ii
 from engine.loops import EvalSets
 from engine.methods import METHODS, MODES, Arm, PhaseIIIMethod
 from engine.recorder import open_run, start_recording, write_test_results

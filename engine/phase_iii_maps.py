@@ -19,19 +19,14 @@ The classifier starts from phase I's ``fc`` or, with ``finetune.init: reinit``, 
 backbone's kind (:func:`fresh_classifier`); its learning rate is ``finetune.lr`` throughout or, with
 ``finetune.schedule: cosine``, :func:`finetune_lr`'s cosine to 0 over the iterations. With ``fusion.match``
 the generated rows pass through the generator's ``match`` (:func:`fsa.fusion.match_statistics`) before the
-classifier sees them, towards real per-class statistics from :func:`real_statistics`. Every run records
-per-class statistics of the pooled real and generated rows it trained on (:class:`RowStatistics`).
-
-Before training, :func:`check_batch_memory` compares a conservative estimate of one batch's memory
-(:func:`batch_bytes`) with what the device has available (:func:`available_memory`), so that a batch
-too large for the machine is refused with the settings to lower instead of growing until it is killed.
+classifier sees them, towards real per-class statistics (:func:`engine.map_statistics.real_statistics`).
+Every run records per-class statistics of the pooled real and generated rows it trained on
+(:class:`engine.map_statistics.RowStatistics`), and refuses, before touching its run folder, a batch too
+large for the device's memory (:func:`engine.batch_memory.check_batch_memory`).
 """
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +36,15 @@ from datasets import DatasetBundle
 from datasets.loader import BatchLoader
 from engine.accel import NO_ACCEL, Accel
 from engine.artifacts import checkpoint_payload
+from engine.batch_memory import check_batch_memory
 from engine.loops import EvalSets, StepResult, TrainingTask, fit, ordered_map
+from engine.map_statistics import RowStatistics, real_statistics
 from engine.methods.maps import MapMethod
 from engine.metrics import classification_report
 from engine.optim import build_optimizer, lr_at
 from engine.phase_iii import PhaseIIIInputs
-from engine.phase_iii_features import pooled_features
 from fsa.batch_composition import BatchPlan, TailHeadComposer, batch_size
-from fsa.feature_store import FeatureStore, format_bytes
-from fsa.fusion import ClassStatistics, PooledMoments, class_statistics
+from fsa.feature_store import FeatureStore
 from fsa.generators import GeneratorContext, MapGenerator
 from fsa.gradcam import CamExtractor
 from models import LTModel, fresh_like
@@ -144,186 +139,6 @@ def fresh_classifier(model: LTModel, seed: int) -> torch.nn.Module:
         return fresh_like(model.fc)
 
 
-def real_statistics(inputs: PhaseIIIInputs) -> ClassStatistics:
-    """The real per-class statistics ``fusion.match`` rescales generated rows to, on the run's device: those
-    of the pooled features of the phase I backbone (eval mode) on the training images, computed once before
-    training (deterministic; a resumed run computes the same).
-
-    offline -- phase II's store: the stored pooled features of every stored view (view 0 = the un-augmented
-               image, views 1.. its augmented draws): exactly the rows offline training draws its real maps from.
-    online  -- one forward pass over the un-augmented training images (what the store's view 0 holds). Online
-               training sees augmented images, whose population has no finite list; the un-augmented images
-               are its deterministic centre. With finetune.unfreeze the targets stay those of phase I's last stage."""
-    model, bundle, num_classes = inputs.model, inputs.bundle, inputs.bundle.num_classes
-    if inputs.method.mode == "offline":
-        moments = PooledMoments(num_classes, model.feature_dim)
-        for view in range(inputs.store.views):
-            moments.add(inputs.store.pooled(view), inputs.store.labels)
-        return moments.statistics().to(inputs.device)
-    with eval_mode(model):
-        pooled, labels = pooled_features(model, bundle.train.with_augment(False), inputs.cfg["eval"]["batch_size"],
-                                         inputs.device, accel=inputs.accel)
-    return class_statistics(pooled, labels, num_classes)
-
-
-class RowStatistics:
-    """Per-class statistics of the pooled features (``model.pool``) of the rows every phase III map run trains
-    on, accumulated on the device over its iterations (:class:`fsa.fusion.PooledMoments`, no per-sample loop):
-    ``real`` = the batch's real tail and head rows; ``generated`` = the generator's rows as the classifier sees
-    them (for the control none: its extra real tail rows); with fusion.match also ``generated_before_match``.
-
-    Each process adds its own rows; at every booking (:meth:`book`) the processes' sums are added up into the
-    booked totals, which ``last.pt`` carries (:meth:`state` / :meth:`load`), so a resumed run's statistics
-    cover its whole training as a straight run's do. Memory: ``K x (2 + 2D)`` float64 per group on the device
-    and as much on the host (ImageNet-LT, 1000 classes x 512: 8 MB; iNaturalist x ResNet-50: 267 MB)."""
-
-    def __init__(self, num_classes: int, dim: int, device: torch.device, matching: bool):
-        groups = ("real", "generated", *(("generated_before_match",) if matching else ()))
-        self.local = {g: PooledMoments(num_classes, dim, device) for g in groups}
-        self.booked = {g: torch.zeros_like(m.sums, device="cpu") for g, m in self.local.items()}  # (host memory)
-        self.first = 0  # the first iteration the booked sums cover
-
-    def add(self, group: str, pooled: torch.Tensor, labels: torch.Tensor) -> None:
-        if group in self.local:
-            self.local[group].add(pooled, labels)
-
-    def book(self) -> None:
-        """Add every process's sums since the last booking to the booked totals (one all-reduce per group)."""
-        for group, moments in self.local.items():
-            self.booked[group] += distributed.all_reduce_sum(moments.sums).cpu()
-            moments.sums.zero_()
-
-    def state(self) -> dict:
-        return {group: sums.clone() for group, sums in self.booked.items()}
-
-    def load(self, state: dict | None, iteration: int) -> None:
-        """The booked sums of a ``last.pt`` of iteration ``iteration``; one saved without them (before this
-        record existed) leaves the statistics to cover the iterations from ``iteration`` on."""
-        if not state or any(g not in state or state[g].shape != s.shape for g, s in self.booked.items()):
-            self.first = int(iteration)
-            return
-        for group, sums in self.booked.items():
-            sums.copy_(state[group].to(sums.device, sums.dtype))
-
-    def summary(self, iterations: int, targets: ClassStatistics | None) -> dict:
-        """results.json's ``feature_statistics``: per group and class ``rows``, ``norm`` (mean L2 norm) and
-        ``std`` (mean over dimensions of the per-dimension std); null where a class has no row."""
-        out: dict = {"iterations": [self.first, int(iterations)]}
-        for group, sums in self.booked.items():
-            moments = PooledMoments(sums.shape[0], (sums.shape[1] - 2) // 2, sums.device)
-            moments.sums = sums
-            out[group] = moments.statistics().summary()
-        if targets is not None:
-            out["match_targets"] = targets.summary()
-        return out
-
-
-def batch_bytes(rows: int, fmap_shape: Sequence[int], *, image_shape: Sequence[int] | None = None,
-                forward_bytes: int = 0, queued_batches: int = 0) -> int:
-    """A conservative estimate of the bytes one phase III batch of ``rows`` rows (2*nt*(1+na), or one
-    process's share of them) holds at its peak, for feature maps ``fmap_shape`` = (C, H, W).
-
-    Per row, in float32: 4 feature maps (the fetched one; the generated one, counted for every row though
-    only nt*na of 2*nt*(1+na) rows are generated; the concatenated batch the classifier reads; and one
-    working copy: the store's float16 reads offline, the generator's gathered positions) and 2 CAMs (the
-    fetched one, the generator's masks). Online (``image_shape`` = (channels, size, size)) also 2 images
-    (decoded and augmented), the backbone's forward working set ``forward_bytes`` (see
-    :func:`forward_footprint`), and the images of ``queued_batches`` batches that DataLoader workers
-    load ahead."""
-    c, h, w = (int(v) for v in fmap_shape)
-    per_row = 4 * (4 * c * h * w + 2 * h * w)
-    if image_shape is not None:
-        image = 4 * math.prod(int(v) for v in image_shape)
-        per_row += 2 * image + int(forward_bytes) + queued_batches * image
-    return int(rows) * per_row
-
-
-@torch.no_grad()
-def forward_footprint(model: LTModel, image_shape: Sequence[int], device: torch.device,
-                      with_grad: bool) -> tuple[tuple[int, ...], int]:
-    """``(feature map shape (C, H, W), bytes the backbone's forward pass holds per image)`` from one blank
-    image, the bytes from the outputs of its leaf modules: without gradients a residual block holds its
-    input, up to two intermediates and its output at once (4x the largest output); with ``with_grad`` (the
-    last stage unfrozen) the last stage's outputs are kept for the backward pass, which makes their
-    gradients there (2x their sum on top)."""
-    sizes: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(module: torch.nn.Module, args: tuple, out: object) -> None:
-            sizes[name] = 4 * out.numel() if isinstance(out, torch.Tensor) else 0
-        return hook
-
-    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
-             if not any(module.children())]
-    try:
-        with eval_mode(model):  # as phase III runs it (BatchNorm frozen)
-            fmap = model.features(torch.zeros(1, *image_shape, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    total = 4 * max(sizes.values(), default=0)
-    if with_grad:
-        total += 2 * sum(size for name, size in sizes.items() if name.startswith(f"{model.cam_layer}."))
-    return tuple(fmap.shape[1:]), total
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``: the free GPU memory, or the host's MemAvailable
-    (/proc/meminfo), capped by a cgroup v2 memory limit (containers); None where unknown."""
-    if device.type == "cuda":  # what the driver has free, plus what torch's cache holds unused
-        free = torch.cuda.mem_get_info(device)[0]
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type != "cpu":
-        return None
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        free = int(meminfo["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return free
-
-
-def check_batch_memory(inputs: PhaseIIIInputs, unfreeze: bool) -> None:
-    """UserError naming finetune.nt / finetune.na when one batch (:func:`batch_bytes`) would need more
-    memory than the device has available. Under torchrun each process holds its share of the rows; on the
-    CPU the processes of one host share its memory."""
-    f, bundle, device = inputs.cfg["finetune"], inputs.bundle, inputs.device
-    available = available_memory(device)
-    if available is None:
-        return
-    world = distributed.context().world_size
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
-    per_batch = batch_size(f["nt"], f["na"])
-    rows = -(-per_batch // world)  # this process's share
-    if inputs.method.mode == "online":
-        image_shape = (bundle.in_channels, bundle.train.image_size, bundle.train.image_size)
-        fmap_shape, forward = forward_footprint(inputs.model, image_shape, device, unfreeze)
-        queued = 0 if hasattr(bundle.train, "get_batch") else 2 * f["num_workers"]  # DataLoader prefetch_factor 2
-        sizes = dict(image_shape=image_shape, forward_bytes=forward, queued_batches=queued)
-    else:
-        fmap_shape, sizes = inputs.store.fmap_shape, {}
-    per_row = sharing * batch_bytes(1, fmap_shape, **sizes)
-    needed = rows * per_row
-    if needed <= available:
-        return
-    fitting_nt = (available // per_row) * world // (2 * (1 + f["na"]))
-    fix = (f"Lower finetune.nt (at most {fitting_nt} fits with finetune.na={f['na']}: --opts finetune.nt={fitting_nt}) "
-           f"or finetune.na." if fitting_nt >= 1 else "Even finetune.nt=1 does not fit: free memory, or use a device "
-           f"with more.")
-    what = f"{'x'.join(map(str, fmap_shape))} feature maps" + (" and their images" if sizes else "")
-    shared = f" (by the {sharing} processes of this host)" if sharing > 1 else ""
-    raise UserError(
-        f"phase III batches of finetune.nt={f['nt']}, finetune.na={f['na']} ({per_batch} rows of {what}) need about "
-        f"{format_bytes(needed)} of memory at once{shared}, but {device} has {format_bytes(available)} available. {fix}"
-    )
-
-
 class MapTraining(TrainingTask):
     """A map method's side of the loop: one batch per iteration, evaluated (and booked) every
     ``finetune.eval_every`` iterations, iteration 0 = the phase I model itself (with ``finetune.init:
@@ -335,7 +150,7 @@ class MapTraining(TrainingTask):
     progress_over_units = True
 
     def __init__(self, inputs: PhaseIIIInputs, generator: MapGenerator, composer: TailHeadComposer, unfreeze: bool,
-                 start: int, stats: "RowStatistics | None" = None):
+                 start: int, stats: RowStatistics | None = None):
         f, ctx = inputs.cfg["finetune"], distributed.context()
         self.inputs, self.generator, self.seed, self.finetune = inputs, generator, inputs.cfg["seed"], f
         self.stats = stats

@@ -11,7 +11,8 @@ from engine.losses import ClassWeightedLoss, CrossEntropyLoss
 from engine.methods import METHODS
 from engine.reweighting import REWEIGHTINGS
 from tests.extensions.inverse_frequency import METHOD, inverse_frequency
-from tests.helpers import run_main_in_process
+from tests.helpers import copy_phase_i, run_main_in_process
+from tests.test_adding_loss import label_smoothing_loss  # noqa: F401  (its fixture)
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -55,3 +56,23 @@ def test_phase_i_trains_ce_with_the_new_weights_and_the_run_reloads(inverse_freq
     run = open_phase_i_run("smoke", "default", tmp_path, backbone=METHOD.id, need_checkpoint=True)
     assert run.cfg["train"]["reweight"] == "inverse_frequency"  # its saved config reads back
     run.load_model(torch.device("cpu"))  # and best_model.pt loads into the model it builds
+
+
+def test_the_pipeline_trains_a_new_loss_and_a_new_schedule_and_the_report_pairs_them_with_ce(
+        label_smoothing_loss, inverse_frequency_schedule, smoke_phase_i, tmp_path):
+    """Both extensions (each one file and its registration) reach every step: the default suite trains their
+    phase I runs after CE's chain, and the report shows their rows against CE."""
+    cwd = copy_phase_i(smoke_phase_i, tmp_path / "work")
+    code, err = run_main_in_process("pipeline.py", "--config", "smoke", "--device", "cpu", "--opts",
+                                    "finetune.iterations=10", "finetune.eval_every=10", "tailcalib.epochs=1", cwd=cwd)
+    assert code == 0, err
+    runs = {name: json.loads((cwd / f"checkpoints/phase_i-{name}/smoke/default/results.json").read_text())
+            for name in ("label_smoothing", "inverse_frequency")}
+    assert (runs["label_smoothing"]["loss"], runs["label_smoothing"]["reweight"]) == ("label_smoothing", "none")
+    assert (runs["inverse_frequency"]["loss"], runs["inverse_frequency"]["reweight"]) == ("ce", "inverse_frequency")
+    report = json.loads((cwd / "reports/smoke/default/report.json").read_text())
+    rows = {row["id"]: row for row in report["rows"]}
+    for name, results in runs.items():
+        assert rows[name]["metrics"]["top1"]["values"] == [results["top1"]]
+    pairs = {(p["method"], p["reference"]) for p in report["paired"]}
+    assert {("Label-smoothed CE", "Phase I baseline (CE)"), ("CE re-weighted by 1/n", "Phase I baseline (CE)")} <= pairs

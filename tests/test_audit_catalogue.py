@@ -368,7 +368,7 @@ def test_a_repeated_opts_adds_to_the_first():
 
 
 def test_nan_and_inf_are_never_in_a_range():
-    from utils.schema import Range
+    from utils.fields import Range
 
     for span in (Range(0, None), Range(None, 1), Range(0, 1, True, True)):
         assert not span.contains(math.nan)

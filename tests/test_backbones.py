@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from datasets.loader import EpochBatches
 from engine.methods import METHODS, SUITES
-from app.pipeline import plan_steps, route_opts
+from app.steps import plan_steps, route_opts
 from fsa.distillation import DistillStudent, TeacherEnsemble, cbd_loss
 from fsa.gradcam import CamExtractor
 from models import CosineClassifier, build_model, fresh_like

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import phase_iii_maps
-from engine.phase_iii_maps import batch_bytes, forward_footprint
+from engine import batch_memory
+from engine.batch_memory import batch_bytes, forward_footprint
 from models import build_model
 from tests.helpers import run_main_in_process
 from tests.test_file_datasets_safety import _assert_clean_error, _folder_opts, _image_folder, _phase_i
@@ -275,7 +275,7 @@ def test_forward_footprint_by_hand():
 def test_a_batch_larger_than_the_memory_available_is_refused(smoke_ii, tmp_path, monkeypatch, mode, available, needed,
                                                              what):
     cwd = _copy(smoke_ii, tmp_path)
-    monkeypatch.setattr(phase_iii_maps, "available_memory", lambda device: int(float(available.split()[0]) * 2**20))
+    monkeypatch.setattr(batch_memory, "available_memory", lambda device: int(float(available.split()[0]) * 2**20))
     before = _snapshot(cwd)
     code, err = _run(f"phase_iii_{mode}_train_or_test.py", cwd=cwd)
     _assert_refused(cwd, before, code, err, "finetune.nt=4, finetune.na=3", f"(32 rows of 64x8x8 {what}",

@@ -130,7 +130,7 @@ def test_every_script_takes_output_root_and_those_with_a_config_print_config(cap
     ("phase_i", "model.archi=resnet8", "Did you mean 'model.arch'?"),
     ("phase_ii", "gradcam.layers=x", "Did you mean 'gradcam.layer'?"),
     ("phase_iii", "finetune.lrr=1", "Did you mean 'finetune.lr'?"),
-    ("phase_iii", "lr=1", "Did you mean 'finetune.lr', 'tailcalib.lr' or 'decoupled.lr'?"),
+    ("phase_iii", "lr=1", "Did you mean 'finetune.lr', 'decoupled.lr' or 'tailcalib.lr'?"),
 ])
 def test_unknown_key_suggests_the_key_meant(phase, opt, meant):
     with pytest.raises(UserError) as err:

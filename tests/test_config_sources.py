@@ -11,7 +11,8 @@ from engine import losses, optim
 from utils import schema
 from utils.config import CONFIG_ROOT, apply_schema, available_configs, load_config
 from utils.errors import UserError
-from utils.schema import PHASE_II, SCHEMAS, defaults
+from utils.fields import defaults
+from utils.schema import PHASE_II, SCHEMAS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,8 @@ from torch import nn
 from datasets.loader import class_balanced_indices, fresh_class_aware_indices
 from engine.methods import METHODS
 from engine.phase_iii_decoupled import (BalancedTraining, ScaledClassifier, adjusted_bias, epoch_lr, epoch_rows, log_prior, tau_normalized_weight)
-from utils.schema import SCHEMAS, defaults
+from utils.fields import defaults
+from utils.schema import SCHEMAS
 from utils.seeding import stream_seed
 from tests.helpers import copy_phase_i, run_main_in_process, run_script
 

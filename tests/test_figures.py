@@ -11,7 +11,7 @@ import cv2
 import pytest
 
 import analysis.report
-from analysis.plots import recall_matrix
+from analysis.detail_plots import recall_matrix
 from analysis.report import build_report, report_dir
 from analysis.rows import Row
 from tests.test_report import CONFIG, COUNTS, NOTES, write_results
@@ -152,11 +152,11 @@ def suite_rows(classes: int = 4) -> list[Row]:
 
 def drawn_figure(monkeypatch) -> list:
     """The figures the plots module saves, kept open (drawn again by the caller) to measure their texts."""
-    import analysis.plots
+    import analysis.figure_kit
 
     figures = []
-    real = analysis.plots._save
-    monkeypatch.setattr(analysis.plots, "_save", lambda fig, path: figures.append(fig) or real(fig, path))
+    real = analysis.figure_kit.save
+    monkeypatch.setattr(analysis.figure_kit, "save", lambda fig, path: figures.append(fig) or real(fig, path))
     return figures
 
 
@@ -249,7 +249,7 @@ def test_ablation_of_25_rows_has_no_overlapping_text_and_grows_in_height(tmp_pat
 
 
 def test_per_class_panels_of_25_rows_and_100_classes_are_fast_bounded_and_readable(tmp_path, monkeypatch):
-    from analysis.plots import per_class_chart
+    from analysis.detail_plots import per_class_chart
 
     figures = drawn_figure(monkeypatch)
     rows = suite_rows(classes=100)
@@ -279,7 +279,7 @@ def test_forest_of_a_full_suite_has_no_overlapping_text(tmp_path, monkeypatch):
 
 
 def test_confusion_rows_are_recall_averaged_over_notes_in_training_count_order():
-    from analysis.plots import _class_order
+    from analysis.detail_plots import _class_order
 
     order = _class_order([5, 50, 20, 50])
     assert order == [1, 3, 2, 0]  # largest first, ties by class index (as the head / tail split)
@@ -295,7 +295,7 @@ def test_confusion_rows_are_recall_averaged_over_notes_in_training_count_order()
 def test_confusion_png_of_100_classes_prints_no_cell_values(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from analysis.plots import confusion_chart
+    from analysis.detail_plots import confusion_chart
 
     texts = []
     real = matplotlib.axes.Axes.text

@@ -1,11 +1,11 @@
 """fusion.match (fsa.fusion.match_statistics), the per-class statistics behind it and the ones every phase III
-map run records (engine.phase_iii_maps.RowStatistics), the cosine schedule and finetune.init: reinit."""
+map run records (engine.map_statistics.RowStatistics), the cosine schedule and finetune.init: reinit."""
 import math
 
 import pytest
 import torch
 
-from engine import phase_iii_maps
+from engine import map_statistics, phase_iii_maps
 from fsa.batch_composition import TailHeadComposer
 from fsa.confusion import confusing_table
 from fsa.fusion import PooledMoments, class_statistics, match_statistics
@@ -136,7 +136,7 @@ def _batches(match: str, iterations: int = 3):
 @pytest.mark.parametrize("match", ["none", "norm"])
 def test_recorded_statistics_equal_an_independent_computation(match):
     ctx, gen, model, fetch, seen = _batches(match)
-    stats = phase_iii_maps.RowStatistics(5, 64, torch.device("cpu"), gen.matches)
+    stats = map_statistics.RowStatistics(5, 64, torch.device("cpu"), gen.matches)
     outputs, targets = [], []
     for it in range(3):
         plan, rng = ctx.composer.plan(it)
@@ -169,10 +169,10 @@ def test_recorded_statistics_equal_an_independent_computation(match):
         loss, logits, _ = phase_iii_maps.batch_loss(model2, gen2, plan, rng, fetch2)
         assert torch.equal(loss.detach(), outputs[it][0]) and torch.equal(logits.detach(), outputs[it][1])
     # last.pt carries the booked sums: a resumed run continues them
-    again = phase_iii_maps.RowStatistics(5, 64, torch.device("cpu"), gen.matches)
+    again = map_statistics.RowStatistics(5, 64, torch.device("cpu"), gen.matches)
     again.load(stats.state(), 3)
     assert again.summary(3, None)["real"] == summary["real"] and again.first == 0
-    old = phase_iii_maps.RowStatistics(5, 64, torch.device("cpu"), gen.matches)
+    old = map_statistics.RowStatistics(5, 64, torch.device("cpu"), gen.matches)
     old.load(None, 2)  # a last.pt from before the record: the statistics cover the iterations from 2 on
     assert old.summary(3, None)["iterations"] == [2, 3]
 

@@ -289,7 +289,7 @@ def test_store_writer_memory_stays_flat(tmp_path):
 # provenance, overwrite
 # ------------------------------------------------------------------------------------------------
 def test_provenance_accepts_the_right_run_and_refuses_another(run_dir, tmp_path):
-    from engine.artifacts import check_provenance
+    from engine.phase_ii_outputs import check_provenance
     from utils.errors import UserError
 
     out, ckpt, cfg = run_dir / FEATURES, run_dir / PHASE_I / "best_model.pt", run_dir / PHASE_I / "config.yaml"

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from engine import loops
 from engine.loops import PlainProgress, progress_display
 from engine.methods import METHODS
-from app.pipeline import Step, skip_notes, step_opts
+from app.steps import Step, skip_notes, step_opts
 from engine.recorder import open_run, saved_config_differences
 from tests.helpers import REPO, script_command, script_env
 from utils import device, provenance

@@ -8,7 +8,7 @@ import cv2
 import pytest
 
 from analysis.report import build_report, is_up_to_date, report_dir
-from engine.artifacts import sha256_file
+from engine.phase_ii_outputs import sha256_file
 from tests.helpers import run_main_in_process
 from utils.errors import UserError
 
@@ -307,7 +307,7 @@ def write_config(root: Path, phase: str, note: str, **sections) -> None:
 def write_chain(root: Path, note: str) -> Path:
     """Phase I (results, config.yaml, a best_model.pt), phase II with the provenance phase II writes, and FSA
     offline and its control recording that phase I checkpoint, as phase III does; returns the checkpoint."""
-    from engine.artifacts import make_provenance, write_provenance
+    from engine.phase_ii_outputs import make_provenance, write_provenance
 
     write_results(root, "phase_i", note, top1=60.0)
     write_config(root, "phase_i", note)
@@ -329,7 +329,7 @@ def write_chain(root: Path, note: str) -> Path:
 def test_a_phase_iii_run_older_than_both_phase_i_and_phase_ii_is_refused(tmp_path):
     """Phase I and phase II both re-run after FSA: they agree with each other, and the sha256 the phase III
     runs recorded is what shows them stale."""
-    from engine.artifacts import make_provenance, write_provenance
+    from engine.phase_ii_outputs import make_provenance, write_provenance
 
     for note in NOTES:
         write_chain(tmp_path, note)

@@ -21,7 +21,8 @@ import yaml
 from utils.distributed import first_process
 from utils.errors import UserError
 from utils.layout import check_run_name
-from utils.schema import MOVED_KEYS, SCHEMAS, Field, fit_schedule, validate_values
+from utils.fields import Field
+from utils.schema import MOVED_KEYS, SCHEMAS, fit_schedule, validate_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_ROOT = REPO_ROOT / "configs"

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.schema import SCHEMAS, Field, schema_fields
+from utils.fields import Field
+from utils.schema import SCHEMAS, schema_fields
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
 _TITLES = {"phase_i": "Phase I (`configs/phase_i/NAME.yaml`)",

@@ -18,7 +18,7 @@ phase_ii, phase_ii-<backbone>                         phase II on the baseline's
 phase_iii_<mode>, phase_iii_<mode>-<generator>        phase III of the default generator (FSA), of another one
 phase_iii_<mode>[-<generator>]-on-<backbone>          ... on a backbone other than the baseline
 
-The method table (engine/methods.py) names its runs with the naming functions below; this module knows
+The method table (engine/methods/) names its runs with the naming functions below; this module knows
 no method (utils is the bottom layer), so the baseline's id and the default generator are arguments.
 Config names, notes and run names are each one plain folder name (`check_run_name`), so a run's
 folders are always exactly the ones above.
@@ -116,7 +116,7 @@ def _checked_root(root: Path, source: str, fix_end: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# Names: run names (engine/methods.py names its runs with these), notes and note sets
+# Names: run names (engine/methods/ names its runs with these), notes and note sets
 # ------------------------------------------------------------------------------------------------
 def phase_i_run_name(method_id: str, baseline: str) -> str:
     """``phase_i`` for the baseline, ``phase_i-<method_id>`` for any other phase I method."""

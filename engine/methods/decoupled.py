@@ -10,7 +10,7 @@ from typing import ClassVar
 from engine.methods.table import METHODS, PhaseIIIMethod, load_object
 from engine.workload import Sizes, Work, chosen_work, retrain_work
 from utils.errors import UserError
-from utils.schema import F, Section, count
+from utils.fields import F, Section, count
 
 
 def _check(values: dict) -> None:

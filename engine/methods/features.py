@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from engine.methods.table import METHODS, PhaseIIIMethod
 from engine.workload import Sizes, Work, tailcalib_work
-from utils.schema import F, Section, count
+from utils.fields import F, Section, count
 
 TAILCALIB = Section("tailcalib", {
     "tukey": F(1.0, float, ge=0),  # Tukey's ladder exponent; 0 = log

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from engine.methods.table import METHODS, PhaseIIIMethod, load_object
 from engine.workload import Sizes, Work, maps_work
-from utils.schema import F, Section
+from utils.fields import F, Section
 
 # fsa's fused rows before the classifier sees them (fsa.fusion.match_statistics): none = the paper's rule; norm = each
 # fused pooled feature rescaled to its class's mean real norm; moments = per dimension to its class's real mean / std.

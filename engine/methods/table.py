@@ -4,7 +4,7 @@ A method is a class instance registered in :data:`METHODS` by the module that de
 modules of this package, or a user's own file: docs/ARCHITECTURE.md, "Adding a phase III method").
 Phase I methods (:class:`PhaseIMethod`) are backbones, selected by their config ``settings``; phase III
 methods (:class:`PhaseIIIMethod`) are selected by ``finetune.generator`` in their mode, declare the
-config section they read (:class:`utils.schema.Section`, merged into the phase III schema) and run
+config section they read (:class:`utils.fields.Section`, merged into the phase III schema) and run
 themselves (``run(inputs)``), so that runners, the cost estimates, the sweep and visualize ask the
 method, never its id. This module imports nothing heavy: a method imports its runner when it runs.
 """
@@ -21,7 +21,7 @@ from utils.errors import UserError
 if TYPE_CHECKING:
     from engine.workload import Sizes, Work
     from engine.phase_iii import PhaseIIIInputs
-    from utils.schema import Section
+    from utils.fields import Section
 
 MODES = ("online", "offline")
 # pipeline.py --suite: fsa = the chain, its controls, the post-hoc methods; full adds the other phase I
@@ -336,7 +336,8 @@ class MethodTable:
 
     def phase_i(self, cfg: dict) -> PhaseIMethod:
         """The phase I method that phase I config ``cfg`` trains (by its SELECTING_KEYS values)."""
-        from utils.schema import PHASE_I, defaults
+        from utils.fields import defaults
+        from utils.schema import PHASE_I
 
         default = {key: _dotted(defaults(PHASE_I), key) for key in SELECTING_KEYS}
         for m in self.backbones():

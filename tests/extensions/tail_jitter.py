@@ -6,7 +6,7 @@ import torch
 
 from engine.methods.maps import MapMethod
 from fsa.generators import MapGenerator
-from utils.schema import F, Section
+from utils.fields import F, Section
 
 # its own settings: --opts jitter.noise=0.3 (phase III); the schema, --help and the sweep read them from the entry
 JITTER = Section("jitter", {"noise": F(0.1, float, ge=0)}, "tail jitter: multiplicative noise of the copies")
