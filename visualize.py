@@ -26,7 +26,7 @@ MAX_CLASSES = 64           # --classes C [C ...] count
 
 def main() -> None:
     parser = phase_parser(__doc__, training=False)
-    parser.add_argument("--phase", default=VisualizeSpec.phase,
+    parser.add_argument("--phase", dest="run_name", default=VisualizeSpec.run_name,
                         help="run folder whose best_model.pt to explain: checkpoints/<phase>/<config>/<note>/, "
                              "phase_i (default) or phase_iii_* (e.g. phase_iii_online, phase_iii_offline-none)")
     parser.add_argument("--checkpoint", help="explain this checkpoint instead (same payload format as phase I); "

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.data_install import ensure_fashion_mnist
-from app.steps import (PHASE_LABELS, VISUALIZE_PHASE, Step, chain_seed, check_configs_choose_nothing,
+from app.steps import (PHASE_LABELS, VISUALIZE_RUN, Step, chain_seed, check_configs_choose_nothing,
                        check_existing_runs, config_sources, notes_and_opts, plan_steps, route_opts, skip_notes,
                        step_opts, step_state)
 from engine.cost import approx_seconds, probe_rates, step_work
@@ -68,7 +68,7 @@ def _spec(step: Step, source: str, note: str, device: str, opts: list[str], *, r
           overwrite: bool) -> RunSpec:
     """The spec the step's script would build (``opts``: ``app.steps.step_opts``); visualize keeps its defaults."""
     if step.kind == "visualize":
-        return VisualizeSpec(config=source, note=note, device=device, opts=tuple(opts), phase=VISUALIZE_PHASE)
+        return VisualizeSpec(config=source, note=note, device=device, opts=tuple(opts), run_name=VISUALIZE_RUN)
     return RunSpec(config=source, note=note, device=device, opts=tuple(opts), resume=resume, overwrite=overwrite)
 
 

@@ -26,7 +26,7 @@ from utils.schema import schema_keys
 __all__ = ["Step", "plan_steps", "phase_i_steps", "config_sources", "notes_and_opts", "route_opts", "step_opts",
            "chain_seed", "check_existing_runs", "check_configs_choose_nothing", "step_state", "skip_notes"]
 
-VISUALIZE_PHASE = "phase_i"
+VISUALIZE_RUN = "phase_i"  # the run visualize explains in the pipeline
 PHASE_LABELS = {"phase_i": "phase I", "phase_ii": "phase II and visualize", "phase_iii": "phase III"}
 
 
@@ -200,7 +200,7 @@ def step_state(step: Step, name: str, note: str) -> tuple[str, str]:
     if step.kind == "visualize":
         from app import visualize  # heavy imports, only once a visualize step is looked at
 
-        folder = visualize.output_dir(name, note, VISUALIZE_PHASE)
+        folder = visualize.output_dir(name, note, VISUALIZE_RUN)
         if visualize.is_complete(folder):
             return "finished", str(folder / "results.json")
         return ("stale" if folder.exists() else "new"), str(folder)

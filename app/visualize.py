@@ -96,7 +96,7 @@ def run(spec: VisualizeSpec) -> list[Path]:
     `spec`'s size flags are in range (visualize.check_sizes checks what users type; the pipeline passes
     the defaults)."""
     name, note = config_name(spec.config), spec.note
-    run_name = spec.phase  # --phase names the run whose model is explained
+    run_name = spec.run_name  # --phase names the run whose model is explained
     cfg = load_config(spec.config, "phase_ii", list(spec.opts))  # ts / tg / layer; defaults without a file
     if spec.checkpoint:
         check_run_name(run_name, "--phase")  # with --checkpoint it only names the output folder

@@ -48,7 +48,7 @@ class RunSpec:
 class VisualizeSpec(RunSpec):
     """visualize.py's flags (see its --help)."""
 
-    phase: str = "phase_i"
+    run_name: str = "phase_i"  # --phase: the run folder whose model is explained
     classes: tuple[int, ...] | None = None
     samples: int = 4
     layer: str | None = None
