@@ -142,3 +142,16 @@ def test_every_output_folder_is_ignored_by_git():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *sorted(paths)], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
     assert sorted(paths - set(ignored)) == []
+
+
+def test_no_code_outside_the_method_table_dispatches_on_a_method_id():
+    """Runners, the report, the pipeline and the sweep ask a method (its class and fields), never compare its id:
+    a new method is then one file and one registration (docs/ARCHITECTURE.md, "The method table")."""
+    import re
+
+    comparison = re.compile(r"\.id\s*(==|!=|(not\s+)?in\b)|(==|!=)\s*\w+(\.\w+)*\.id\b|\.kind\s*==\s*\"(maps|features|decoupled)\"")
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+             for package in PACKAGES for path in (ROOT / package).rglob("*.py")
+             if path.parent.name != "methods"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if comparison.search(line)]
+    assert not found, found
