@@ -19,8 +19,8 @@ from analysis.detail_plots import confusion_chart, curves_chart, has_curves, per
 from analysis.plots import bar_chart, forest_chart
 from analysis.render import (REPORT_FORMAT, ablation_csv, ablation_markdown, files_text, notes_text, report_json,
                              variants_markdown, variants_report_json)
-from analysis.rows import METRICS, Row, code_versions, collect
-from analysis.stats import VARIANT_AT, PairedDifference, _paired, paired_differences
+from analysis.rows import METRICS, Row, code_versions, collect, paired_differences
+from analysis.stats import VARIANT_AT, PairedDifference, paired_runs
 from engine.methods import METHODS
 from utils.config import config_name
 from utils.errors import UserError
@@ -214,7 +214,7 @@ def variant_differences(rows: list[Row], notes: dict[str, list[str]], seeds: lis
             def by_seed(v: str) -> dict[str, dict]:
                 return {key: row.runs[note] for key, note in zip(keys, notes[v]) if note in row.runs}
 
-            out += _paired(f"{row.label}{VARIANT_AT}{variant}", by_seed(variant), f"{row.label}{VARIANT_AT}{reference}",
+            out += paired_runs(f"{row.label}{VARIANT_AT}{variant}", by_seed(variant), f"{row.label}{VARIANT_AT}{reference}",
                            by_seed(reference))
     return out
 

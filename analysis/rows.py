@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.stats import Stat, is_finite_number
+from analysis.stats import PairedDifference, Stat, is_finite_number, paired_runs
 from engine.methods import METHODS
 from utils.config import config_name
 from utils.errors import UserError
@@ -164,3 +164,24 @@ def code_versions(rows: list[Row], notes: list[str]) -> dict:
             "versions": [{"commit": commit, "short": commit[:SHORT_COMMIT] if commit else "unknown", "dirty": dirty,
                           "runs": {note: runs[note] for note in notes if note in runs}}
                          for (commit, dirty), runs in versions.items()]}
+
+
+def paired_differences(rows: list[Row], extra: list[tuple[str, str]] = ()) -> list[PairedDifference]:
+    """Every paired comparison of the method table (each method against its control, then against
+    the phase I baseline), then the ``extra`` ``(row id, reference row id)`` pairs asked for, whose two rows
+    share at least one note, for each ``PAIRED_METRICS``."""
+    by_run = {row.run_name: row for row in rows}
+    by_id = {row.id: row for row in rows if row.id}
+    if unknown := sorted({i for pair in extra for i in pair} - set(by_id)):
+        raise UserError(f"--pairs names row id(s) {', '.join(unknown)} that have no finished run in this report; "
+                        f"the rows' ids: {', '.join(by_id)}. Write each pair as METHOD:REFERENCE, e.g. "
+                        f"fsa_offline:crt.")
+    pairs = [(arm.folder, reference.folder) for arm, reference in METHODS.paired()]
+    pairs += [(by_id[a].run_name, by_id[b].run_name) for a, b in extra]
+    out = []
+    for a_run, b_run in dict.fromkeys(pairs):
+        if a_run not in by_run or b_run not in by_run:
+            continue
+        a, b = by_run[a_run], by_run[b_run]
+        out += paired_runs(a.label, a.runs, b.label, b.runs)
+    return out

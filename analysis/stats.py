@@ -1,21 +1,13 @@
 """The report's statistics: a metric over notes (``Stat``: mean and sample std) and paired differences
 (``PairedDifference``: ``method - reference`` note by note, with the 95% Student t-interval of the mean).
-``paired_differences`` pairs each method of the method table (``engine.methods.METHODS.paired()``) with its
-references, plus pairs asked for by row id; ``_paired`` pairs any two sets of runs over their shared keys
-(notes, or seeds across variants), which the variant report and the sweep report reuse.
+``paired_runs`` pairs any two sets of runs over their shared keys (notes, or seeds across variants); the
+report's rows are paired by ``analysis.rows.paired_differences``, the variants and the sweep directly.
 """
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from engine.methods import METHODS
-from utils.errors import UserError
-
-if TYPE_CHECKING:  # rows hold Stat values: a runtime import would be circular
-    from analysis.rows import Row
 
 PAIRED_METRICS: tuple[str, ...] = ("top1", "tail")
 ABSENT = "—"  # how a table shows a metric without any value: an absent group, never 0
@@ -118,28 +110,7 @@ class PairedDifference:
                 "verdict": self.verdict()}
 
 
-def paired_differences(rows: list[Row], extra: list[tuple[str, str]] = ()) -> list[PairedDifference]:
-    """Every paired comparison of the method table (each method against its control, then against
-    the phase I baseline), then the ``extra`` ``(row id, reference row id)`` pairs asked for, whose two rows
-    share at least one note, for each ``PAIRED_METRICS``."""
-    by_run = {row.run_name: row for row in rows}
-    by_id = {row.id: row for row in rows if row.id}
-    if unknown := sorted({i for pair in extra for i in pair} - set(by_id)):
-        raise UserError(f"--pairs names row id(s) {', '.join(unknown)} that have no finished run in this report; "
-                        f"the rows' ids: {', '.join(by_id)}. Write each pair as METHOD:REFERENCE, e.g. "
-                        f"fsa_offline:crt.")
-    pairs = [(arm.folder, reference.folder) for arm, reference in METHODS.paired()]
-    pairs += [(by_id[a].run_name, by_id[b].run_name) for a, b in extra]
-    out = []
-    for a_run, b_run in dict.fromkeys(pairs):
-        if a_run not in by_run or b_run not in by_run:
-            continue
-        a, b = by_run[a_run], by_run[b_run]
-        out += _paired(a.label, a.runs, b.label, b.runs)
-    return out
-
-
-def _paired(method: str, runs: dict[str, dict], reference: str, reference_runs: dict[str, dict]) -> list[PairedDifference]:
+def paired_runs(method: str, runs: dict[str, dict], reference: str, reference_runs: dict[str, dict]) -> list[PairedDifference]:
     """``method - reference`` for each ``PAIRED_METRICS`` over the pairing keys (notes, or seeds across
     variants) where both runs have that metric; metrics with no such pair are left out."""
     out = []

@@ -122,7 +122,7 @@ def build_report(spec: SweepSpec, plan_: Plan, root: Path | None = None, *, echo
     points only) into :func:`report_dir`, and return the JSON."""
     from analysis.render import _paired_markdown, format_value
     from analysis.rows import METRICS
-    from analysis.stats import Stat, _paired
+    from analysis.stats import Stat, paired_runs
 
     out = report_dir(spec, plan_, root)
     scored = {arm_runs.role.id: _scores(plan_, arm_runs) for arm_runs in plan_.arms}
@@ -137,7 +137,7 @@ def build_report(spec: SweepSpec, plan_: Plan, root: Path | None = None, *, echo
     method = plan_.roles[0]
     diffs = []
     for role in plan_.roles[1:]:
-        diffs += _paired(label(method), chosen[method.id].runs, label(role), chosen[role.id].runs)
+        diffs += paired_runs(label(method), chosen[method.id].runs, label(role), chosen[role.id].runs)
 
     grid_text = "; ".join(f"`{k.key}` = {', '.join(k.values)}" for k in plan_.grid)
     seeds_text = ", ".join(seeds)

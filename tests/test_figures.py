@@ -11,6 +11,7 @@ import cv2
 import pytest
 
 import analysis.report
+import analysis.stats
 from analysis.detail_plots import recall_matrix
 from analysis.report import build_report, report_dir
 from analysis.rows import Row
@@ -272,7 +273,7 @@ def test_forest_of_a_full_suite_has_no_overlapping_text(tmp_path, monkeypatch):
 
     figures = drawn_figure(monkeypatch)
     rows = suite_rows()
-    diffs = [d for row in rows[1:] for d in analysis.report._paired(row.label, row.runs, rows[0].label, rows[0].runs)]
+    diffs = [d for row in rows[1:] for d in analysis.stats.paired_runs(row.label, row.runs, rows[0].label, rows[0].runs)]
     assert len(diffs) == 48  # top1 and tail of 24 rows against the first
     forest_chart(tmp_path / "forest.png", f"{CONFIG}: paired differences", diffs)
     assert_readable(figures[0])

@@ -8,7 +8,7 @@ register in table order; a new method is one file that defines and registers it,
 (docs/ARCHITECTURE.md, "Adding a phase III method"). Nothing here imports torch: a method imports its
 runner when it runs, so that ``--help`` and config checks stay fast.
 """
-from engine.methods.table import (BACKBONE_IDS, BASELINE, DEFAULT_GENERATOR, GENERATOR_NAMES, METHODS, MODES,
+from engine.method_table import (BACKBONE_IDS, BASELINE, DEFAULT_GENERATOR, GENERATOR_NAMES, METHODS, MODES,
                                   SELECTING_KEYS, SUITES, TEACHER_SEED_STEP, Arm, Method, MethodTable, PhaseIIIMethod,
                                   PhaseIMethod, load_object)
 from engine.methods import backbones, decoupled, maps, features  # noqa: F401  (registration, in table order)

@@ -3,7 +3,7 @@ release's cosine backbones (CosineCE, CBD). Each is selected by its ``settings``
 (engine.phase_i trains every one of them)."""
 from __future__ import annotations
 
-from engine.methods.table import METHODS, SUITES, PhaseIMethod
+from engine.method_table import METHODS, SUITES, PhaseIMethod
 
 _LOSSES = dict(group="losses", versus_baseline=True, suites=("full",))
 _COSINE = dict(group="cosine", versus_baseline=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from engine.methods.table import METHODS, PhaseIIIMethod, load_object
+from engine.method_table import METHODS, PhaseIIIMethod, load_object
 from engine.workload import Sizes, Work, chosen_work, retrain_work
 from utils.errors import UserError
 from utils.fields import F, Section, count

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from engine.methods.table import METHODS, PhaseIIIMethod
+from engine.method_table import METHODS, PhaseIIIMethod
 from engine.workload import Sizes, Work, tailcalib_work
 from utils.fields import F, Section, count
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from engine.methods.table import METHODS, PhaseIIIMethod, load_object
+from engine.method_table import METHODS, PhaseIIIMethod, load_object
 from engine.workload import Sizes, Work, maps_work
 from utils.fields import F, Section
 

@@ -1,4 +1,6 @@
 """The method table's types: a method (phase I or phase III), an arm (a method on a backbone), the table.
+It sits beside the ``engine/methods/`` package whose family modules fill it, so that they import it without
+importing the package that imports them.
 
 A method is a class instance registered in :data:`METHODS` by the module that defines it (the family
 modules of this package, or a user's own file: docs/ARCHITECTURE.md, "Adding a phase III method").
@@ -20,7 +22,6 @@ from utils.errors import UserError
 
 if TYPE_CHECKING:
     from engine.workload import Sizes, Work
-    from engine.phase_iii import PhaseIIIInputs
     from utils.fields import Section
 
 MODES = ("online", "offline")
@@ -174,8 +175,9 @@ class PhaseIIIMethod(Method):
         """Its own hyper-parameters from a resolved phase III config (empty without a section)."""
         return dict(cfg[self.section.name]) if self.section is not None else {}
 
-    def run(self, inputs: "PhaseIIIInputs") -> dict:
-        """Train it (or, with ``phase: test``, evaluate a checkpoint) on the opened phase III inputs."""
+    def run(self, inputs: Any) -> dict:
+        """Train it (or, with ``phase: test``, evaluate a checkpoint) on the opened phase III inputs
+        (``engine.phase_iii.PhaseIIIInputs``; not imported: the phase III runner imports this table)."""
         return load_object(self.runner)(inputs, self)
 
     def work(self, cfg: dict, sizes: "Sizes") -> "Work":
